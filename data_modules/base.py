@@ -1,0 +1,39 @@
+"""Base DataModule: declares the data shape and serves the seeds that ``lit-score predict`` samples from."""
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+class SeedDataset(Dataset):
+    """Seeds first_seed, first_seed + 1, ...: one per image to sample."""
+
+    def __init__(self, num_samples: int, first_seed: int = 0) -> None:
+        self.num_samples, self.first_seed = num_samples, first_seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(i)
+        return torch.tensor(self.first_seed + i, dtype=torch.long)
+
+
+class ScoreDataModule(L.LightningDataModule):
+    """A DataModule whose batches are tensors (B, C, H, W) (or (B, D) for vector data).
+
+    Subclasses set ``num_channels`` and ``image_size``; the CLI passes them to the network.
+    ``predict_dataloader`` yields seeds for sampling: ``num_samples`` images from ``first_seed`` on.
+    """
+
+    num_channels: int
+    image_size: int
+
+    def __init__(self, num_samples: int = 64, sample_batch_size: int = 64, first_seed: int = 0) -> None:
+        super().__init__()
+        self.num_samples, self.sample_batch_size, self.first_seed = num_samples, sample_batch_size, first_seed
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(SeedDataset(self.num_samples, self.first_seed), batch_size=self.sample_batch_size)

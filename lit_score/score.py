@@ -1,0 +1,15 @@
+"""The score s_theta(x, t) from a noise-conditional network and its SDE."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from lit_score.sdes import SDE, ScoreFn
+
+
+def get_score_fn(sde: SDE, net: nn.Module) -> ScoreFn:
+    """s(x, t) = sde.score_from_output(net(x, sde.noise_label(t)), t)."""
+
+    def score_fn(x: Tensor, t: Tensor) -> Tensor:
+        return sde.score_from_output(net(x, sde.noise_label(t)), t)
+
+    return score_fn
