@@ -24,16 +24,24 @@ class SeedDataset(Dataset):
 class ScoreDataModule(L.LightningDataModule):
     """A DataModule whose batches are tensors (B, C, H, W) (or (B, D) for vector data).
 
-    Subclasses set ``num_channels`` and ``image_size``; the CLI passes them to the network.
+    Subclasses set ``num_channels``, ``image_size`` and ``centered`` (data in [-1, 1] rather than [0, 1]);
+    the CLI passes them to the network.
     ``predict_dataloader`` yields seeds for sampling: ``num_samples`` images from ``first_seed`` on.
+    ``cache_key()`` names the dataset and its deterministic preprocessing.
     """
 
     num_channels: int
     image_size: int
+    centered: bool = True
 
     def __init__(self, num_samples: int = 64, sample_batch_size: int = 64, first_seed: int = 0) -> None:
         super().__init__()
         self.num_samples, self.sample_batch_size, self.first_seed = num_samples, sample_batch_size, first_seed
+
+    def cache_key(self) -> str:
+        """A file-name-safe string naming the dataset and its deterministic preprocessing (resolution, crop,
+        channels), e.g. for caching FID reference statistics; flips, scaling and dequantisation are excluded."""
+        raise NotImplementedError(f"{type(self).__name__} does not define cache_key()")
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(SeedDataset(self.num_samples, self.first_seed), batch_size=self.sample_batch_size)

@@ -1,12 +1,17 @@
 """scikit-learn's 8x8 handwritten digits, upsampled: the embedded dataset of the quickstart."""
 from __future__ import annotations
 
+import datasets
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from data_modules.base import ScoreDataModule
+from data_modules.plugins import DATASETS, DatasetPlugin, SourceOptions
+from lit_score.resume import ResumableDataLoader
 
 
 class _TensorImages(Dataset):
@@ -28,6 +33,22 @@ def load_digits_images(image_size: int = 16) -> Tensor:
     if image_size != 8:
         images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
     return images.clamp(0.0, 1.0)
+
+
+def load_digits_table(options: SourceOptions) -> datasets.Dataset:
+    """The 1797 digits as an Arrow table of 8x8 grayscale PNGs (column ``image``); only the split 'train' exists."""
+    from sklearn.datasets import load_digits
+
+    if options.split != "train":
+        raise ValueError(f"the digits dataset has only the split 'train', not {options.split!r}")
+    pixels = (load_digits().images * (255.0 / 16.0)).round().astype(np.uint8)
+    features = datasets.Features({"image": datasets.Image()})
+    return datasets.Dataset.from_dict({"image": [Image.fromarray(p, mode="L") for p in pixels]}, features=features)
+
+
+DIGITS = DATASETS.register("digits")(DatasetPlugin(
+    load=load_digits_table, image_size=16, num_channels=1, random_flip=False,
+    description="scikit-learn's 8x8 handwritten digits (embedded), upsampled to 16x16"))
 
 
 class DigitsDataModule(ScoreDataModule):
@@ -53,11 +74,15 @@ class DigitsDataModule(ScoreDataModule):
         self.val_set, self.train_set = _TensorImages(images[order[:n_val]]), _TensorImages(images[order[n_val:]])
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, seed=self.seed,
+                                   drop_last=True, num_workers=self.num_workers,
+                                   persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+    def cache_key(self) -> str:
+        return f"digits-{self.image_size}px-gray"

@@ -5,32 +5,55 @@ import sys
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from omegaconf.errors import OmegaConfBaseException
 
 from lit_score.config import ConfigError, expand_config_args
 from lit_score.module import ScoreModel
+from lit_score.preemption import Preemption
+from lit_score.resume import RandomState
+from lit_score.slurm import check_allocation, submit_main
 
 
 class ScoreCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # The data decide the network's input shape; nobody sets it twice.
-        parser.link_arguments("data.num_channels", "model.net.init_args.num_channels", apply_on="instantiate")
-        parser.link_arguments("data.image_size", "model.net.init_args.image_size", apply_on="instantiate")
+        # The data decide the network's input shape and range; nobody sets them twice.
+        for key in ("num_channels", "image_size", "centered"):
+            parser.link_arguments(f"data.{key}", f"model.net.init_args.{key}", apply_on="instantiate")
+        # Every fit can be pre-empted and resumed exactly: see lit_score.preemption and lit_score.resume.
+        parser.add_lightning_class_args(RandomState, "random_state")
+        parser.add_lightning_class_args(Preemption, "preemption")
+
+    def before_fit(self) -> None:
+        check_allocation(self.trainer)
 
 
-def main(argv: list[str] | None = None) -> ScoreCLI:
+def run_cli(argv: list[str] | None = None) -> ScoreCLI:
+    """Parse ``argv`` (default: the command line) and run the chosen subcommand."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         argv = expand_config_args(argv)
     except ConfigError as err:
         sys.exit(f"lit-score: error: {err}")
-    return ScoreCLI(
-        ScoreModel,
-        L.LightningDataModule,
-        subclass_mode_data=True,
-        args=argv,
-        parser_kwargs={"parser_mode": "omegaconf+"},
-        save_config_kwargs={"overwrite": True},
-    )
+    try:
+        return ScoreCLI(
+            ScoreModel,
+            L.LightningDataModule,
+            subclass_mode_data=True,
+            args=argv,
+            parser_kwargs={"parser_mode": "omegaconf+"},
+            save_config_kwargs={"overwrite": True},
+        )
+    except OmegaConfBaseException as err:
+        # jsonargparse resolves interpolations before it reports invalid keys, so a typo can surface here.
+        sys.exit(f"lit-score: error: the config's interpolations do not resolve: {err}\n"
+                 "Check the interpolated keys, and the config for misspelt keys, which stop them resolving.")
+
+
+def main() -> None:
+    """Console script ``lit-score``."""
+    if sys.argv[1:2] == ["submit"]:
+        sys.exit(submit_main(sys.argv[2:]))
+    run_cli()
 
 
 if __name__ == "__main__":

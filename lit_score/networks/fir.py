@@ -60,7 +60,7 @@ def upfirdn2d(x: Tensor, kernel: Tensor, up: int = 1, down: int = 1, pad: tuple[
 
 
 def upsample_2d(x: Tensor, k: KernelLike = (1, 1), factor: int = 2, gain: float = 1.0) -> Tensor:
-    """FIR upsampling (N, C, H, W) -> (N, C, H*factor, W*factor); kernel normalised so constants are kept (times gain)."""
+    """FIR upsampling (N, C, H, W) -> (N, C, H*factor, W*factor); the kernel is normalised so constants are kept."""
     kernel = setup_kernel(k) * (gain * factor**2)
     p = kernel.shape[0] - factor
     return upfirdn2d(x, kernel, up=factor, pad=((p + 1) // 2 + factor - 1, p // 2))
@@ -111,7 +111,7 @@ def conv_downsample_2d(x: Tensor, w: Tensor, k: KernelLike = (1, 1), factor: int
 
 
 class FIRConv2d(nn.Module):
-    """Conv layer with optional fused FIR up- or down-sampling by 2 (StyleGAN2 ``Conv2d``); params ``weight``, ``bias``."""
+    """Conv layer with optional fused FIR up- or down-sampling by 2 (StyleGAN2 ``Conv2d``); ``weight``, ``bias``."""
 
     def __init__(
         self,

@@ -8,6 +8,7 @@ follow the official score_sde code so that its checkpoints load by key.
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -22,7 +23,9 @@ def _fans(shape: tuple[int, ...], in_axis: int = 1, out_axis: int = 0) -> tuple[
     return shape[in_axis] * receptive, shape[out_axis] * receptive
 
 
-def variance_scaling_(tensor: Tensor, scale: float = 1.0, mode: str = "fan_avg", distribution: str = "uniform") -> Tensor:
+def variance_scaling_(
+    tensor: Tensor, scale: float = 1.0, mode: str = "fan_avg", distribution: str = "uniform"
+) -> Tensor:
     """Fill ``tensor`` in place with a variance-scaling init (JAX/TF ``variance_scaling``); returns it."""
     fan_in, fan_out = _fans(tuple(tensor.shape))
     denominators = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}
@@ -43,7 +46,9 @@ def default_init_(tensor: Tensor, scale: float = 1.0) -> Tensor:
     return variance_scaling_(tensor, 1e-10 if scale == 0 else scale, "fan_avg", "uniform")
 
 
-def conv3x3(in_ch: int, out_ch: int, stride: int = 1, bias: bool = True, init_scale: float = 1.0, padding: int = 1) -> nn.Conv2d:
+def conv3x3(
+    in_ch: int, out_ch: int, stride: int = 1, bias: bool = True, init_scale: float = 1.0, padding: int = 1
+) -> nn.Conv2d:
     """3x3 convolution with the DDPM init (weight: variance scaling times ``init_scale``, bias: 0)."""
     conv = nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=stride, padding=padding, bias=bias)
     default_init_(conv.weight, init_scale)

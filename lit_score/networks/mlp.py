@@ -1,0 +1,69 @@
+"""A small noise-conditional MLP score network for low-dimensional (toy, e.g. 2-D) data."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .layers import GaussianFourierProjection, timestep_embedding
+
+
+class ScoreMLP(nn.Module):
+    """SiLU MLP s(x, label) for vector data x of shape (B, D), D = ``num_channels``.
+
+    The label is embedded with Gaussian Fourier features of log(label) ('fourier', label = sigma)
+    or a sinusoidal embedding of the label itself ('positional', label = t * (N - 1)); the embedding
+    passes through a small MLP and is added to every hidden layer's pre-activation.
+    ``image_size`` and ``centered`` are ignored: vector data is used as given (they are accepted so every
+    network takes the DataModule's ``num_channels``, ``image_size`` and ``centered``).
+    """
+
+    def __init__(
+        self,
+        num_channels: int = 2,
+        image_size: int = 1,
+        hidden: int = 128,
+        depth: int = 3,
+        fourier_scale: float = 16.0,
+        embedding_type: str = "fourier",
+        centered: bool = True,
+    ) -> None:
+        super().__init__()
+        embedding_type = embedding_type.lower()
+        if embedding_type not in ("fourier", "positional"):
+            raise ValueError(f"embedding_type must be 'fourier' or 'positional', got {embedding_type!r}")
+        if num_channels < 1 or hidden < 2 or depth < 1:
+            raise ValueError(f"need num_channels >= 1, hidden >= 2, depth >= 1; got {num_channels}, {hidden}, {depth}")
+        self.num_channels, self.hidden, self.embedding_type = num_channels, hidden, embedding_type
+        emb_dim = 2 * (hidden // 2)
+        self.fourier = GaussianFourierProjection(hidden // 2, fourier_scale) if embedding_type == "fourier" else None
+        self.emb_dim = emb_dim
+        self.temb = nn.Sequential(nn.Linear(emb_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.inp = nn.Linear(num_channels, hidden)
+        self.layers = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
+        self.temb_proj = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
+        self.out = nn.Linear(hidden, num_channels)
+        self.act = nn.SiLU()
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        """Shape of one sample: (D,)."""
+        return (self.num_channels,)
+
+    def forward(self, x: Tensor, noise_label: Tensor) -> Tensor:
+        """x (B, D), noise_label (B,) -> (B, D)."""
+        if x.ndim != 2 or x.shape[1] != self.num_channels:
+            raise ValueError(f"ScoreMLP expects input of shape (B, {self.num_channels}), got {tuple(x.shape)}")
+        noise_label = torch.as_tensor(noise_label, device=x.device)
+        if noise_label.ndim == 0:
+            noise_label = noise_label.expand(x.shape[0])
+        if tuple(noise_label.shape) != (x.shape[0],):
+            raise ValueError(f"noise_label must have shape ({x.shape[0]},), got {tuple(noise_label.shape)}")
+        if self.fourier is not None:
+            emb = self.fourier(torch.log(noise_label))
+        else:
+            emb = timestep_embedding(noise_label, self.emb_dim)
+        temb = self.act(self.temb(emb.to(self.inp.weight.dtype)))
+        h = self.inp(x)
+        for layer, proj in zip(self.layers, self.temb_proj, strict=True):
+            h = self.act(layer(h) + proj(temb))
+        return self.out(h)
