@@ -1,0 +1,333 @@
+"""``ImageDataModule``: any image dataset a plugin can load, preprocessed as in the paper, batches (B, C, H, W).
+
+YAML::
+
+    data:
+      class_path: data_modules.ImageDataModule
+      init_args:
+        dataset: cifar10            # a preset, a plugin name, or a dotted path (default: huggingface)
+        path: /data/cifar10_png     # optional for presets: a local copy (image folder or save_to_disk dir)
+        batch_size: 128
+        centered: false
+
+``dataset: huggingface`` with ``path`` reads a hub dataset id (with ``config_name``, ``split``), a local image
+folder (PNG, JPEG, ...; subfolders ``train/`` / ``test/`` become splits) or a ``save_to_disk`` directory.
+``image_column`` is detected when not given (the one column of image type). ``streaming: true`` iterates the
+dataset without materialising it (validation then needs an integer ``val_size``).
+
+Shape: ``image_size`` and ``num_channels`` come from the preset; left unset for other data (None), they are read
+from the first image at construction (its shorter side, after ``center_crop``; grayscale modes give 1 channel,
+anything else 3), so the network is configured from the data. Set them to resize / convert every image.
+
+Preprocessing overrides: ``center_crop`` (side of the central square cut before resizing; 0 = none),
+``random_flip``, ``centered`` ([-1, 1] instead of [0, 1]), ``dequantize`` (uniform dequantisation, for
+likelihoods). ``num_workers`` (default: min(4, CPU count)) decode in parallel, persistent across epochs;
+``pin_memory`` applies when CUDA is available. ``val_size``: a fraction (float) or a count (int) of the split held out for validation, chosen by
+``seed``; 0 disables validation. ``batch_size`` is per process.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from typing import Any, Iterator
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from data_modules.base import ScoreDataModule
+from data_modules.plugins import DatasetPlugin, Images, SourceOptions, get_plugin, with_overrides
+from data_modules.transforms import ImageTransform, channels_of
+
+
+class ImageReadError(ValueError):
+    """An image that cannot be decoded or preprocessed."""
+
+
+def find_image_column(features: datasets.Features | None, columns: list[str], requested: str | None) -> str:
+    """``requested`` if the table has it; else the one column of ``datasets.Image`` type."""
+    if requested is not None:
+        if requested not in columns:
+            raise ValueError(f"image column {requested!r} not found; the columns are: {', '.join(columns)}")
+        return requested
+    typed = [c for c in columns if features is not None and isinstance(features.get(c), datasets.Image)]
+    if len(typed) == 1:
+        return typed[0]
+    if len(typed) > 1:
+        raise ValueError(f"several image columns ({', '.join(typed)}); set image_column to one of them")
+    raise ValueError(f"no column of image type; the columns are: {', '.join(columns)}; set image_column")
+
+
+def decode_image(cell: Any) -> Image.Image:
+    """A PIL image from a table cell: a PIL image, ``{"bytes", "path"}``, a file path, or encoded bytes."""
+    if isinstance(cell, Image.Image):
+        return cell
+    if isinstance(cell, dict):
+        data, path = cell.get("bytes"), cell.get("path")
+        cell = data if data is not None else path
+    if isinstance(cell, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(cell))
+    elif isinstance(cell, (str, os.PathLike)):
+        image = Image.open(cell)
+    else:
+        raise TypeError(f"expected an image, bytes or a file path, got {type(cell).__name__}")
+    image.load()
+    return image
+
+
+def _cell_name(cell: Any) -> str | None:
+    path = cell.get("path") if isinstance(cell, dict) else cell if isinstance(cell, str) else None
+    return os.fspath(path) if path else None
+
+
+def read_image(cell: Any, where: str, transform: ImageTransform | None = None) -> Any:
+    """The decoded (and transformed) image; any failure is an ImageReadError naming ``where`` and the file."""
+    try:
+        image = decode_image(cell)
+        return transform(image) if transform is not None else image
+    except Exception as err:
+        name = _cell_name(cell)
+        place = f"{name!r} ({where})" if name else where
+        raise ImageReadError(f"cannot read image {place}: {type(err).__name__}: {err}") from err
+
+
+class ArrowImages(Dataset):
+    """Rows ``rows`` of an Arrow table's image column, decoded and transformed on access (in the workers)."""
+
+    def __init__(self, table: datasets.Dataset, column: str, rows: np.ndarray, transform: ImageTransform,
+                 source: str) -> None:
+        self.table, self.column, self.rows = table, column, np.asarray(rows, dtype=np.int64)
+        self.transform, self.source = transform, source
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, indices: list[int]) -> list[Tensor]:
+        rows = self.rows[indices].tolist()
+        cells = self.table[rows][self.column]
+        return [read_image(c, f"row {r} of {self.source}", self.transform) for c, r in zip(cells, rows)]
+
+    def __getitem__(self, index: int) -> Tensor:
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        return self.__getitems__([index])[0]
+
+
+class StreamingImages(IterableDataset):
+    """A streamed table's image column, decoded and transformed; reshuffled (``set_epoch``) on every pass."""
+
+    def __init__(self, stream: datasets.IterableDataset, column: str, transform: ImageTransform, source: str,
+                 reshuffle: bool = False) -> None:
+        self.stream, self.column, self.transform, self.source = stream, column, transform, source
+        self.reshuffle, self.epoch = reshuffle, 0
+
+    def __iter__(self) -> Iterator[Tensor]:
+        if self.reshuffle:
+            self.stream.set_epoch(self.epoch)
+            self.epoch += 1
+        info = torch.utils.data.get_worker_info()
+        worker = f", worker {info.id}" if info is not None else ""
+        for i, example in enumerate(self.stream):
+            yield read_image(example[self.column], f"example {i} of {self.source} stream{worker}", self.transform)
+
+
+def _held_out(n: int, val_size: int | float) -> int:
+    count = int(round(n * val_size)) if isinstance(val_size, float) else int(val_size)
+    if count >= n:
+        raise ValueError(f"val_size={val_size} holds out {count} of {n} images, leaving none to train on")
+    return count
+
+
+def _rank_and_world(trainer: Any) -> tuple[int, int]:
+    if trainer is not None:
+        return trainer.global_rank, trainer.world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class ImageDataModule(ScoreDataModule):
+    """Images of a dataset plugin as (B, C, H, W) floats in [0, 1] (or [-1, 1] when ``centered``).
+
+    See the module docstring for the YAML shape and every argument.
+    """
+
+    def __init__(self, dataset: str = "huggingface", path: str | None = None, config_name: str | None = None,
+                 split: str | None = None, image_column: str | None = None, streaming: bool = False,
+                 image_size: int | None = None, num_channels: int | None = None, center_crop: int | None = None,
+                 random_flip: bool | None = None, centered: bool = False, dequantize: bool = False,
+                 batch_size: int = 128, val_size: int | float = 0.01, seed: int = 0, num_workers: int | None = None,
+                 pin_memory: bool = True, shuffle_buffer: int = 10_000, num_samples: int = 64,
+                 sample_batch_size: int = 64, first_seed: int = 0) -> None:
+        super().__init__(num_samples, sample_batch_size, first_seed)
+        self.save_hyperparameters()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if num_workers is None:
+            num_workers = min(4, os.cpu_count() or 1)
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if isinstance(val_size, float) and not 0.0 <= val_size < 1.0:
+            raise ValueError(f"a fractional val_size must be in [0, 1), got {val_size}")
+        if val_size < 0:
+            raise ValueError(f"val_size must be >= 0, got {val_size}")
+        if streaming and isinstance(val_size, float) and val_size > 0:
+            raise ValueError(f"a streamed dataset has no known length: give val_size as a number of images "
+                             f"(e.g. 500) or 0, not the fraction {val_size}")
+        if center_crop is not None and center_crop < 0:
+            raise ValueError(f"center_crop must be a side length, 0 for none, or null for the preset's; "
+                             f"got {center_crop}")
+        self.dataset_name = dataset
+        plugin = get_plugin(dataset)
+        if path is not None or config_name is not None:
+            plugin = with_overrides(plugin, path=path, config_name=config_name or "")
+        self.plugin: DatasetPlugin = with_overrides(
+            plugin, split=split, image_column=image_column, image_size=image_size, num_channels=num_channels,
+            center_crop=center_crop, random_flip=random_flip)
+        self.streaming, self.centered, self.dequantize = streaming, centered, dequantize
+        self.batch_size, self.val_size, self.seed, self.num_workers = batch_size, val_size, seed, num_workers
+        self.pin_memory, self.shuffle_buffer = pin_memory, shuffle_buffer
+        self.image_size, self.num_channels = self._data_shape()
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    @property
+    def options(self) -> SourceOptions:
+        p = self.plugin
+        return SourceOptions(path=p.path, config_name=p.config_name or None, split=p.split, streaming=self.streaming)
+
+    @property
+    def crop(self) -> int | None:
+        return self.plugin.center_crop or None
+
+    def transform(self, augment: bool = True) -> ImageTransform:
+        """The preprocessing; without ``augment``, no random flip and no dequantisation noise."""
+        return ImageTransform(self.image_size, self.num_channels, self.crop,
+                              random_flip=augment and self.plugin.random_flip, centered=self.centered,
+                              dequantize=augment and self.dequantize)
+
+    def _data_shape(self) -> tuple[int, int]:
+        size, channels = self.plugin.image_size, self.plugin.num_channels
+        if size is None or channels is None:
+            first = self._first_image()
+            if channels is None:
+                channels = channels_of(first.mode)
+            if size is None:
+                size = self.crop or min(first.size)
+        if channels not in (1, 3):
+            raise ValueError(f"num_channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+        if size < 1:
+            raise ValueError(f"image_size must be positive, got {size}")
+        return size, channels
+
+    def _first_image(self) -> Image.Image:
+        images, column = self.load()
+        example = next(iter(images), None) if isinstance(images, datasets.IterableDataset) else (
+            images[0] if len(images) else None)
+        if example is None:
+            raise ValueError(f"{self.source_name} has no images")
+        return read_image(example[column], f"first image of {self.source_name}")
+
+    @property
+    def source_name(self) -> str:
+        p = self.plugin
+        where = p.path or self.dataset_name
+        return f"{where} (split {p.split!r})" if p.path else f"dataset {where!r} (split {p.split!r})"
+
+    def load(self) -> tuple[Images, str]:
+        """The plugin's table with only the image column, left undecoded, and that column's name."""
+        images = self.plugin.load(self.options)
+        if not isinstance(images, (datasets.Dataset, datasets.IterableDataset)):
+            raise TypeError(f"dataset plugin {self.dataset_name!r} returned a {type(images).__name__}; it must "
+                            f"return a datasets.Dataset or datasets.IterableDataset")
+        columns = list(images.column_names or (images.features or {}).keys() or [])
+        if not columns and isinstance(images, datasets.IterableDataset):
+            columns = list(next(iter(images), {}).keys())
+        column = find_image_column(images.features, columns, self.plugin.image_column)
+        images = images.select_columns([column])
+        if images.features is not None and isinstance(images.features.get(column), datasets.Image):
+            images = images.cast_column(column, datasets.Image(decode=False))
+        return images, column
+
+    def prepare_data(self) -> None:
+        if not self.streaming:
+            self.load()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        images, column = self.load()
+        name = self.source_name
+        if isinstance(images, datasets.IterableDataset):
+            self._setup_stream(images, column, name)
+            return
+        if len(images) == 0:
+            raise ValueError(f"{name} has no images")
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed)).numpy()
+        n_val = _held_out(len(images), self.val_size)
+        train_rows, val_rows = np.sort(order[n_val:]), np.sort(order[:n_val])
+        if len(train_rows) < self.batch_size:
+            raise ValueError(f"{name} leaves {len(train_rows)} training images, fewer than batch_size="
+                             f"{self.batch_size}")
+        self.train_set = ArrowImages(images, column, train_rows, self.transform(augment=True), name)
+        self.val_set = ArrowImages(images, column, val_rows, self.transform(augment=False), name) if n_val else None
+
+    def _setup_stream(self, stream: datasets.IterableDataset, column: str, name: str) -> None:
+        from datasets.distributed import split_dataset_by_node
+
+        rank, world = _rank_and_world(getattr(self, "trainer", None))
+        if world > 1:
+            stream = split_dataset_by_node(stream, rank=rank, world_size=world)
+        n_val = int(self.val_size)
+        train = stream.skip(n_val) if n_val else stream
+        train = train.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+        self.train_set = StreamingImages(train, column, self.transform(augment=True), name, reshuffle=True)
+        self.val_set = StreamingImages(stream.take(n_val), column, self.transform(augment=False), name) \
+            if n_val else None
+
+    def full_dataset(self, augment: bool = False) -> Dataset:
+        """Every image of the split (no held-out part), by default without flips or dequantisation noise."""
+        images, column = self.load()
+        transform = self.transform(augment)
+        if isinstance(images, datasets.IterableDataset):
+            return StreamingImages(images, column, transform, self.source_name)
+        return ArrowImages(images, column, np.arange(len(images)), transform, self.source_name)
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(dataset, batch_size=self.batch_size,
+                          shuffle=train and not isinstance(dataset, IterableDataset), drop_last=train,
+                          num_workers=workers, persistent_workers=workers > 0,
+                          pin_memory=self.pin_memory and torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            raise RuntimeError("call setup() before train_dataloader()")
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.train_set is None:
+            raise RuntimeError("call setup() before val_dataloader()")
+        return self._loader(self.val_set, train=False) if self.val_set is not None else []
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self.val_dataloader()
+
+    def cache_key(self) -> str:
+        """Dataset identity and deterministic preprocessing (not flips, scaling or dequantisation), file-name safe."""
+        p = self.plugin
+        where = p.path or ""
+        if where and os.path.exists(os.path.expanduser(where)):
+            where = os.path.realpath(os.path.expanduser(where))
+        identity = (f"{self.dataset_name}|{where}|{p.config_name or ''}|{p.split}|{p.image_column or ''}|"
+                    f"size={self.image_size}|crop={self.crop}|channels={self.num_channels}")
+        digest = hashlib.sha1(identity.encode()).hexdigest()[:12]
+        label = os.path.basename(where.rstrip("/")) if where else self.dataset_name
+        label = re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("._") or "data"
+        colour = "gray" if self.num_channels == 1 else "rgb"
+        return f"{label}-{self.image_size}px-{colour}-{digest}"
