@@ -1,0 +1,125 @@
+"""Periodic FID of EMA samples against cached training-set statistics, logged as ``val/fid@<n>``.
+
+Every rank draws its share of the per-image seeds and the float64 feature sums add up across ranks, so the value
+does not depend on the number of processes. Every rank runs every step of it; nothing is rank-zero-only except
+the writing.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.logger import _flatten_dict
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from callbacks.ema import ema_weights
+from callbacks.sampling import batched, draw, due, fast_dev_run
+from lit_score.metrics.features import FeatureExtractor, to_uint8
+from lit_score.metrics.frechet import FeatureStatistics, frechet_distance
+from lit_score.metrics.reference import ReferenceStatistics, data_centered, reference_statistics
+from lit_score.sampling.base import Sampler
+
+
+def fid_tag(num_samples: int) -> str:
+    """``val/fid@50k`` for 50000 samples, ``val/fid@300`` for 300."""
+    n = f"{num_samples // 1000}k" if num_samples % 1000 == 0 else str(num_samples)
+    return f"val/fid@{n}"
+
+
+def log_hparams_with_metric(logger: TensorBoardLogger, tag: str) -> None:
+    """Show the run's hyper-parameters in TensorBoard's HParams tab with ``tag`` as their metric (Lightning writes
+    them there only with a placeholder ``hp_metric``)."""
+    from torch.utils.tensorboard.summary import hparams
+
+    params = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+              for k, v in _flatten_dict(dict(logger.hparams)).items()}
+    writer = logger.experiment._get_file_writer()
+    for summary in hparams(params, {tag: 0.0}):
+        writer.add_summary(summary)
+
+
+class FID(L.Callback):
+    """Every ``every_n_steps`` optimizer steps, FID of ``num_samples`` EMA samples (seeds ``first_seed``, ...).
+
+    Args:
+        features: the feature network (``lit_score.metrics.InceptionV3`` for comparable numbers,
+            ``lit_score.metrics.RandomConvFeatures`` for cheap relative ones).
+        sampler: a ``lit_score.sampling`` sampler; default: the model's own.
+        batch_size: images sampled and embedded at once per rank.
+        cache_dir: where reference statistics are cached (default ``$LIT_SCORE_CACHE/fid`` or
+            ``~/.cache/lit-score/fid``).
+        at_start: also evaluate when fit starts.
+    """
+
+    def __init__(self, features: FeatureExtractor, num_samples: int = 50000, every_n_steps: int = 50000,
+                 sampler: Sampler | None = None, batch_size: int = 250, first_seed: int = 0,
+                 cache_dir: str | None = None, at_start: bool = False) -> None:
+        if not isinstance(features, FeatureExtractor):
+            raise TypeError(f"FID features must be a lit_score.metrics.FeatureExtractor, got {type(features)}")
+        if num_samples < 2 or every_n_steps < 1 or batch_size < 1:
+            raise ValueError("FID needs num_samples >= 2, every_n_steps >= 1 and batch_size >= 1, got "
+                             f"{num_samples}, {every_n_steps}, {batch_size}")
+        self.features, self.num_samples, self.every_n_steps = features.eval(), num_samples, every_n_steps
+        self.sampler, self.batch_size, self.first_seed = sampler, batch_size, first_seed
+        self.cache_dir, self.at_start = cache_dir, at_start
+        self.reference: ReferenceStatistics | None = None
+        self.last_value: float | None = None
+        self._last_step = -1
+
+    @property
+    def tag(self) -> str:
+        return fid_tag(self.num_samples)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and not fast_dev_run(trainer):
+            self.features.prepare()
+            data_centered(trainer.datamodule)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if fast_dev_run(trainer):
+            return
+        self.features.to(pl_module.device)
+        self.reference = reference_statistics(trainer.datamodule, self.features, self.cache_dir, self.batch_size,
+                                              pl_module.device)
+        if trainer.is_global_zero:
+            note = (f"{self.num_samples} samples, seeds {self.first_seed}..{self.first_seed + self.num_samples - 1}, "
+                    f"EMA weights, against {self.reference.count} training images; key {self.reference.key}")
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_text(self.tag, note, trainer.global_step)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    log_hparams_with_metric(logger, self.tag)
+        if self.at_start and not fast_dev_run(trainer):
+            self.evaluate(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if due(trainer.global_step, self.every_n_steps, self._last_step) and not fast_dev_run(trainer):
+            self.evaluate(trainer, pl_module)
+
+    @torch.no_grad()
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
+        """FID now (every rank must call this); logged by rank 0 and returned on every rank."""
+        if self.reference is None:
+            raise RuntimeError("FID.evaluate needs the reference statistics of on_fit_start")
+        step = self._last_step = trainer.global_step
+        centered = data_centered(trainer.datamodule)
+        seeds = list(range(self.first_seed, self.first_seed + self.num_samples))[trainer.global_rank::trainer.world_size]
+        stats = FeatureStatistics(self.features.num_features).to(pl_module.device)
+        with ema_weights(trainer, pl_module):
+            for chunk in batched(seeds, self.batch_size):
+                samples = draw(pl_module, chunk, self.sampler, self.batch_size)
+                stats.update(self.features(to_uint8(samples, centered)))
+        mean, cov = stats.compute()
+        value = frechet_distance(mean, cov, self.reference.mean, self.reference.cov)
+        self.last_value = value
+        trainer.callback_metrics[self.tag] = torch.tensor(value)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({self.tag: value}, step=step)
+        return value

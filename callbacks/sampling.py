@@ -1,0 +1,118 @@
+"""Periodic sample grids: fixed per-image seeds, EMA weights, drawn by all ranks, written by rank 0."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+
+from callbacks.ema import ema_weights
+from lit_score.metrics.features import to_uint8
+from lit_score.metrics.reference import data_centered
+from lit_score.sampling.base import Sampler
+
+
+def batched(seeds: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    for i in range(0, len(seeds), batch_size):
+        yield list(seeds[i:i + batch_size])
+
+
+@torch.no_grad()
+def draw(pl_module: L.LightningModule, seeds: Sequence[int], sampler: Sampler | None, batch_size: int) -> Tensor:
+    """Samples for ``seeds`` in batches, in eval mode (the module's train/eval mode is restored after)."""
+    was_training = pl_module.training
+    pl_module.eval()
+    try:
+        chunks = [pl_module.sample(chunk, sampler).samples for chunk in batched(seeds, batch_size)]
+    finally:
+        pl_module.train(was_training)
+    if not chunks:
+        return torch.empty(0, *pl_module.data_shape, device=pl_module.device)
+    return torch.cat(chunks)
+
+
+def draw_all(trainer: L.Trainer, pl_module: L.LightningModule, seeds: Sequence[int], sampler: Sampler | None,
+             batch_size: int) -> Tensor:
+    """Samples for every seed, in order, on every rank: each rank draws a contiguous share, then all gather."""
+    world, rank = trainer.world_size, trainer.global_rank
+    share = math.ceil(len(seeds) / world)
+    padded = list(seeds) + [seeds[-1] + 1 + i for i in range(share * world - len(seeds))]
+    local = draw(pl_module, padded[rank * share:(rank + 1) * share], sampler, batch_size)
+    if world == 1:
+        return local
+    gathered = trainer.strategy.all_gather(local)  # (world, share, ...)
+    return gathered.reshape(world * share, *local.shape[1:])[:len(seeds)]
+
+
+def due(step: int, every_n_steps: int, last_step: int) -> bool:
+    return step != last_step and step % every_n_steps == 0
+
+
+def fast_dev_run(trainer: L.Trainer) -> bool:
+    return bool(trainer.fast_dev_run)
+
+
+class SampleGrid(L.Callback):
+    """Every ``every_n_steps`` optimizer steps (and at the start of fit with ``at_start``), draw ``num_samples``
+    images for seeds ``first_seed, first_seed + 1, ...`` with the EMA weights; log the grid to TensorBoard as
+    ``samples`` and save ``<run dir>/samples/step_<step>.png``.
+
+    Args:
+        sampler: a ``lit_score.sampling`` sampler; default: the model's own.
+        batch_size: images drawn at once per rank.
+        nrow: images per grid row (default: about the square root of num_samples).
+    """
+
+    def __init__(self, every_n_steps: int = 5000, num_samples: int = 64, first_seed: int = 0,
+                 sampler: Sampler | None = None, batch_size: int = 64, nrow: int | None = None,
+                 at_start: bool = True) -> None:
+        if every_n_steps < 1 or num_samples < 1 or batch_size < 1:
+            raise ValueError("SampleGrid needs every_n_steps, num_samples and batch_size >= 1, got "
+                             f"{every_n_steps}, {num_samples}, {batch_size}")
+        self.every_n_steps, self.num_samples, self.first_seed = every_n_steps, num_samples, first_seed
+        self.sampler, self.batch_size, self.at_start = sampler, batch_size, at_start
+        self.nrow = nrow or max(1, math.isqrt(num_samples))
+        self._last_step = -1
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(range(self.first_seed, self.first_seed + self.num_samples))
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        data_centered(trainer.datamodule)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at_start and not fast_dev_run(trainer):
+            self.log_grid(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if due(trainer.global_step, self.every_n_steps, self._last_step) and not fast_dev_run(trainer):
+            self.log_grid(trainer, pl_module)
+
+    def log_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Tensor:
+        """Draw the grid (every rank), log and save it (rank 0); returns the uint8 grid (C, H, W)."""
+        from torchvision.utils import make_grid
+
+        step = self._last_step = trainer.global_step
+        with ema_weights(trainer, pl_module):
+            samples = draw_all(trainer, pl_module, self.seeds, self.sampler, self.batch_size)
+        images = to_uint8(samples, data_centered(trainer.datamodule)).cpu()
+        grid = make_grid(images, nrow=self.nrow, padding=1)
+        run_dir = trainer.log_dir or trainer.default_root_dir  # a collective: every rank asks
+        if trainer.is_global_zero:
+            self._write(trainer, Path(run_dir) / "samples", grid, step)
+        return grid
+
+    def _write(self, trainer: L.Trainer, directory: Path, grid: Tensor, step: int) -> None:
+        from PIL import Image
+
+        directory.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(directory / f"step_{step:08d}.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("samples", grid, step)

@@ -1,0 +1,179 @@
+"""The FID protocol: Frechet distance, float64 statistics, feature networks and the cached reference set."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch_fidelity
+from torch.utils.data import DataLoader, Dataset
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+import lightning as L
+from lit_score.metrics import (FeatureStatistics, InceptionV3, RandomConvFeatures, frechet_distance,
+                               reference_statistics, to_uint8)
+from lit_score.metrics.reference import cache_path, reference_key
+
+
+class _FidelityRandomConv(FeatureExtractorBase):
+    """torch-fidelity's plug-in for our RandomConvFeatures (seed 0, 16 features)."""
+
+    def __init__(self, name, features_list, **kwargs):
+        super().__init__(name, features_list)
+        self.features = RandomConvFeatures(num_features=16, width=8, seed=0)
+
+    @staticmethod
+    def get_provided_features_list():
+        return ("feat",)
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return "feat"
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    def forward(self, x):
+        return (self.features(x),)
+
+
+torch_fidelity.register_feature_extractor("lit-score-random-conv-test", _FidelityRandomConv)
+
+
+class _Images(Dataset):
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+def _image_sets():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (120, 3, 16, 16), generator=g, dtype=torch.uint8)
+    b = (torch.rand(100, 3, 16, 16, generator=g) ** 2 * 255).round().to(torch.uint8)
+    return a, b
+
+
+def _our_fid(a, b, features):
+    stats = []
+    for images in (a, b):
+        s = FeatureStatistics(features.num_features)
+        for chunk in images.split(32):
+            s.update(features(chunk))
+        stats.append(s.compute())
+    return frechet_distance(*stats[0], *stats[1])
+
+
+def test_fid_equals_torch_fidelity_on_the_same_images_and_features():
+    """Property: our FID of two image sets equals torch-fidelity's calculate_metrics with the same extractor."""
+    a, b = _image_sets()
+    ours = _our_fid(a, b, RandomConvFeatures(num_features=16, width=8, seed=0))
+    theirs = torch_fidelity.calculate_metrics(
+        input1=_Images(a), input2=_Images(b), fid=True, feature_extractor="lit-score-random-conv-test",
+        feature_layer_fid="feat", cuda=False, cache=False, verbose=False, batch_size=50, save_cpu_ram=True,
+    )["frechet_inception_distance"]
+    assert ours > 0
+    assert ours == pytest.approx(theirs, rel=1e-6)
+
+
+def test_frechet_distance_equals_torch_fidelity_on_the_same_statistics():
+    """Property: our Frechet distance equals torch-fidelity's fid_statistics_to_metric on identical float64 stats."""
+    rng = np.random.default_rng(0)
+    f1 = rng.normal(size=(300, 24))
+    f2 = rng.normal(size=(250, 24)) @ rng.normal(size=(24, 24)) * 0.5 + 0.3
+    s1 = {"mu": f1.mean(0), "sigma": np.cov(f1, rowvar=False)}
+    s2 = {"mu": f2.mean(0), "sigma": np.cov(f2, rowvar=False)}
+    theirs = fid_statistics_to_metric(s1, s2, verbose=False)["frechet_inception_distance"]
+    ours = frechet_distance(*(torch.from_numpy(s1[k]) for k in ("mu", "sigma")),
+                            *(torch.from_numpy(s2[k]) for k in ("mu", "sigma")))
+    assert ours == pytest.approx(theirs, rel=1e-9)
+    assert frechet_distance(torch.from_numpy(s1["mu"]), torch.from_numpy(s1["sigma"]),
+                            torch.from_numpy(s1["mu"]), torch.from_numpy(s1["sigma"])) == pytest.approx(0, abs=1e-8)
+
+
+def test_feature_statistics_are_float64_and_independent_of_batching():
+    """Property: mean/cov equal numpy's float64 mean and unbiased cov, however the features are batched."""
+    f = torch.randn(101, 8, generator=torch.Generator().manual_seed(1)) * 3 + 5
+    whole, pieces = FeatureStatistics(8), FeatureStatistics(8)
+    whole.update(f)
+    for chunk in f.split(7):
+        pieces.update(chunk)
+    (m1, c1), (m2, c2) = whole.compute(), pieces.compute()
+    assert m1.dtype == c1.dtype == torch.float64
+    np.testing.assert_allclose(m1.numpy(), f.double().numpy().mean(0), rtol=1e-12)
+    np.testing.assert_allclose(c1.numpy(), np.cov(f.double().numpy(), rowvar=False), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(m1, m2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(c1, c2, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match=r"expected features \(B, 8\)"):
+        whole.update(torch.zeros(3, 4))
+
+
+def test_to_uint8_quantises_like_stored_images():
+    """Property: [0, 1] and [-1, 1] data map to the same uint8 values, rounding, clamping out-of-range values."""
+    x = torch.tensor([0.0, 0.5, 1.0, 1.5, -0.2, 0.499 / 255])
+    assert to_uint8(x, centered=False).tolist() == [0, 128, 255, 255, 0, 0]
+    assert torch.equal(to_uint8(x * 2 - 1, centered=True), to_uint8(x, centered=False))
+    assert to_uint8(x, centered=False).dtype == torch.uint8
+
+
+def test_random_conv_features_are_fixed_by_seed_and_stay_in_eval_mode():
+    """Property: the same seed gives the same network (same identity); train() cannot leave eval mode."""
+    a, b, c = RandomConvFeatures(seed=3), RandomConvFeatures(seed=3), RandomConvFeatures(seed=4)
+    assert a.identity == b.identity != c.identity
+    a.train()
+    assert not a.training and not any(m.training for m in a.modules())
+    x = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
+    torch.testing.assert_close(a(x), b(x))
+    with pytest.raises(ValueError, match="expects uint8 images"):
+        a(x.float())
+
+
+def test_missing_inception_weights_say_where_to_put_them(tmp_path):
+    """Property: without the weights file, InceptionV3 fails when first needed, naming the path and the URL."""
+    path = tmp_path / "missing" / "inception.pth"
+    features = InceptionV3(str(path))
+    with pytest.raises(FileNotFoundError) as err:
+        features.prepare()
+    assert str(path) in str(err.value) and "weights-inception-2015-12-05-6726825d.pth" in str(err.value)
+
+
+class _TinyImages(L.LightningDataModule):
+    centered = True
+
+    def __init__(self, n=40, fail=False):
+        super().__init__()
+        self.n, self.fail = n, fail
+
+    def cache_key(self):
+        return f"tiny-noise-{self.n}-8x8-centered"
+
+    def train_dataloader(self):
+        if self.fail:
+            raise RuntimeError("the training data were read although the statistics are cached")
+        images = torch.rand(self.n, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        return DataLoader(_Images(images), batch_size=16, shuffle=True, drop_last=True)
+
+
+def test_reference_statistics_cover_every_training_image_and_are_cached(tmp_path):
+    """Property: statistics use all training images (no drop_last), are written once under the data + feature
+    key and later read back without touching the data."""
+    features = RandomConvFeatures(num_features=8, width=4, seed=0)
+    ref = reference_statistics(_TinyImages(), features, tmp_path, batch_size=16)
+    assert ref.count == 40 and ref.mean.dtype == torch.float64
+    path = cache_path(reference_key(_TinyImages(), features), tmp_path)
+    assert path.is_file() and ref.key.startswith("tiny-noise-40-8x8-centered__RandomConvFeatures-8-")
+    again = reference_statistics(_TinyImages(fail=True), features, tmp_path)
+    torch.testing.assert_close(again.cov, ref.cov, rtol=0, atol=0)
+    other = reference_statistics(_TinyImages(), RandomConvFeatures(num_features=8, width=4, seed=1), tmp_path)
+    assert other.key != ref.key and len(list(tmp_path.iterdir())) == 2
+
+
+def test_reference_statistics_need_a_cache_key():
+    """Property: a DataModule without cache_key() is refused with a message naming the missing method."""
+    with pytest.raises(TypeError, match="cache_key"):
+        reference_statistics(L.LightningDataModule(), RandomConvFeatures(), "/nonexistent")
