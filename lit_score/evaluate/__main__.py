@@ -1,0 +1,3 @@
+from lit_score.evaluate.cli import main
+
+main()

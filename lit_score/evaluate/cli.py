@@ -1,0 +1,72 @@
+"""``lit-score-eval`` / ``python -m lit_score.evaluate``: the paper's evaluation of a checkpoint, on every GPU and node.
+
+    python -m lit_score.evaluate --config experiments/cifar10_ncsnpp_deep_continuous_ve.yaml \\
+        --ckpt_path converted.ckpt --evaluation.out_dir eval/ncsnpp_deep_pc --trainer.devices 8
+
+The experiment YAML builds the model and data as ``lit-score`` does; ``evaluation.*`` are the arguments of
+:class:`lit_score.evaluate.Evaluator` (put them in a YAML such as ``experiments/eval_cifar10_pc.yaml`` and pass it as a
+second ``--config``). ``trainer.accelerator``, ``trainer.devices`` and ``trainer.num_nodes`` say where to run: the
+processes are launched by Lightning Fabric (locally, by ``torchrun`` or by SLURM's ``srun``) and share the work by
+seeds. Re-running the same command after pre-emption resumes from the finished shards.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from typing import Sequence
+
+import lightning as L
+from lightning.pytorch.cli import LightningArgumentParser
+from omegaconf.errors import OmegaConfBaseException
+
+from lit_score.config import ConfigError, expand_config_args
+from lit_score.evaluate.evaluator import Evaluator
+from lit_score.evaluate.experiment import ExperimentCLI
+from lit_score.module import ScoreModel
+
+
+class EvaluateCLI(ExperimentCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument("--ckpt_path", type=str, required=True,
+                            help="lit-score checkpoint to evaluate (its EMA weights unless evaluation.weights=raw)")
+        parser.add_class_arguments(Evaluator, "evaluation")
+
+
+def run(argv: Sequence[str] | None = None) -> dict:
+    """Parse ``argv`` (default: the command line), launch the processes and evaluate; returns the results."""
+    if argv is None:
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    configs = [b for a, b in zip(argv, argv[1:]) if a in ("-c", "--config")] + [
+        a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    try:
+        argv = expand_config_args(argv)
+    except ConfigError as err:
+        sys.exit(f"lit-score-eval: error: {err}")
+    try:
+        cli = EvaluateCLI(ScoreModel, L.LightningDataModule, subclass_mode_data=True, run=False, args=argv,
+                          parser_kwargs={"parser_mode": "omegaconf+"}, save_config_callback=None)
+    except OmegaConfBaseException as err:
+        sys.exit(f"lit-score-eval: error: the config's interpolations do not resolve: {err}")
+    evaluator: Evaluator = cli.config_init["evaluation"]
+    trainer = cli.trainer_config
+    fabric = L.Fabric(accelerator=trainer.get("accelerator") or "auto", devices=trainer.get("devices") or "auto",
+                      num_nodes=trainer.get("num_nodes") or 1, strategy="auto")
+    fabric.launch()
+    results = evaluator.run(cli.model, cli.datamodule, cli.config["ckpt_path"], config=" + ".join(configs) or None,
+                            device=fabric.device)
+    if fabric.global_rank == 0 and not results["complete"]:
+        print(f"stopped with {results['shards_left']} of {results['num_shards']} shards left (max_shards); "
+              f"run the same command again to go on")
+    elif fabric.global_rank == 0:
+        summary = {k: v for k, v in results.items() if k != "protocol"}
+        print(json.dumps(summary, indent=2))
+        print(f"written to {evaluator.out_dir / 'results.json'}")
+    return results
+
+
+def main() -> None:
+    """Console script ``lit-score-eval``."""
+    run()

@@ -1,0 +1,388 @@
+"""The paper's evaluation protocol: FID and Inception Score of N samples against training-set statistics, and
+test-set bits/dim, sharded over every process by per-image seeds and resumable after pre-emption.
+
+Samples are drawn in fixed shards of ``shard_size`` consecutive seeds (``first_seed + i``), each in the same
+batches whatever process draws it, so the sample set and every feature vector are the same for any number of
+processes. A finished shard (uint8 samples, features, logits, NFE) is written to ``<out_dir>/samples/`` and skipped
+on restart. Rank 0 then reads every shard in seed order and computes the metrics in float64, so the numbers do not
+depend on how the work was split. Results go to ``<out_dir>/results.json`` and TensorBoard (``<out_dir>/tensorboard``)
+with the protocol spelled out: number of samples, seeds, sampler and its NFE, weights, checkpoint, reference set.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
+
+from callbacks.ema import CHECKPOINT_KEY as EMA_KEY
+from lit_score.evaluate.inception_score import InceptionV3Logits, inception_score
+from lit_score.evaluate.reference_file import load_reference
+from lit_score.evaluate.shards import ShardStore
+from lit_score.likelihood import Likelihood
+from lit_score.metrics.features import FeatureExtractor, InceptionV3, to_uint8
+from lit_score.metrics.frechet import FeatureStatistics, frechet_distance
+from lit_score.metrics.reference import (ReferenceStatistics, cache_path, data_centered, reference_key,
+                                         reference_statistics)
+from lit_score.module import ScoreModel
+from lit_score.sampling.base import Sampler
+
+Weights = Literal["ema", "raw"]
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def broadcast(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    if rank_and_world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if rank_and_world()[1] > 1:
+        dist.barrier()
+
+
+def describe(obj: Any) -> dict[str, Any]:
+    """``{class_path, init_args}`` of an object, with its plain attributes (what a YAML would say)."""
+    cls = type(obj)
+    args = {k.lstrip("_"): v for k, v in vars(obj).items()
+            if not k.startswith("__") and isinstance(v, (bool, int, float, str, type(None), list, tuple))}
+    args = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in args.items()}
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args}
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_weights(model: ScoreModel, ckpt_path: str | Path, weights: Weights) -> dict[str, Any]:
+    """Put a lit-score checkpoint's EMA (``ema``) or training (``raw``) weights into ``model`` (weights only, strict);
+    returns what the checkpoint says about itself."""
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, ... for unreadable or unsafe files
+        raise ValueError(f"cannot read {ckpt_path} as a lit-score checkpoint with torch.load(weights_only=True): "
+                         f"{str(err).splitlines()[0]}") from None
+    key = EMA_KEY if weights == "ema" else "state_dict"
+    if key not in checkpoint:
+        hint = " (trained without the EMA callback? use evaluation.weights: raw)" if weights == "ema" else ""
+        raise KeyError(f"{ckpt_path} has no {key!r}{hint}")
+    model.load_state_dict(checkpoint[key], strict=True)
+    return {"path": str(ckpt_path), "global_step": int(checkpoint.get("global_step", 0)), "weights": weights,
+            "converted_from": (checkpoint.get("lit_score_conversion") or {}).get("source")}
+
+
+class Evaluator:
+    """FID, Inception Score and test-set bits/dim of a score model, by the paper's protocol.
+
+    Args:
+        out_dir: where shards, ``results.json``, ``protocol.json`` and TensorBoard events go; re-running with the
+            same out_dir and protocol resumes.
+        num_samples: samples for FID / IS (the paper: 50,000), seeds ``first_seed .. first_seed + num_samples - 1``.
+        batch_size: images sampled at once.
+        shard_size: images per shard, the unit of work distribution and of resumption.
+        sampler: a ``lit_score.sampling`` sampler (default: the model's own, else ``default_sampler``).
+        features: FID feature network (default: ``lit_score.metrics.InceptionV3``, torch-fidelity's TF Inception).
+        inception_score: also compute IS.
+        classifier: logits for IS (default: ``InceptionV3Logits`` with the feature network's weights).
+        is_splits: IS is reported with one split (TF-GAN / score_sde) and with ``is_splits`` splits (mean, std).
+        weights: ``ema`` (the checkpoint's EMA weights, as the paper) or ``raw``.
+        reference: a statistics file (``.npz`` with mu/sigma or pool_3, or a lit-score ``.pt``); default: the cached
+            statistics of the DataModule's training images (computed once, see ``lit_score.metrics.reference``).
+        cache_dir: where those cached statistics live.
+        keep_samples: keep the uint8 samples in the shards (needed to recompute features later).
+        bpd: also compute test-set bits/dim (``datamodule.test_dataloader()``'s dataset).
+        likelihood: how (probe, tolerances, dequantisation); default: the model's ``likelihood``, else
+            ``Likelihood()``.
+        bpd_num_images: the first this many test images (default: all).
+        bpd_batch_size: test images per batch and per shard.
+        bpd_first_seed: image i of the test set is dequantised and probed with seed ``bpd_first_seed + i``.
+        max_shards: sample at most this many shards per process in this run, then stop without metrics (for jobs
+            shorter than the evaluation: run again to go on); default: all.
+        deterministic: cuDNN in deterministic mode without autotuning, so that a shard's numbers do not depend on
+            the process that computed it.
+        tensorboard: write the results as TensorBoard scalars and the protocol as text.
+    """
+
+    def __init__(self, out_dir: str = "eval", num_samples: int = 50000, first_seed: int = 0, batch_size: int = 250,
+                 shard_size: int = 1000, sampler: Sampler | None = None, features: FeatureExtractor | None = None,
+                 inception_score: bool = True, classifier: FeatureExtractor | None = None, is_splits: int = 10,
+                 weights: Weights = "ema", reference: str | None = None, cache_dir: str | None = None,
+                 keep_samples: bool = True, bpd: bool = True, likelihood: Likelihood | None = None,
+                 bpd_num_images: int | None = None, bpd_batch_size: int = 100, bpd_first_seed: int = 0,
+                 max_shards: int | None = None, deterministic: bool = True, tensorboard: bool = True) -> None:
+        if num_samples < 2 or batch_size < 1 or shard_size < 1 or is_splits < 1 or bpd_batch_size < 1:
+            raise ValueError("Evaluator needs num_samples >= 2 and batch_size, shard_size, is_splits, bpd_batch_size "
+                             f">= 1; got {num_samples}, {batch_size}, {shard_size}, {is_splits}, {bpd_batch_size}")
+        if inception_score and num_samples < is_splits:
+            raise ValueError(f"is_splits={is_splits} needs at least as many samples, got num_samples={num_samples}")
+        if weights not in ("ema", "raw"):
+            raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+        if max_shards is not None and max_shards < 1:
+            raise ValueError(f"max_shards must be positive or null (all), got {max_shards}")
+        if bpd_num_images is not None and bpd_num_images < 1:
+            raise ValueError(f"bpd_num_images must be positive or null (all), got {bpd_num_images}")
+        for name, value in (("features", features), ("classifier", classifier)):
+            if value is not None and not isinstance(value, FeatureExtractor):
+                raise TypeError(f"{name} must be a lit_score.metrics.FeatureExtractor, got {type(value).__name__}")
+        self.out_dir = Path(out_dir)
+        self.num_samples, self.first_seed, self.batch_size, self.shard_size = num_samples, first_seed, batch_size, \
+            shard_size
+        self.sampler = sampler
+        self.features = features if features is not None else InceptionV3()
+        self.inception_score, self.is_splits = inception_score, is_splits
+        if inception_score and classifier is None:
+            weights_path = self.features.weights_path if isinstance(self.features, InceptionV3) else None
+            classifier = InceptionV3Logits(str(weights_path) if weights_path else None)
+        self.classifier = classifier if inception_score else None
+        self.weights, self.reference, self.cache_dir, self.keep_samples = weights, reference, cache_dir, keep_samples
+        self.bpd, self.likelihood_arg = bpd, likelihood
+        self.likelihood = likelihood if likelihood is not None else Likelihood()
+        self.bpd_num_images, self.bpd_batch_size, self.bpd_first_seed = bpd_num_images, bpd_batch_size, bpd_first_seed
+        self.max_shards, self.deterministic, self.tensorboard = max_shards, deterministic, tensorboard
+
+    # -- protocol -------------------------------------------------------------------------------------------------
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.num_samples / self.shard_size)
+
+    def shard_seeds(self, index: int) -> list[int]:
+        start = self.first_seed + index * self.shard_size
+        return list(range(start, min(start + self.shard_size, self.first_seed + self.num_samples)))
+
+    def _sampler(self, model: ScoreModel) -> Sampler:
+        from lit_score.sampling import default_sampler
+
+        return self.sampler or model.sampler or default_sampler(model.sde)
+
+    def protocol(self, model: ScoreModel, datamodule: L.LightningDataModule, checkpoint: dict[str, Any],
+                 config: str | None) -> dict[str, Any]:
+        """Everything the numbers depend on; the ``samples`` part fingerprints the shards."""
+        samples = {
+            "num_samples": self.num_samples, "seeds": [self.first_seed, self.first_seed + self.num_samples - 1],
+            "batch_size": self.batch_size, "shard_size": self.shard_size, "sampler": describe(self._sampler(model)),
+            "sde": describe(model.sde), "data_shape": list(model.data_shape), "weights": self.weights,
+            "checkpoint_sha256": checkpoint["sha256"], "features": self.features.identity,
+            "classifier": self.classifier.identity if self.classifier is not None else None,
+            "keep_samples": self.keep_samples,
+        }
+        return {"samples": samples, "checkpoint": checkpoint, "config": config,
+                "bpd": {**describe(self.likelihood)["init_args"], "num_images": self.bpd_num_images,
+                        "batch_size": self.bpd_batch_size, "first_seed": self.bpd_first_seed} if self.bpd else None}
+
+    def _check_protocol(self, protocol: dict[str, Any]) -> str | None:
+        """Rank 0: write protocol.json, or say why the out_dir holds another evaluation."""
+        path = self.out_dir / "protocol.json"
+        if path.is_file():
+            previous = json.loads(path.read_text())
+            for part in ("samples", "bpd"):
+                old, new = previous.get(part) or {}, protocol.get(part) or {}
+                differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                if differ:
+                    return (f"{self.out_dir} holds an evaluation with another protocol ({part}: "
+                            f"{', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in differ)}); "
+                            f"use another out_dir, or delete {self.out_dir} to start over")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(protocol, indent=2))
+        return None
+
+    @staticmethod
+    def fingerprint(part: dict[str, Any] | None) -> str:
+        return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+
+    # -- the run --------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, model: ScoreModel, datamodule: L.LightningDataModule, ckpt_path: str | Path | None = None,
+            config: str | None = None, device: torch.device | str = "cpu") -> dict[str, Any]:
+        """Evaluate (every process of a distributed run calls this); returns the results on every rank.
+
+        With ``ckpt_path`` the checkpoint's ``weights`` are loaded first; without, the model is evaluated as it is.
+        """
+        rank, world = rank_and_world()
+        if self.likelihood_arg is None:
+            self.likelihood = getattr(model, "likelihood", None) or Likelihood()
+        if self.deterministic:
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+        checkpoint: dict[str, Any] = {"path": None, "global_step": 0, "weights": "as given", "sha256": None}
+        if ckpt_path is not None:
+            checkpoint = load_weights(model, ckpt_path, self.weights)
+            checkpoint["sha256"] = broadcast(file_sha256(ckpt_path) if rank == 0 else None)
+        else:
+            digest = hashlib.sha256()
+            for k, v in model.state_dict().items():
+                digest.update(k.encode() + v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            checkpoint["sha256"] = digest.hexdigest()
+        model = model.to(device).eval()
+        self.features.prepare()
+        self.features.to(device).eval()
+        if self.classifier is not None:
+            self.classifier.prepare()
+            self.classifier.to(device).eval()
+        protocol = self.protocol(model, datamodule, checkpoint, config)
+        problem = broadcast(self._check_protocol(protocol) if rank == 0 else None)
+        if problem:
+            raise ValueError(problem)
+
+        reference = self._reference(datamodule, device)
+        protocol["reference"] = {"key": reference.key, "count": reference.count,
+                                 "source": self.reference or "training set of the DataModule (cached)"}
+        started = time.time()
+        store = ShardStore(self.out_dir / "samples", self.fingerprint(protocol["samples"]))
+        pending = broadcast(store.pending(self.num_shards) if rank == 0 else None)
+        barrier()
+        centered = data_centered(datamodule)
+        sampler = self._sampler(model)
+        for index in pending[rank::world][:self.max_shards]:
+            store.save(index, self._sample_shard(model, sampler, index, centered, device))
+        barrier()
+        left = broadcast(len(store.pending(self.num_shards)) if rank == 0 else None)
+        if left:
+            return {"complete": False, "shards_left": left, "num_shards": self.num_shards}
+        results = self._sample_metrics(store, reference) if rank == 0 else None
+
+        if self.bpd:
+            bpd = self._bits_per_dim(model, datamodule, device, rank, world, checkpoint["sha256"])
+            if rank == 0:
+                results["bpd"] = bpd
+        if rank == 0:
+            results["protocol"] = {**protocol, "world_size": world, "resumed_shards": self.num_shards - len(pending),
+                                   "seconds": round(time.time() - started, 1)}
+            self._write(results, checkpoint["global_step"])
+        return broadcast(results)
+
+    def _reference(self, datamodule: L.LightningDataModule, device: torch.device | str) -> ReferenceStatistics:
+        if self.reference is not None:
+            reference = load_reference(self.reference)
+        else:
+            cached = cache_path(reference_key(datamodule, self.features), self.cache_dir).is_file()
+            if not broadcast(cached):
+                datamodule.setup("fit")
+            reference = reference_statistics(datamodule, self.features, self.cache_dir, self.batch_size, device)
+        if reference.mean.shape != (self.features.num_features,):
+            raise ValueError(f"the reference statistics have {reference.mean.shape[0]} features, the feature "
+                             f"network {self.features.num_features}; they were made with another network")
+        return reference
+
+    def _sample_shard(self, model: ScoreModel, sampler: Sampler, index: int, centered: bool,
+                      device: torch.device | str) -> dict[str, Any]:
+        seeds = self.shard_seeds(index)
+        images, features, logits, nfe = [], [], [], []
+        for start in range(0, len(seeds), self.batch_size):
+            chunk = seeds[start:start + self.batch_size]
+            result = sampler.sample(model.score_fn, model.sde, model.data_shape, chunk, device)
+            x = to_uint8(result.samples, centered)
+            images.append(x.cpu())
+            features.append(self.features(x).double().cpu())
+            if self.classifier is not None:
+                logits.append(self.classifier(x).double().cpu())
+            nfe.append([len(chunk), int(result.nfe)])
+        return {"seeds": [seeds[0], seeds[-1]], "features": torch.cat(features),
+                "logits": torch.cat(logits) if logits else None,
+                "images": torch.cat(images) if self.keep_samples else None, "nfe": nfe}
+
+    def _sample_metrics(self, store: ShardStore, reference: ReferenceStatistics) -> dict[str, Any]:
+        stats = FeatureStatistics(self.features.num_features, sync_on_compute=False)  # rank 0 reads every shard
+        logits, images_nfe, count = [], 0, 0
+        for index in range(self.num_shards):
+            shard = store.load(index)
+            seeds = self.shard_seeds(index)
+            if shard["seeds"] != [seeds[0], seeds[-1]] or shard["features"].shape[0] != len(seeds):
+                raise ValueError(f"{store.path(index)} does not hold seeds {seeds[0]}..{seeds[-1]}; delete it")
+            stats.update(shard["features"])
+            if self.classifier is not None:
+                logits.append(shard["logits"])
+            images_nfe += sum(n * e for n, e in shard["nfe"])
+            count += len(seeds)
+        mean, cov = stats.compute()
+        n = f"{self.num_samples // 1000}k" if self.num_samples % 1000 == 0 else str(self.num_samples)
+        results: dict[str, Any] = {"complete": True, "n": n, "fid": frechet_distance(mean, cov, reference.mean, reference.cov),
+                                   "nfe": images_nfe / count}
+        if self.classifier is not None:
+            all_logits = torch.cat(logits)
+            results["inception_score"] = inception_score(all_logits, 1)[0]
+            is_mean, is_std = inception_score(all_logits, self.is_splits)
+            results[f"inception_score_{self.is_splits}_splits"] = {"mean": is_mean, "std": is_std}
+        return results
+
+    def _test_dataset(self, datamodule: L.LightningDataModule):
+        datamodule.setup("test")
+        loader = datamodule.test_dataloader()
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise TypeError(f"{type(datamodule).__name__}.test_dataloader() must serve a map-style dataset (with "
+                            f"__len__ and __getitem__) for test-set bits/dim; got {type(dataset).__name__}")
+        return dataset
+
+    def _bits_per_dim(self, model: ScoreModel, datamodule: L.LightningDataModule, device: torch.device | str,
+                      rank: int, world: int, checkpoint_sha256: str | None) -> dict[str, Any] | None:
+        dataset = self._test_dataset(datamodule)
+        total = len(dataset) if self.bpd_num_images is None else min(self.bpd_num_images, len(dataset))
+        if total == 0:
+            raise ValueError(f"{type(datamodule).__name__} has no test images for bits/dim")
+        num_shards = math.ceil(total / self.bpd_batch_size)
+        store = ShardStore(self.out_dir / "bpd", self.fingerprint(self.protocol_bpd_part(total, checkpoint_sha256)))
+        pending = broadcast(store.pending(num_shards) if rank == 0 else None)
+        barrier()
+        centered = data_centered(datamodule)
+        for index in pending[rank::world]:
+            rows = list(range(index * self.bpd_batch_size, min((index + 1) * self.bpd_batch_size, total)))
+            batch = next(iter(DataLoader(Subset(dataset, rows), batch_size=len(rows))))
+            x = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device)
+            seeds = [self.bpd_first_seed + i for i in rows]
+            bpd, nfe = self.likelihood.bits_per_dim(model.score_fn, model.sde, x, seeds, centered)
+            store.save(index, {"rows": [rows[0], rows[-1]], "bpd": bpd.double().cpu(), "nfe": int(nfe)})
+        barrier()
+        if rank != 0:
+            return None
+        values = torch.cat([store.load(i)["bpd"] for i in range(num_shards)])
+        nfe = max(store.load(i)["nfe"] for i in range(num_shards))
+        return {"mean": float(values.mean()), "sem": float(values.std() / math.sqrt(len(values)))
+                if len(values) > 1 else 0.0, "num_images": len(values), "max_nfe": nfe}
+
+    def protocol_bpd_part(self, total: int, checkpoint_sha256: str | None) -> dict[str, Any]:
+        return {"checkpoint_sha256": checkpoint_sha256, **describe(self.likelihood)["init_args"], "num_images": total,
+                "batch_size": self.bpd_batch_size, "first_seed": self.bpd_first_seed, "weights": self.weights}
+
+    def _write(self, results: dict[str, Any], step: int) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.out_dir / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2))
+        tmp.replace(self.out_dir / "results.json")
+        if not self.tensorboard:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+        try:
+            n = results["n"]
+            writer.add_scalar(f"eval/fid@{n}", results["fid"], step)
+            writer.add_scalar("eval/nfe", results["nfe"], step)
+            if "inception_score" in results:
+                writer.add_scalar(f"eval/is@{n}", results["inception_score"], step)
+            if results.get("bpd"):
+                writer.add_scalar("eval/bpd", results["bpd"]["mean"], step)
+            writer.add_text("eval/protocol", "```\n" + json.dumps(results["protocol"], indent=2) + "\n```", step)
+        finally:
+            writer.close()

@@ -1,0 +1,62 @@
+"""An experiment's model and data built from its YAML exactly as ``lit-score`` builds them, without a Trainer."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+
+from lit_score.cli import ScoreCLI
+from lit_score.config import expand_config_args
+from lit_score.module import ScoreModel
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
+
+
+class ExperimentCLI(ScoreCLI):
+    """``ScoreCLI`` that instantiates the model, the data and the trainer's arguments (callbacks included) but
+    no Trainer: ``trainer_config`` holds what the Trainer would have been given."""
+
+    trainer_config: dict[str, Any]
+
+    def instantiate_trainer(self, **kwargs: Any) -> None:
+        self.trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        return None
+
+
+@dataclass
+class Experiment:
+    model: ScoreModel
+    datamodule: L.LightningDataModule
+    trainer_config: dict[str, Any] = field(default_factory=dict)
+    config_path: Path | None = None
+
+
+def experiment_path(name_or_path: str | Path) -> Path:
+    """``experiments/<name>.yaml`` for a bare name, else the path itself; raises naming the known experiments."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"experiment config not found: {path}")
+        return path
+    candidate = EXPERIMENTS_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        known = ", ".join(sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")))
+        raise FileNotFoundError(f"no experiment named {name_or_path!r} in {EXPERIMENTS_DIR}; known: {known}")
+    return candidate
+
+
+def build_experiment(config: str | Path, overrides: Sequence[str] = (),
+                     cli_class: type[ExperimentCLI] = ExperimentCLI) -> ExperimentCLI:
+    """Parse ``--config <config>`` plus command-line style ``overrides`` and instantiate everything but a Trainer."""
+    path = experiment_path(config)
+    args = expand_config_args(["--config", str(path), *overrides])
+    return cli_class(ScoreModel, L.LightningDataModule, subclass_mode_data=True, run=False, args=args,
+                     parser_kwargs={"parser_mode": "omegaconf+"}, save_config_callback=None)
+
+
+def load_experiment(config: str | Path, overrides: Sequence[str] = ()) -> Experiment:
+    """The model, data and trainer arguments of an experiment YAML (a name in ``experiments/`` or a path)."""
+    cli = build_experiment(config, overrides)
+    return Experiment(cli.model, cli.datamodule, cli.trainer_config, experiment_path(config))

@@ -1,0 +1,244 @@
+"""Paper-protocol evaluation: the same numbers for any number of processes, resumable shards, the protocol on record.
+
+A small NCSN++ on 16x16 digits, 256 samples, a random conv feature network for FID and another as IS classifier.
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lit_score.evaluate import Evaluator, inception_score, load_experiment, load_reference, load_weights
+from lit_score.likelihood import Likelihood
+from lit_score.metrics import RandomConvFeatures
+from lit_score.sampling import EDMSampler
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = """
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  devices: 1
+  logger: false
+model:
+  net:
+    class_path: lit_score.networks.NCSNpp
+    init_args: {nf: 16, ch_mult: [1, 2], num_res_blocks: 1, attn_resolutions: [8], dropout: 0.0,
+                scale_by_sigma: true}
+  sde:
+    class_path: lit_score.sdes.VESDE
+    init_args: {sigma_min: 0.01, sigma_max: 10.0, N: 20}
+data:
+  class_path: data_modules.DigitsDataModule
+  init_args: {image_size: 16}
+"""
+
+EVAL = """
+evaluation:
+  num_samples: 256
+  batch_size: 32
+  shard_size: 32
+  sampler:
+    class_path: lit_score.sampling.EDMSampler
+    init_args: {{steps: {steps}}}
+  features:
+    class_path: lit_score.metrics.RandomConvFeatures
+    init_args: {{num_features: 16}}
+  classifier:
+    class_path: lit_score.metrics.RandomConvFeatures
+    init_args: {{num_features: 10, seed: 1}}
+  bpd: false
+  cache_dir: {cache}
+"""
+
+
+def evaluator(out_dir: Path, cache: Path, steps: int = 3, **kwargs) -> Evaluator:
+    """The Evaluator that EVAL describes."""
+    args = dict(out_dir=str(out_dir), num_samples=256, batch_size=32, shard_size=32,
+                sampler=EDMSampler(steps=steps), features=RandomConvFeatures(num_features=16),
+                classifier=RandomConvFeatures(num_features=10, seed=1), bpd=False, cache_dir=str(cache))
+    return Evaluator(**{**args, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The tiny experiment, a checkpoint whose EMA and raw weights differ, and one single-process evaluation."""
+    tmp = tmp_path_factory.mktemp("evaluation")
+    (tmp / "tiny.yaml").write_text(TINY)
+    (tmp / "eval.yaml").write_text(EVAL.format(steps=3, cache=tmp / "cache"))
+    experiment = load_experiment(tmp / "tiny.yaml")
+    state = experiment.model.state_dict()
+    g = torch.Generator().manual_seed(0)
+    ema = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in state.items()}
+    torch.save({"state_dict": state, "ema_state_dict": ema, "global_step": 7}, tmp / "tiny.ckpt")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each process of the subprocess runs below (OMP_NUM_THREADS=1)
+    try:
+        results = evaluator(tmp / "one", tmp / "cache").run(experiment.model, experiment.datamodule, tmp / "tiny.ckpt",
+                                                             config="tiny.yaml")
+    finally:
+        torch.set_num_threads(threads)
+    return tmp, experiment, results
+
+
+def run_cli(tmp: Path, out: str, *extra: str, devices: int = 1, wait: bool = True) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "lit_score.evaluate", "--config", str(tmp / "tiny.yaml"), "--config",
+           str(tmp / "eval.yaml"), "--ckpt_path", str(tmp / "tiny.ckpt"), "--evaluation.out_dir", str(tmp / out),
+           "--trainer.devices", str(devices), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if wait:
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, output[-3000:]
+    return proc
+
+
+def test_two_ddp_processes_give_the_same_samples_and_numbers_as_one(setup):
+    """`python -m lit_score.evaluate --trainer.devices 2` (two gloo processes) writes bit-identical shards and gives
+    exactly the FID and IS of one process; the work was split over both."""
+    tmp, experiment, one = setup
+    run_cli(tmp, "two", devices=2)
+    two = json.loads((tmp / "two" / "results.json").read_text())
+    assert two["protocol"]["world_size"] == 2 and one["protocol"]["world_size"] == 1
+    assert two["fid"] == one["fid"] and two["inception_score"] == one["inception_score"]
+    assert two["inception_score_10_splits"] == one["inception_score_10_splits"]
+    for i in range(8):
+        a = torch.load(tmp / "one" / "samples" / f"shard_{i:06d}.pt", weights_only=True)
+        b = torch.load(tmp / "two" / "samples" / f"shard_{i:06d}.pt", weights_only=True)
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["features"], b["features"])
+    assert math.isfinite(one["fid"]) and one["fid"] > 0 and one["nfe"] == 5
+
+
+def test_protocol_is_recorded_in_json_and_tensorboard(setup):
+    """results.json states n, seeds, sampler, NFE, weights, checkpoint step and reference set; TensorBoard has the
+    FID and IS scalars at the checkpoint's step and the protocol as text."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tmp, experiment, one = setup
+    saved = json.loads((tmp / "one" / "results.json").read_text())
+    assert saved["fid"] == one["fid"] and saved["complete"]
+    protocol = saved["protocol"]
+    assert protocol["samples"]["num_samples"] == 256 and protocol["samples"]["seeds"] == [0, 255]
+    assert protocol["samples"]["sampler"] == {"class_path": "lit_score.sampling.sigma.EDMSampler", "init_args": {
+        "steps": 3, "schedule": "karras", "sigma_min": None, "sigma_max": None, "S_churn": 0.0, "S_min": 0.0,
+        "S_max": "inf", "S_noise": 1.0}}
+    assert protocol["samples"]["weights"] == "ema" and protocol["checkpoint"]["global_step"] == 7
+    assert protocol["reference"]["count"] > 1000 and protocol["reference"]["key"].startswith("digits-16px-gray")
+    events = EventAccumulator(str(tmp / "one" / "tensorboard"))
+    events.Reload()
+    assert {"eval/fid@256", "eval/is@256", "eval/nfe"} <= set(events.Tags()["scalars"])
+    (fid,) = events.Scalars("eval/fid@256")
+    assert fid.step == 7 and fid.value == pytest.approx(one["fid"], rel=1e-6)
+
+
+def test_stopped_run_resumes_from_its_shards_with_the_same_result(setup):
+    """A run that stops after 3 shards (max_shards) reports itself incomplete; the next run keeps those shard files
+    untouched, draws only the rest, and gives exactly the uninterrupted result."""
+    tmp, experiment, one = setup
+    out, cache = tmp / "resumed", tmp / "cache"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        first = evaluator(out, cache, max_shards=3).run(experiment.model, experiment.datamodule, tmp / "tiny.ckpt")
+        assert first == {"complete": False, "shards_left": 5, "num_shards": 8}
+        kept = {p.name: p.stat().st_mtime_ns for p in (out / "samples").glob("shard_*.pt")}
+        assert len(kept) == 3
+        second = evaluator(out, cache).run(experiment.model, experiment.datamodule, tmp / "tiny.ckpt")
+    finally:
+        torch.set_num_threads(threads)
+    assert second["protocol"]["resumed_shards"] == 3
+    assert {n: (out / "samples" / n).stat().st_mtime_ns for n in kept} == kept
+    assert second["fid"] == one["fid"] and second["inception_score"] == one["inception_score"]
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_from_its_shards(setup):
+    """SIGKILL half-way through a real run; the restarted command reuses the finished shards and gives the same FID."""
+    tmp, experiment, one = setup
+    (tmp / "slow.yaml").write_text(EVAL.format(steps=10, cache=tmp / "cache"))
+    reference = run_cli(tmp, "slow_ref", "--config", str(tmp / "slow.yaml"))
+    assert reference.returncode == 0
+    proc = run_cli(tmp, "killed", "--config", str(tmp / "slow.yaml"), wait=False)
+    shards = tmp / "killed" / "samples"
+    deadline = time.time() + 240
+    while len(list(shards.glob("shard_*.pt"))) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard_*.pt")}
+    assert 3 <= len(kept) < 8
+    run_cli(tmp, "killed", "--config", str(tmp / "slow.yaml"))
+    resumed = json.loads((tmp / "killed" / "results.json").read_text())
+    expected = json.loads((tmp / "slow_ref" / "results.json").read_text())
+    assert resumed["protocol"]["resumed_shards"] == len(kept)
+    assert {n: (shards / n).stat().st_mtime_ns for n in kept} == kept
+    assert resumed["fid"] == expected["fid"]
+
+
+def test_another_protocol_in_the_same_out_dir_is_refused(setup):
+    """Re-running into an out_dir with different settings names the settings instead of mixing samples."""
+    tmp, experiment, one = setup
+    with pytest.raises(ValueError, match=r"another protocol \(samples: .*num_samples: 256 -> 300"):
+        evaluator(tmp / "one", tmp / "cache", num_samples=300).run(experiment.model, experiment.datamodule,
+                                                                  tmp / "tiny.ckpt")
+
+
+def test_test_set_bits_per_dim_are_the_likelihood_of_the_first_test_images(setup):
+    """bpd = mean of Likelihood.bits_per_dim over the first test images (seed = index), sharded by batch."""
+    tmp, experiment, one = setup
+    likelihood = Likelihood(rtol=0.1, atol=0.1)
+    ev = evaluator(tmp / "bpd", tmp / "cache", num_samples=32, shard_size=32, bpd=True, likelihood=likelihood,
+                   bpd_num_images=2, bpd_batch_size=1, inception_score=False)
+    results = ev.run(experiment.model, experiment.datamodule, tmp / "tiny.ckpt")
+    model, data = experiment.model, experiment.datamodule
+    x = torch.stack([data.test_dataloader().dataset[i] for i in range(2)])
+    expected = torch.cat([likelihood.bits_per_dim(model.score_fn, model.sde, x[i:i + 1], [i], data.centered)[0]
+                          for i in (0, 1)])
+    assert results["bpd"]["num_images"] == 2
+    assert results["bpd"]["mean"] == pytest.approx(float(expected.double().mean()), rel=1e-9)
+    assert len(list((tmp / "bpd" / "bpd").glob("shard_*.pt"))) == 2
+
+
+def test_checkpoint_weights_are_chosen_and_missing_ema_is_explained(setup, tmp_path):
+    """weights=ema loads ema_state_dict, raw loads state_dict; a checkpoint without EMA says to use raw."""
+    tmp, experiment, one = setup
+    model = experiment.model
+    ckpt = torch.load(tmp / "tiny.ckpt", weights_only=True)
+    load_weights(model, tmp / "tiny.ckpt", "ema")
+    assert torch.equal(model.state_dict()["net.all_modules.1.weight"], ckpt["ema_state_dict"]["net.all_modules.1.weight"])
+    info = load_weights(model, tmp / "tiny.ckpt", "raw")
+    assert info["global_step"] == 7
+    assert torch.equal(model.state_dict()["net.all_modules.1.weight"], ckpt["state_dict"]["net.all_modules.1.weight"])
+    torch.save({"state_dict": ckpt["state_dict"]}, tmp_path / "raw_only.ckpt")
+    with pytest.raises(KeyError, match="evaluation.weights: raw"):
+        load_weights(model, tmp_path / "raw_only.ckpt", "ema")
+
+
+def test_inception_score_of_known_distributions():
+    """Uniform predictions give IS 1; confident predictions spread evenly over K classes give IS K."""
+    assert inception_score(torch.zeros(100, 10))[0] == pytest.approx(1.0)
+    confident = torch.eye(10).repeat(10, 1) * 100
+    assert inception_score(confident)[0] == pytest.approx(10.0, rel=1e-6)
+    mean, std = inception_score(confident, splits=10)
+    assert mean == pytest.approx(10.0, rel=1e-6) and std == pytest.approx(0.0, abs=1e-6)
+
+
+def test_reference_files_npz_with_moments_or_activations(tmp_path):
+    """A .npz with mu/sigma is read as is; one with pool_3 activations gives their mean and unbiased covariance."""
+    rng = np.random.default_rng(0)
+    acts = rng.normal(size=(50, 4))
+    np.savez(tmp_path / "moments.npz", mu=acts.mean(0), sigma=np.cov(acts, rowvar=False))
+    np.savez(tmp_path / "pool.npz", pool_3=acts)
+    a, b = load_reference(tmp_path / "moments.npz"), load_reference(tmp_path / "pool.npz")
+    assert torch.allclose(a.mean, b.mean) and torch.allclose(a.cov, b.cov) and b.count == 50
+    np.savez(tmp_path / "other.npz", x=acts)
+    with pytest.raises(ValueError, match="expected 'mu' and 'sigma', or 'pool_3'"):
+        load_reference(tmp_path / "other.npz")
