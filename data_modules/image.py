@@ -23,7 +23,8 @@ Preprocessing overrides: ``center_crop`` (side of the central square cut before 
 ``random_flip``, ``centered`` ([-1, 1] instead of [0, 1]), ``dequantize`` (uniform dequantisation, for
 likelihoods). ``num_workers`` (default: min(4, CPU count)) decode in parallel, persistent across epochs;
 ``pin_memory`` applies when CUDA is available. ``val_size``: a fraction (float) or a count (int) of the split held out for validation, chosen by
-``seed``; 0 disables validation. ``batch_size`` is per process.
+``seed``; 0 disables validation. ``test_split`` (e.g. ``test``): ``lit-score test`` reads that whole split,
+un-augmented, instead of the validation images. ``batch_size`` is per process.
 """
 from __future__ import annotations
 
@@ -163,7 +164,7 @@ class ImageDataModule(ScoreDataModule):
                  random_flip: bool | None = None, centered: bool = False, dequantize: bool = False,
                  batch_size: int = 128, val_size: int | float = 0.01, seed: int = 0, num_workers: int | None = None,
                  pin_memory: bool = True, shuffle_buffer: int = 10_000, num_samples: int = 64,
-                 sample_batch_size: int = 64, first_seed: int = 0) -> None:
+                 sample_batch_size: int = 64, first_seed: int = 0, test_split: str | None = None) -> None:
         super().__init__(num_samples, sample_batch_size, first_seed)
         self.save_hyperparameters()
         if batch_size < 1:
@@ -192,6 +193,7 @@ class ImageDataModule(ScoreDataModule):
         self.streaming, self.centered, self.dequantize = streaming, centered, dequantize
         self.batch_size, self.val_size, self.seed, self.num_workers = batch_size, val_size, seed, num_workers
         self.pin_memory, self.shuffle_buffer = pin_memory, shuffle_buffer
+        self.test_split = test_split
         self.image_size, self.num_channels = self._data_shape()
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -200,6 +202,10 @@ class ImageDataModule(ScoreDataModule):
     def options(self) -> SourceOptions:
         p = self.plugin
         return SourceOptions(path=p.path, config_name=p.config_name or None, split=p.split, streaming=self.streaming)
+
+    def _split_options(self, split: str | None) -> SourceOptions:
+        options = self.options
+        return options if split is None else SourceOptions(options.path, options.config_name, split, options.streaming)
 
     @property
     def crop(self) -> int | None:
@@ -239,9 +245,10 @@ class ImageDataModule(ScoreDataModule):
         where = p.path or self.dataset_name
         return f"{where} (split {p.split!r})" if p.path else f"dataset {where!r} (split {p.split!r})"
 
-    def load(self) -> tuple[Images, str]:
-        """The plugin's table with only the image column, left undecoded, and that column's name."""
-        images = self.plugin.load(self.options)
+    def load(self, split: str | None = None) -> tuple[Images, str]:
+        """The plugin's table (of ``split``, default the configured one) with only the image column, left
+        undecoded, and that column's name."""
+        images = self.plugin.load(self._split_options(split))
         if not isinstance(images, (datasets.Dataset, datasets.IterableDataset)):
             raise TypeError(f"dataset plugin {self.dataset_name!r} returned a {type(images).__name__}; it must "
                             f"return a datasets.Dataset or datasets.IterableDataset")
@@ -290,13 +297,15 @@ class ImageDataModule(ScoreDataModule):
         self.val_set = StreamingImages(stream.take(n_val), column, self.transform(augment=False), name) \
             if n_val else None
 
-    def full_dataset(self, augment: bool = False) -> Dataset:
-        """Every image of the split (no held-out part), by default without flips or dequantisation noise."""
-        images, column = self.load()
+    def full_dataset(self, augment: bool = False, split: str | None = None) -> Dataset:
+        """Every image of ``split`` (default: the training split, no held-out part), by default without flips
+        or dequantisation noise."""
+        images, column = self.load(split)
         transform = self.transform(augment)
+        name = self.source_name if split is None else f"{self.source_name} [split {split!r}]"
         if isinstance(images, datasets.IterableDataset):
-            return StreamingImages(images, column, transform, self.source_name)
-        return ArrowImages(images, column, np.arange(len(images)), transform, self.source_name)
+            return StreamingImages(images, column, transform, name)
+        return ArrowImages(images, column, np.arange(len(images)), transform, name)
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         workers = self.num_workers
@@ -316,7 +325,10 @@ class ImageDataModule(ScoreDataModule):
         return self._loader(self.val_set, train=False) if self.val_set is not None else []
 
     def test_dataloader(self) -> DataLoader | list:
-        return self.val_dataloader()
+        """The whole ``test_split`` when one is set (e.g. CIFAR-10's 10k test images), else the validation split."""
+        if self.test_split is None:
+            return self.val_dataloader()
+        return self._loader(self.full_dataset(augment=False, split=self.test_split), train=False)
 
     def cache_key(self) -> str:
         """Dataset identity and deterministic preprocessing (not flips, scaling or dequantisation), file-name safe."""

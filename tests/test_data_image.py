@@ -111,6 +111,19 @@ def test_no_validation_with_val_size_zero(tmp_path):
     assert len(datamodule.train_set) == 6 and datamodule.val_dataloader() == []
 
 
+def test_test_split_serves_the_whole_test_split_unaugmented(tmp_path):
+    """With test_split, `lit-score test` reads every image of that split, not the validation images."""
+    write_images(tmp_path / "train", [(8, 8)] * 6)
+    write_images(tmp_path / "test", [(8, 8)] * 3)
+    datamodule = ImageDataModule(path=str(tmp_path), batch_size=2, val_size=0, num_workers=0, test_split="test",
+                                 random_flip=True)
+    datamodule.setup("test")
+    batches = list(datamodule.test_dataloader())
+    assert sum(len(b) for b in batches) == 3
+    firsts = sorted(round(float(b[i, 0, 0, 0]) * 255) for b in batches for i in range(len(b)))
+    assert firsts == [0, 4, 8]
+
+
 def test_flips_are_seeded_per_worker_and_reproducible(tmp_path):
     """With 2 workers, one torch seed gives the same augmented epoch twice; another seed gives another epoch."""
     write_images(tmp_path, [(8, 8)] * 16)

@@ -73,7 +73,8 @@ def _broadcast(value: bool) -> bool:
 def reference_statistics(datamodule: L.LightningDataModule, features: FeatureExtractor,
                          cache_dir: str | Path | None = None, batch_size: int = 250,
                          device: torch.device | str = "cpu") -> ReferenceStatistics:
-    """Statistics of every training image (``datamodule.train_dataloader().dataset``), quantised to uint8.
+    """Statistics of every training image, un-augmented (``datamodule.full_dataset()`` where the DataModule has it,
+    else ``train_dataloader().dataset``), quantised to uint8.
 
     Loaded from the cache when there; otherwise computed (sharded over the processes of a distributed run, every
     rank must call this) and written by rank 0.
@@ -87,7 +88,8 @@ def reference_statistics(datamodule: L.LightningDataModule, features: FeatureExt
         return ReferenceStatistics(saved["mean"], saved["cov"], int(saved["count"]), key)
 
     centered = data_centered(datamodule)
-    dataset = datamodule.train_dataloader().dataset
+    full = getattr(datamodule, "full_dataset", None)
+    dataset = full() if callable(full) else datamodule.train_dataloader().dataset
     rank, world = _rank_world()
     loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=batch_size)
     features = features.to(device).eval()
