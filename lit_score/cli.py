@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 import lightning as L
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from omegaconf.errors import OmegaConfBaseException
 
@@ -19,6 +20,9 @@ class ScoreCLI(LightningCLI):
         # The data decide the network's input shape and range; nobody sets them twice.
         for key in ("num_channels", "image_size", "centered"):
             parser.link_arguments(f"data.{key}", f"model.net.init_args.{key}", apply_on="instantiate")
+        # Interpolated by the EMA callback of experiments/base/trainer.yaml, so an architecture's YAML sets it.
+        parser.add_argument("--ema_rate", type=float, default=0.9999,
+                            help="EMA rate of the experiment (score_sde: 0.999 for NCSN++, 0.9999 for DDPM++)")
         # Every fit can be pre-empted and resumed exactly: see lit_score.preemption and lit_score.resume.
         parser.add_lightning_class_args(RandomState, "random_state")
         parser.add_lightning_class_args(Preemption, "preemption")
@@ -29,17 +33,21 @@ class ScoreCLI(LightningCLI):
 
 def run_cli(argv: list[str] | None = None) -> ScoreCLI:
     """Parse ``argv`` (default: the command line) and run the chosen subcommand."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    from_command_line = argv is None
     try:
-        argv = expand_config_args(argv)
+        args = expand_config_args(sys.argv[1:] if from_command_line else list(argv))
     except ConfigError as err:
         sys.exit(f"lit-score: error: {err}")
+    if from_command_line:  # the expanded command line, also for the processes DDP launches from it
+        sys.argv[1:] = args
+    # Interpolations are kept relative to where they stand, so they resolve below the subcommand too.
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     try:
         return ScoreCLI(
             ScoreModel,
             L.LightningDataModule,
             subclass_mode_data=True,
-            args=argv,
+            args=None if from_command_line else args,
             parser_kwargs={"parser_mode": "omegaconf+"},
             save_config_kwargs={"overwrite": True},
         )
