@@ -92,12 +92,13 @@ class EMA(L.Callback):
         targets = self._targets(pl_module)
         if self.shadow is None:
             self.shadow = {k: v.detach().clone() for k, v in targets.items()}
-        for name, value in targets.items():
-            s = self.shadow[name]
-            if s.is_floating_point():
-                s.lerp_(value.to(s.dtype), 1.0 - decay)
-            else:
-                s.copy_(value)
+        pairs = [(self.shadow[name], value) for name, value in targets.items()]
+        floats = [(s, v.to(s.dtype)) for s, v in pairs if s.is_floating_point()]
+        if floats:  # one multi-tensor kernel rather than one per tensor
+            torch._foreach_lerp_([s for s, _ in floats], [v for _, v in floats], 1.0 - decay)
+        for s, v in pairs:
+            if not s.is_floating_point():
+                s.copy_(v)
         self.num_updates += 1
         self.num_images += batch_images
         return decay
