@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from data_modules.base import ScoreDataModule
 from data_modules.plugins import DatasetPlugin, Images, SourceOptions, get_plugin, with_overrides
 from data_modules.transforms import ImageTransform, channels_of
+from lit_score.resume import ResumableDataLoader
 
 
 class ImageReadError(ValueError):
@@ -309,10 +310,11 @@ class ImageDataModule(ScoreDataModule):
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         workers = self.num_workers
-        return DataLoader(dataset, batch_size=self.batch_size,
-                          shuffle=train and not isinstance(dataset, IterableDataset), drop_last=train,
-                          num_workers=workers, persistent_workers=workers > 0,
-                          pin_memory=self.pin_memory and torch.cuda.is_available())
+        common = dict(batch_size=self.batch_size, drop_last=train, num_workers=workers,
+                      persistent_workers=workers > 0, pin_memory=self.pin_memory and torch.cuda.is_available())
+        if train and not isinstance(dataset, IterableDataset):  # resumes mid-epoch from a checkpoint
+            return ResumableDataLoader(dataset, shuffle=True, seed=self.seed, **common)
+        return DataLoader(dataset, **common)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
