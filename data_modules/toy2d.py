@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from data_modules.base import ScoreDataModule
 from lit_score.mixtures import GaussianMixture
+from lit_score.resume import ResumableDataLoader
 from lit_score.registry import Registry
 
 TOY_DENSITIES: Registry[Callable[[], GaussianMixture]] = Registry("toy density")
@@ -85,7 +86,8 @@ class Toy2DDataModule(ScoreDataModule):
         self.train_set, self.val_set = TensorDataset(data[: self.num_train]), TensorDataset(data[self.num_train:])
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True)
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, seed=self.seed,
+                                   drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size)

@@ -7,6 +7,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from lit_score.likelihood import Likelihood
 from lit_score.losses import ddpm_loss, dsm_loss, smld_loss
 from lit_score.sampling.base import SampleResult, Sampler
 from lit_score.score import get_score_fn
@@ -31,18 +32,20 @@ class ScoreModel(L.LightningModule):
         channels_last: keep images and the network in channels-last memory format.
         compile: compile the network with ``torch.compile``.
         sampler: how ``sample`` / ``lit-score predict`` draw images (default: the PC sampler).
+        likelihood: how ``lit-score test`` measures bits/dim (``lit_score.likelihood.Likelihood``; default settings).
     """
 
     def __init__(self, net: nn.Module, sde: SDE, loss: LossName = "dsm", reduce_mean: bool = True,
                  likelihood_weighting: bool = False, eps: float = 1e-5, lr: float = 2e-4,
                  betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8, weight_decay: float = 0.0,
                  warmup: int = 5000, channels_last: bool = False, compile: bool = False,
-                 sampler: Sampler | None = None) -> None:
+                 sampler: Sampler | None = None, likelihood: Likelihood | None = None) -> None:
         super().__init__()
         if loss not in ("dsm", "smld", "ddpm"):
             raise ValueError(f"unknown loss {loss!r}; known: dsm, smld, ddpm")
-        self.save_hyperparameters(ignore=["net", "sde", "sampler"])
+        self.save_hyperparameters(ignore=["net", "sde", "sampler", "likelihood"])
         self.net, self.sde, self.sampler = net, sde, sampler
+        self.likelihood = likelihood or Likelihood()
         self._compiled = False
 
     @property
@@ -66,6 +69,16 @@ class ScoreModel(L.LightningModule):
     def predict_step(self, batch: Tensor, batch_idx: int) -> dict:
         result = self.sample(batch)
         return {"seeds": batch, "samples": result.samples, "nfe": result.nfe}
+
+    def test_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        """Test-set bits/dim through the probability-flow ODE (Song et al. 2021, appendix D.2), logged as test/bpd."""
+        x = self._prepare(batch)
+        seeds = torch.arange(x.shape[0]) + batch_idx * x.shape[0] + self.global_rank * 2**31
+        centered = bool(getattr(self.trainer.datamodule, "centered", False))
+        bpd, nfe = self.likelihood.bits_per_dim(self.score_fn, self.sde, x, seeds, centered)
+        self.log("test/bpd", bpd.mean(), sync_dist=True, batch_size=x.shape[0])
+        self.log("test/nfe", float(nfe), sync_dist=True, reduce_fx="max", batch_size=x.shape[0])
+        return bpd.mean()
 
     def configure_model(self) -> None:
         if self.hparams.channels_last:

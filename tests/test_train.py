@@ -39,3 +39,15 @@ def test_short_fit_lowers_the_loss_and_writes_one_run_directory(tmp_path):
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 120
     assert any(k.startswith("net.") for k in checkpoint["state_dict"])
+
+
+def test_gpu_switches_do_no_harm_on_cpu(tmp_path):
+    """channels_last and bf16 autocast train on CPU: a few steps finish with a finite loss."""
+    cmd = [LIT_SCORE, "fit", "--config", "experiments/quickstart.yaml", *TINY, "--trainer.max_steps", "4",
+           "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "0", "--model.channels_last", "true",
+           "--trainer.precision", "bf16-mixed", "--trainer.logger.init_args.save_dir", str(tmp_path),
+           "--trainer.enable_progress_bar", "false"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = scalars(tmp_path / "quickstart" / "version_0", "train/loss")
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))

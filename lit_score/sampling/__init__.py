@@ -1,8 +1,23 @@
-"""Samplers: predictor-corrector, probability-flow ODE and the sigma-view fast samplers."""
-from lit_score.sampling.base import SAMPLERS, SampleResult, Sampler, seeded_normal
+"""Samplers: predictor-corrector, probability-flow ODE and the sigma-view fast samplers (EDM, DPM-Solver++).
 
-__all__ = ["SAMPLERS", "SampleResult", "Sampler", "seeded_normal", "default_sampler"]
+Choose one by class in YAML (``model.sampler: {class_path: PCSampler, init_args: {...}}``) or on the command
+line (``--model.sampler ODESampler --model.sampler.rtol 1e-4``); add your own by subclassing ``Sampler``
+(and registering predictors / correctors / schedules in ``PREDICTORS`` / ``CORRECTORS`` / ``SCHEDULES``).
+"""
+from lit_score.sampling.base import SAMPLERS, SampleResult, Sampler, SeededNoise, seeded_normal, seeded_prior
+from lit_score.sampling.conditional import colorize, inpaint
+from lit_score.sampling.ode import ODESampler, dopri5
+from lit_score.sampling.pc import CORRECTORS, PREDICTORS, PCSampler
+from lit_score.sampling.sigma import SCHEDULES, DPMSolverPP, EDMSampler, denoiser
+from lit_score.sdes import SDE, VESDE
+
+__all__ = ["SAMPLERS", "SampleResult", "Sampler", "SeededNoise", "seeded_normal", "seeded_prior", "default_sampler",
+           "PCSampler", "PREDICTORS", "CORRECTORS", "ODESampler", "dopri5", "EDMSampler", "DPMSolverPP",
+           "SCHEDULES", "denoiser", "inpaint", "colorize"]
 
 
-def default_sampler(sde):  # placeholder until the PC sampler lands
-    raise NotImplementedError("no sampler is implemented yet")
+def default_sampler(sde: SDE) -> Sampler:
+    """The official code's defaults: reverse diffusion + Langevin (snr 0.16) for VE, Euler-Maruyama alone otherwise."""
+    if isinstance(sde, VESDE):
+        return PCSampler("reverse_diffusion", "langevin", snr=0.16)
+    return PCSampler("euler_maruyama", "none")
