@@ -1,6 +1,7 @@
 """The LightningModule: a noise-conditional network s_theta(x, t), an SDE and a score-matching loss."""
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import lightning as L
@@ -43,7 +44,9 @@ class ScoreModel(L.LightningModule):
         super().__init__()
         if loss not in ("dsm", "smld", "ddpm"):
             raise ValueError(f"unknown loss {loss!r}; known: dsm, smld, ddpm")
-        self.save_hyperparameters(ignore=["net", "sde", "sampler", "likelihood"])
+        with warnings.catch_warnings():  # `lit-score` saves the network's config here, so checkpoints reload alone
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
+            self.save_hyperparameters()
         self.net, self.sde, self.sampler = net, sde, sampler
         self.likelihood = likelihood or Likelihood()
         self._compiled = False

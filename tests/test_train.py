@@ -1,10 +1,13 @@
-"""A short `lit-score fit` on the embedded digits: the loss falls, and the run directory holds what it should."""
+"""A short `lit-score fit` on the embedded digits: the loss falls, and the run directory holds what it should,
+including a checkpoint that reloads on its own."""
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lit_score.module import ScoreModel
 
 ROOT = Path(__file__).resolve().parents[1]
 LIT_SCORE = str(Path(sys.executable).parent / "lit-score")
@@ -39,6 +42,8 @@ def test_short_fit_lowers_the_loss_and_writes_one_run_directory(tmp_path):
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 120
     assert any(k.startswith("net.") for k in checkpoint["state_dict"])
+    reloaded = ScoreModel.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert reloaded.data_shape == (1, 8, 8) and type(reloaded.sde).__name__ == "VPSDE"
 
 
 def test_gpu_switches_do_no_harm_on_cpu(tmp_path):

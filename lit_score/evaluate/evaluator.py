@@ -19,10 +19,11 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
 from callbacks.ema import CHECKPOINT_KEY as EMA_KEY
+from lit_score.convert import sha256
+from lit_score.distributed import barrier, broadcast, rank_and_world
 from lit_score.evaluate.inception_score import InceptionV3Logits, inception_score
 from lit_score.evaluate.reference_file import load_reference
 from lit_score.evaluate.shards import ShardStore
@@ -37,26 +38,6 @@ from lit_score.sampling.base import Sampler
 Weights = Literal["ema", "raw"]
 
 
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def broadcast(value: Any) -> Any:
-    """Rank 0's ``value`` on every rank."""
-    if rank_and_world()[1] == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def barrier() -> None:
-    if rank_and_world()[1] > 1:
-        dist.barrier()
-
-
 def describe(obj: Any) -> dict[str, Any]:
     """``{class_path, init_args}`` of an object, with its plain attributes (what a YAML would say)."""
     cls = type(obj)
@@ -64,14 +45,6 @@ def describe(obj: Any) -> dict[str, Any]:
             if not k.startswith("__") and isinstance(v, (bool, int, float, str, type(None), list, tuple))}
     args = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in args.items()}
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args}
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_weights(model: ScoreModel, ckpt_path: str | Path, weights: Weights) -> dict[str, Any]:
@@ -228,7 +201,7 @@ class Evaluator:
         checkpoint: dict[str, Any] = {"path": None, "global_step": 0, "weights": "as given", "sha256": None}
         if ckpt_path is not None:
             checkpoint = load_weights(model, ckpt_path, self.weights)
-            checkpoint["sha256"] = broadcast(file_sha256(ckpt_path) if rank == 0 else None)
+            checkpoint["sha256"] = broadcast(sha256(ckpt_path) if rank == 0 else None)
         else:
             digest = hashlib.sha256()
             for k, v in model.state_dict().items():

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from lit_score.distributed import barrier, broadcast, rank_and_world
 from lit_score.metrics.features import FeatureExtractor, to_uint8
 from lit_score.metrics.frechet import FeatureStatistics
 
@@ -55,20 +55,6 @@ def cache_path(key: str, cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir or default_cache_dir()) / f"{slug}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _broadcast(value: bool) -> bool:
-    if _rank_world()[1] == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 @torch.no_grad()
 def reference_statistics(datamodule: L.LightningDataModule, features: FeatureExtractor,
                          cache_dir: str | Path | None = None, batch_size: int = 250,
@@ -81,7 +67,7 @@ def reference_statistics(datamodule: L.LightningDataModule, features: FeatureExt
     """
     key = reference_key(datamodule, features)
     path = cache_path(key, cache_dir)
-    if _broadcast(path.is_file()):
+    if broadcast(path.is_file()):
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved["key"] != key:
             raise ValueError(f"{path} holds statistics for {saved['key']!r}, not {key!r}; delete it")
@@ -90,7 +76,7 @@ def reference_statistics(datamodule: L.LightningDataModule, features: FeatureExt
     centered = data_centered(datamodule)
     full = getattr(datamodule, "full_dataset", None)
     dataset = full() if callable(full) else datamodule.train_dataloader().dataset
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=batch_size)
     features = features.to(device).eval()
     stats = FeatureStatistics(features.num_features).to(device)
@@ -104,6 +90,5 @@ def reference_statistics(datamodule: L.LightningDataModule, features: FeatureExt
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save({"mean": mean, "cov": cov, "count": count, "key": key}, tmp)
         tmp.replace(path)
-    if world > 1:
-        dist.barrier()
+    barrier()
     return ReferenceStatistics(mean, cov, count, key)

@@ -1,0 +1,27 @@
+"""The few torch.distributed collectives used outside Lightning's hooks; no-ops in a single process."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch.distributed as dist
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0, 1 without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def broadcast(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    if rank_and_world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if rank_and_world()[1] > 1:
+        dist.barrier()
