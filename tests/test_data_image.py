@@ -278,3 +278,22 @@ def test_sigma_max_of_a_folder_is_the_distance_of_its_extreme_images(tmp_path):
     assert estimate_sigma_max(datamodule) == pytest.approx(48 ** 0.5)
     centered = ImageDataModule(path=str(tmp_path), centered=True, num_workers=0)
     assert estimate_sigma_max(centered) == pytest.approx(2 * 48 ** 0.5)
+
+
+def test_fid_reference_statistics_of_a_folder_cover_every_image_and_are_cached(tmp_path):
+    """FID reference statistics of an image folder use every image of the split (the validation images too),
+    are written once under the data + feature key, and are read back identically."""
+    from lit_score.metrics import RandomConvFeatures
+    from lit_score.metrics.reference import cache_path, reference_key, reference_statistics
+
+    write_images(tmp_path / "images", [(10, 12)] * 7 + [(16, 16)] * 5)
+    datamodule = ImageDataModule(path=str(tmp_path / "images"), batch_size=2, val_size=2, random_flip=True,
+                                 num_workers=0)
+    features = RandomConvFeatures(num_features=8, width=4, seed=0)
+    ref = reference_statistics(datamodule, features, tmp_path / "cache", batch_size=5)
+    assert ref.count == 12
+    path = cache_path(reference_key(datamodule, features), tmp_path / "cache")
+    assert path.is_file() and len(list((tmp_path / "cache").iterdir())) == 1
+    again = reference_statistics(datamodule, features, tmp_path / "cache")
+    torch.testing.assert_close(again.mean, ref.mean, rtol=0, atol=0)
+    torch.testing.assert_close(again.cov, ref.cov, rtol=0, atol=0)
