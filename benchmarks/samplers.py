@@ -66,7 +66,6 @@ def run_checkpoint(path: str, n: int = 64) -> list[dict]:
     """The quickstart model: energy distance between n samples and n digits of its data space."""
     from data_modules.digits import load_digits_images
     from lit_score.module import ScoreModel
-    from lit_score.networks import DDPMpp  # noqa: F401  (checkpoints name it)
 
     model = ScoreModel.load_from_checkpoint(path, map_location="cpu", weights_only=False)
     model.eval()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import lightning as L
 from jsonargparse import set_parsing_settings
@@ -16,6 +17,19 @@ from lit_score.slurm import check_allocation, submit_main
 
 
 class ScoreCLI(LightningCLI):
+    """LightningCLI over ScoreModel and any DataModule (by class_path), in OmegaConf mode.
+
+    Interpolations resolve after command-line overrides (``omegaconf+``) and are kept relative to where they
+    stand, so they resolve below a subcommand too (and a misspelt key is reported by name).
+    """
+
+    def __init__(self, model_class: type[L.LightningModule] = ScoreModel,
+                 datamodule_class: type[L.LightningDataModule] = L.LightningDataModule, **kwargs: Any) -> None:
+        set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs["parser_kwargs"] = {"parser_mode": "omegaconf+", **kwargs.get("parser_kwargs", {})}
+        super().__init__(model_class, datamodule_class, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The data decide the network's input shape and range; nobody sets them twice.
         for key in ("num_channels", "image_size", "centered"):
@@ -40,17 +54,8 @@ def run_cli(argv: list[str] | None = None) -> ScoreCLI:
         sys.exit(f"lit-score: error: {err}")
     if from_command_line:  # the expanded command line, also for the processes DDP launches from it
         sys.argv[1:] = args
-    # Interpolations are kept relative to where they stand, so they resolve below the subcommand too.
-    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     try:
-        return ScoreCLI(
-            ScoreModel,
-            L.LightningDataModule,
-            subclass_mode_data=True,
-            args=None if from_command_line else args,
-            parser_kwargs={"parser_mode": "omegaconf+"},
-            save_config_kwargs={"overwrite": True},
-        )
+        return ScoreCLI(args=None if from_command_line else args, save_config_kwargs={"overwrite": True})
     except OmegaConfBaseException as err:
         # jsonargparse resolves interpolations before it reports invalid keys, so a typo can surface here.
         sys.exit(f"lit-score: error: the config's interpolations do not resolve: {err}\n"

@@ -99,20 +99,14 @@ class Submission:
 
 def _fit_config(fit_args: list[str]):
     """The parsed (not instantiated) configuration of ``lit-score fit <fit_args>``."""
-    from jsonargparse import set_parsing_settings
-
     from lit_score.cli import ScoreCLI
     from lit_score.config import expand_config_args
-    from lit_score.module import ScoreModel
 
     class _ReadConfig(ScoreCLI):
         def instantiate_classes(self) -> None:
             pass
 
-    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)  # as lit_score.cli.run_cli
-    cli = _ReadConfig(ScoreModel, L.LightningDataModule, subclass_mode_data=True, run=False,
-                      args=expand_config_args(fit_args), parser_kwargs={"parser_mode": "omegaconf+"},
-                      auto_configure_optimizers=False)
+    cli = _ReadConfig(run=False, args=expand_config_args(fit_args), auto_configure_optimizers=False)
     return cli.config
 
 

@@ -3,12 +3,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import yaml
 
 from lit_score.cli import ScoreCLI, run_cli
-from lit_score.module import ScoreModel
 from lit_score.config import ConfigError, compose, expand_config_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +54,7 @@ def instantiate(experiment: Path, tmp_path: Path) -> ScoreCLI:
     """The experiment's model, data and trainer, built as `lit-score fit` builds them, without running."""
     args = expand_config_args(["--config", str(experiment)]) + [
         "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)]
-    return ScoreCLI(ScoreModel, L.LightningDataModule, subclass_mode_data=True, run=False, args=args,
-                    parser_kwargs={"parser_mode": "omegaconf+"}, save_config_callback=None)
+    return ScoreCLI(run=False, args=args, save_config_callback=None)
 
 
 @pytest.mark.parametrize("experiment", [p for p in EXPERIMENTS if p.stem.startswith("cifar10")], ids=lambda p: p.stem)

@@ -16,12 +16,7 @@ MIX = GaussianMixture([0.3, 0.7], [[-2.0, -1.0], [2.0, 1.5]], [0.5, 0.8])
 SDES = {"ve": lambda: VESDE(0.01, 50.0), "vp": lambda: VPSDE(), "subvp": lambda: subVPSDE()}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("sde_name", SDES)

@@ -20,13 +20,7 @@ MIX16 = GaussianMixture([0.3, 0.7], torch.randn(2, 16, generator=torch.Generator
 SDES = {"ve": lambda: VESDE(0.01, 50.0, N=100), "vp": lambda: VPSDE(N=100), "subvp": lambda: subVPSDE(N=100)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one intra-op thread is many times faster than several on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tolerance(mix: GaussianMixture, n: int) -> float:

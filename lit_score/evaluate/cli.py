@@ -23,7 +23,6 @@ from omegaconf.errors import OmegaConfBaseException
 from lit_score.config import ConfigError, expand_config_args
 from lit_score.evaluate.evaluator import Evaluator
 from lit_score.evaluate.experiment import ExperimentCLI
-from lit_score.module import ScoreModel
 
 
 class EvaluateCLI(ExperimentCLI):
@@ -46,8 +45,7 @@ def run(argv: Sequence[str] | None = None) -> dict:
     except ConfigError as err:
         sys.exit(f"lit-score-eval: error: {err}")
     try:
-        cli = EvaluateCLI(ScoreModel, L.LightningDataModule, subclass_mode_data=True, run=False, args=argv,
-                          parser_kwargs={"parser_mode": "omegaconf+"}, save_config_callback=None)
+        cli = EvaluateCLI(run=False, args=argv, save_config_callback=None)
     except OmegaConfBaseException as err:
         sys.exit(f"lit-score-eval: error: the config's interpolations do not resolve: {err}")
     evaluator: Evaluator = cli.config_init["evaluation"]

@@ -52,8 +52,7 @@ def build_experiment(config: str | Path, overrides: Sequence[str] = (),
     """Parse ``--config <config>`` plus command-line style ``overrides`` and instantiate everything but a Trainer."""
     path = experiment_path(config)
     args = expand_config_args(["--config", str(path), *overrides])
-    return cli_class(ScoreModel, L.LightningDataModule, subclass_mode_data=True, run=False, args=args,
-                     parser_kwargs={"parser_mode": "omegaconf+"}, save_config_callback=None)
+    return cli_class(run=False, args=args, save_config_callback=None)
 
 
 def load_experiment(config: str | Path, overrides: Sequence[str] = ()) -> Experiment:
