@@ -115,11 +115,6 @@ def _looks_local(path: str) -> bool:
     return os.path.exists(path) or path.startswith(("/", ".", "~"))
 
 
-def image_files(folder: Path) -> list[Path]:
-    """Image files below ``folder`` (recursively), sorted."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
 def _load_saved(path: Path, options: SourceOptions) -> Images:
     saved = datasets.load_from_disk(str(path))
     if isinstance(saved, datasets.DatasetDict):
