@@ -33,7 +33,8 @@ def image_grid(images: np.ndarray, padding: int = 2) -> np.ndarray:
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Saves ``samples.png`` (a grid) and ``samples.npz`` (``samples``: uint8 NHWC, ``seeds``) after predict.
+    """Saves ``samples.png`` (a grid) and ``samples.npz`` (``samples``: uint8 NHWC, ``seeds``, ``nfe``: the
+    network evaluations per image the sampler ran, the largest over all batches and processes) after predict.
 
     Predictions from all processes are gathered, de-duplicated by seed (DDP pads the last batch with repeats)
     and sorted by seed; rank 0 writes. Vector data (B, D), e.g. the 2-D toys, are saved as float32 with a
@@ -75,7 +76,7 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         out = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)  # log_dir is a collective call
-        local = (torch.cat(self._seeds), torch.cat(self._samples)) if self._seeds else None
+        local = (torch.cat(self._seeds), torch.cat(self._samples), self._nfe) if self._seeds else None
         parts = [local]
         if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
             parts = [None] * trainer.world_size
@@ -89,6 +90,7 @@ class PredictionWriter(BasePredictionWriter):
                     by_seed.setdefault(seed, sample)
         if not by_seed:
             return
+        self._nfe = max(part[2] for part in parts if part is not None)  # the most any image took
         seeds = sorted(by_seed)
         samples = torch.stack([by_seed[s] for s in seeds])
         out.mkdir(parents=True, exist_ok=True)

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 from jsonargparse import set_parsing_settings
+import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from omegaconf.errors import OmegaConfBaseException
 
@@ -43,6 +45,56 @@ class ScoreCLI(LightningCLI):
 
     def before_fit(self) -> None:
         check_allocation(self.trainer)
+
+    def _parse_ckpt_path(self) -> None:
+        """With ``--ckpt_path FILE``, the network, SDE and loss come from the checkpoint (they define the score its
+        weights compute); every other model option (sampler, likelihood, ...) comes from the config and the
+        command line, as without a checkpoint. Lightning's own rule lets the checkpoint override everything."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        self._ckpt_model = checkpoint_model_config(ckpt_path)
+        if self._ckpt_model:
+            self.config = self.parser.parse_object({subcommand: {"model": self._ckpt_model}}, self.config)
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        saved = getattr(self, "_ckpt_model", None)
+        if saved and isinstance(self.model, ScoreModel):
+            check_model_matches(saved, dict(self.model.hparams))
+
+
+FROM_CHECKPOINT = ("net", "sde", "loss")
+
+
+def checkpoint_model_config(ckpt_path: str | Path) -> dict:
+    """The options in ``FROM_CHECKPOINT`` as the checkpoint saved them (empty for a checkpoint without them)."""
+    try:
+        ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+    except Exception as err:  # noqa: BLE001 - reported as a one-line CLI error
+        sys.exit(f"lit-score: error: cannot read the checkpoint {ckpt_path}: {type(err).__name__}: {err}")
+    hparams = ckpt.get("hyper_parameters") or {}
+    return {key: hparams[key] for key in FROM_CHECKPOINT if key in hparams}
+
+
+def _differences(saved: Any, built: Any, prefix: str) -> list[str]:
+    if isinstance(saved, dict) and isinstance(built, dict):
+        return [d for k in saved for d in _differences(saved[k], built.get(k), f"{prefix}.{k}")]
+    same = saved == built or (isinstance(saved, (list, tuple)) and isinstance(built, (list, tuple))
+                              and list(saved) == list(built))
+    return [] if same else [f"{prefix} is {built!r} here but {saved!r} in the checkpoint"]
+
+
+def check_model_matches(saved: dict, built: dict) -> None:
+    """Stop when the network the run built is not the checkpoint's: the data set its linked inputs
+    (num_channels, image_size, centered), which must then be set to the checkpoint's values."""
+    problems = [d for key in saved for d in _differences(saved[key], built.get(key), f"model.{key}")]
+    if problems:
+        fix = "; ".join(problems)
+        sys.exit(f"lit-score: error: the checkpoint's network does not match this run's: {fix}. The network, SDE "
+                 "and loss come from the checkpoint; set the data options that feed them (e.g. "
+                 "--data.init_args.image_size) to the checkpoint's values.")
 
 
 def run_cli(argv: list[str] | None = None) -> ScoreCLI:

@@ -19,12 +19,13 @@ TINY = ["--model.net.init_args.nf", "8", "--model.net.init_args.ch_mult", "[1, 2
 NUM = 6
 
 
-def run(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
+def run(args: list[str], tmp: Path, net: list[str] = TINY, ok: bool = True) -> subprocess.CompletedProcess:
     subcommand, *rest = args
-    proc = subprocess.run([LIT_SCORE, subcommand, "--config", "experiments/quickstart.yaml", *TINY,
+    proc = subprocess.run([LIT_SCORE, subcommand, "--config", "experiments/quickstart.yaml", *net,
                            "--trainer.logger.init_args.save_dir", str(tmp), *rest],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    if ok:
+        assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
 
@@ -37,35 +38,45 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def predict(checkpoint: Path, tmp: Path, version: str, sampler: list[str], extra: list[str] = ()) -> dict:
+def predict(checkpoint: Path, tmp: Path, version: str, sampler: list[str], extra: list[str] = (),
+            net: list[str] = TINY) -> dict:
     run(["predict", "--ckpt_path", str(checkpoint), "--data.init_args.num_samples", str(NUM),
          "--data.init_args.sample_batch_size", "4", "--trainer.logger.init_args.version", version,
-         *sampler, *extra], tmp)
+         *sampler, *extra], tmp, net)
     out = tmp / "quickstart" / version
     with np.load(out / "samples.npz") as f:
-        return {"samples": f["samples"], "seeds": f["seeds"], "png": np.asarray(Image.open(out / "samples.png"))}
+        return {"samples": f["samples"], "seeds": f["seeds"], "nfe": int(f["nfe"]),
+                "png": np.asarray(Image.open(out / "samples.png"))}
 
 
+# name: (command-line options, the NFE per image they must run)
 SAMPLERS = {
-    "pc": ["--model.sampler", "PCSampler", "--model.sampler.steps", "25"],
-    "pc_ancestral_ald": ["--model.sampler", "PCSampler", "--model.sampler.predictor", "ancestral_sampling",
-                         "--model.sampler.corrector", "ald", "--model.sampler.steps", "30"],
-    "ode": ["--model.sampler", "ODESampler", "--model.sampler.rtol", "1e-2", "--model.sampler.atol", "1e-2"],
-    "edm_heun": ["--model.sampler", "EDMSampler", "--model.sampler.steps", "4"],
-    "edm_stochastic": ["--model.sampler", "EDMSampler", "--model.sampler.steps", "4",
-                       "--model.sampler.S_churn", "10", "--model.sampler.schedule", "geometric"],
-    "dpm_solver_pp": ["--model.sampler", "DPMSolverPP", "--model.sampler.steps", "5",
-                      "--model.sampler.schedule", "uniform"],
+    "pc": (["--model.sampler", "PCSampler", "--model.sampler.steps", "25"], 50),  # predictor + corrector per step
+    "pc_ancestral_ald": (["--model.sampler", "PCSampler", "--model.sampler.predictor", "ancestral_sampling",
+                          "--model.sampler.corrector", "ald", "--model.sampler.steps", "30"], 60),
+    "ode": (["--model.sampler", "ODESampler", "--model.sampler.rtol", "1e-2", "--model.sampler.atol", "1e-2"], None),
+    "edm_heun": (["--model.sampler", "EDMSampler", "--model.sampler.steps", "5"], 9),  # Heun: 2 per step, Euler last
+    "edm_stochastic": (["--model.sampler", "EDMSampler", "--model.sampler.steps", "4",
+                        "--model.sampler.S_churn", "10", "--model.sampler.schedule", "geometric"], 7),
+    "dpm_solver_pp": (["--model.sampler", "DPMSolverPP", "--model.sampler.steps", "10",
+                       "--model.sampler.schedule", "uniform"], 10),
 }
 
 
-FAST = {"pc", "edm_stochastic"}  # the others take ~15 s each (a CLI start): run them with -m slow
+FAST = {"pc", "edm_heun", "dpm_solver_pp"}  # the others take ~15 s each (a CLI start): run them with -m slow
 
 
 @pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in SAMPLERS])
 def test_predict_writes_grid_and_npz_with_each_sampler(checkpoint, tmp_path, name):
-    """Property: with each named sampler, predict writes NUM uint8 NHWC images ordered by seed and a PNG grid."""
-    out = predict(checkpoint, tmp_path, name, SAMPLERS[name])
+    """Property: with each named sampler, predict runs that sampler with the command line's options over the
+    checkpoint's saved ones (sampler: null, which would mean 1000-step PC): the NFE in samples.npz is the one
+    those options give. It writes NUM uint8 NHWC images ordered by seed and a PNG grid."""
+    options, nfe = SAMPLERS[name]
+    out = predict(checkpoint, tmp_path, name, options)
+    if nfe is None:  # adaptive: Dormand-Prince takes 6 evaluations a step (FSAL) plus 2; 1e-2 needs few steps
+        assert 8 <= out["nfe"] < 200 and (out["nfe"] - 2) % 6 == 0, out["nfe"]
+    else:
+        assert out["nfe"] == nfe
     assert out["samples"].dtype == np.uint8 and out["samples"].shape == (NUM, 8, 8, 1)
     assert out["seeds"].tolist() == list(range(NUM))
     assert out["png"].dtype == np.uint8 and out["png"].shape == (2 * 10 + 2, 3 * 10 + 2)  # 2 rows x 3 columns of 8x8 + 2 padding
@@ -75,12 +86,36 @@ def test_predict_writes_grid_and_npz_with_each_sampler(checkpoint, tmp_path, nam
 def test_one_and_two_processes_give_the_same_images(checkpoint, tmp_path, name):
     """Property: the same seeds give byte-identical images on 1 and on 2 DDP processes (gloo, CPU), although DDP
     splits and pads the 6 seeds differently; the writer de-duplicates and orders them by seed."""
-    one = predict(checkpoint, tmp_path, "one", SAMPLERS[name], ["--trainer.devices", "1"])
-    two = predict(checkpoint, tmp_path, "two", SAMPLERS[name],
+    one = predict(checkpoint, tmp_path, "one", SAMPLERS[name][0], ["--trainer.devices", "1"])
+    two = predict(checkpoint, tmp_path, "two", SAMPLERS[name][0],
                   ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu",
                    "--data.init_args.num_samples", "5"])
-    assert two["seeds"].tolist() == list(range(5))
+    assert two["seeds"].tolist() == list(range(5)) and two["nfe"] == one["nfe"] == SAMPLERS[name][1]
     np.testing.assert_array_equal(one["samples"][:5], two["samples"])
+
+
+def test_network_comes_from_the_checkpoint(checkpoint, tmp_path):
+    """Property: the network, SDE and loss come from the checkpoint, whatever the YAML says (here its 16-channel,
+    3-level DDPM++, which the tiny weights do not fit); with the same seeds the images equal those of a run
+    given the checkpoint's network options."""
+    options, nfe = SAMPLERS["edm_heun"]
+    data = ["--data.init_args.image_size", "8"]
+    plain = predict(checkpoint, tmp_path, "yaml_net", options, net=[*data, "--trainer.enable_progress_bar", "false"])
+    tiny = predict(checkpoint, tmp_path, "tiny_net", options)
+    assert plain["nfe"] == tiny["nfe"] == nfe
+    np.testing.assert_array_equal(plain["samples"], tiny["samples"])
+
+
+def test_data_that_do_not_fit_the_checkpoint_are_refused(checkpoint, tmp_path):
+    """Property: data whose image size differs from the checkpoint network's stop before sampling, naming the
+    key, both values and the option to set (DDPM++ without attention would otherwise sample 16x16 silently)."""
+    proc = run(["predict", "--ckpt_path", str(checkpoint), "--trainer.logger.init_args.version", "bad",
+                *SAMPLERS["edm_heun"][0]], tmp_path, ok=False,
+               net=["--trainer.enable_progress_bar", "false"])
+    assert proc.returncode != 0
+    assert "model.net.init_args.image_size is 16 here but 8 in the checkpoint" in proc.stderr
+    assert "--data.init_args.image_size" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "quickstart" / "bad" / "samples.npz").exists()
 
 
 @pytest.mark.slow
