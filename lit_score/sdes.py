@@ -181,8 +181,8 @@ class VESDE(SDE):
         return torch.zeros_like(x), torch.sqrt(sigma**2 - adjacent**2)
 
     def noise_label(self, t: Tensor, discrete: bool = False) -> Tensor:
-        """sigma(t); for SMLD-trained networks the discrete sigma of level round((T - t)(N - 1) / T) counted from
-        sigma_max down, as the official code's discrete labels."""
+        """sigma(t); for SMLD-trained networks the discrete sigma of level round((T - t)(N - 1) / T) counted
+        from sigma_max down, as the official code's discrete labels."""
         if not discrete:
             return self.sigma(t)
         level = torch.round((self.T - t) * (self.N - 1) / self.T).long()

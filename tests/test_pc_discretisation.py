@@ -28,16 +28,17 @@ def _ddpm_betas(bmin: float, bmax: float, n: int) -> np.ndarray:
 
 @pytest.mark.parametrize("sde_name", ["ve", "vp"])
 def test_reverse_diffusion_uses_each_level_once_down_to_zero(monkeypatch, sde_name):
-    """Property: with zero score and unit noise (float64), step k of reverse diffusion adds exactly G_i (VE: sqrt(sigma_i^2 -
-    sigma_{i-1}^2), VP: sqrt(beta_i)); matching each added G to the table of levels gives N-1, N-2, ..., 0."""
+    """Property: with zero score and unit noise (float64), step k of reverse diffusion adds exactly G_i
+    (VE: sqrt(sigma_i^2 - sigma_{i-1}^2), VP: sqrt(beta_i)); matching each added G to the table of levels gives
+    N-1, N-2, ..., 0."""
     sde = VESDE(0.01, 50.0, N=N) if sde_name == "ve" else VPSDE(0.1, 20.0, N=N)
     if sde_name == "ve":
         s = _smld_sigmas(0.01, 50.0, N)
         table = np.sqrt(s**2 - np.concatenate([[0.0], s[:-1]]) ** 2)
     else:
         table = np.sqrt(_ddpm_betas(0.1, 20.0, N))
-    monkeypatch.setattr(pc, "SeededNoise", lambda seeds, shape, device="cpu": lambda: torch.ones(len(seeds), *shape,
-                                                                                          dtype=torch.float64))
+    ones = lambda seeds, shape, device="cpu": lambda: torch.ones(len(seeds), *shape, dtype=torch.float64)  # noqa: E731
+    monkeypatch.setattr(pc, "SeededNoise", ones)
     added = []
     project = lambda x, x_mean, t: (added.append(float((x - x_mean)[0, 0])), (x, x_mean))[1]  # noqa: E731
     PCSampler("reverse_diffusion", "none").sample(lambda x, t: torch.zeros_like(x), sde, (1,), [0],

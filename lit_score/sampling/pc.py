@@ -32,7 +32,7 @@ class PCState:
     n_steps_each: int
     step_lr: float
     std_last: float  # marginal std at the final time: sigma_L of annealed Langevin
-    step_rule: str | None = "marginal_std"  # how a corrector sets its step size: see CORRECTOR_STEP_RULES
+    step_rule: str | None = None  # how a corrector sets its step size (None: its default), see CORRECTOR_STEP_RULES
 
 
 Step = Callable[[PCState, Tensor, Tensor], "tuple[Tensor, Tensor]"]
@@ -117,6 +117,15 @@ def _alpha(s: PCState, x: Tensor, t: Tensor) -> Tensor:
     return torch.ones_like(t)
 
 
+def _rule(s: PCState, corrector: str) -> str:
+    rules = CORRECTOR_STEP_RULES[corrector]
+    if s.step_rule is None:
+        return rules[0]
+    if s.step_rule not in rules:
+        raise ValueError(f"step_rule {s.step_rule!r} is not one of the {corrector} corrector's: {', '.join(rules)}")
+    return s.step_rule
+
+
 def _std(s: PCState, t: Tensor) -> Tensor:
     return s.sde.marginal_prob(torch.zeros_like(t), t)[1]
 
@@ -127,15 +136,13 @@ def langevin(s: PCState, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     step rule ``marginal_std``: eps = 2 alpha_i (r std(t))^2, one step per time, so a valid Langevin kernel and
     the same for every image; or ``official``: eps = 2 alpha_i (r mean_b ||z_b|| / mean_b ||score_b||)^2,
     norms averaged over the batch as score_sde's LangevinCorrector."""
-    if s.step_rule not in CORRECTOR_STEP_RULES["langevin"]:
-        raise ValueError(f"the langevin corrector's step_rule must be one of {CORRECTOR_STEP_RULES['langevin']}, "
-                         f"got {s.step_rule!r}")
+    rule = _rule(s, "langevin")
     alpha = _alpha(s, x, t)
     std = _std(s, t)
     x_mean = x
     for _ in range(s.n_steps_each):
         grad, z = s.score_fn(x, t), s.noise()
-        if s.step_rule == "official":
+        if rule == "official":
             eps = (s.snr * _norm(z).mean() / _norm(grad).mean()) ** 2 * 2 * alpha
         else:
             eps = (s.snr * std) ** 2 * 2 * alpha
@@ -150,11 +157,8 @@ def annealed_langevin(s: PCState, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]
     alpha_i = step_lr sigma_i^2 / sigma_L^2, x <- x + alpha_i / 2 score + sqrt(alpha_i) z (Song & Ermon 2019,
     Algorithm 1); ``official``: score_sde's AnnealedLangevinDynamics, the same kernel with
     alpha_i / 2 = 2 a_i (r sigma_i)^2 (a_i = 1 - beta_i for a VPSDE, else 1)."""
-    if s.step_rule not in CORRECTOR_STEP_RULES["ald"]:
-        raise ValueError(f"the ald corrector's step_rule must be one of {CORRECTOR_STEP_RULES['ald']}, "
-                         f"got {s.step_rule!r}")
     std = _std(s, t)
-    if s.step_rule == "official":
+    if _rule(s, "ald") == "official":
         half = (s.snr * std) ** 2 * 2 * _alpha(s, x, t)
         noise_std = torch.sqrt(half * 2)
     else:
