@@ -104,3 +104,30 @@ def test_continuous_vp_label_is_999_t():
         t = torch.tensor([0.25, 1.0], dtype=torch.float64)
         ScoreModel(net, sde, loss="dsm").score_fn(torch.zeros(2, 3, dtype=torch.float64), t)
         torch.testing.assert_close(net.labels[-1], 999 * t)
+
+
+class SigmaNet(nn.Module):
+    """Records the noise labels it is given; outputs zeros."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.labels = []
+
+    def forward(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        self.labels.append(label.clone())
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("loss", ["smld", "dsm"])
+def test_smld_trained_network_sees_the_discrete_sigmas(loss):
+    """Property: an SMLD-loss model (trained on the N discrete sigmas) is conditioned on the discrete sigma of level
+    round((1 - t)(N - 1)) counted from sigma_max down, as the official discrete VE score (continuous=False); a
+    continuously trained one on sigma(t)."""
+    net = SigmaNet()
+    t = torch.tensor([1.0, 0.5004, 0.3, 1e-5], dtype=torch.float64)
+    ScoreModel(net, VESDE(0.01, 50.0, N=N), loss=loss).score_fn(torch.zeros(4, 2, dtype=torch.float64), t)
+    if loss == "smld":
+        expected = _smld_sigmas(0.01, 50.0, N)[::-1][np.round((1 - t.numpy()) * (N - 1)).astype(int)]
+    else:
+        expected = 0.01 * 5000.0 ** t.numpy()
+    np.testing.assert_allclose(net.labels[-1].numpy(), expected, rtol=1e-5)
