@@ -54,7 +54,7 @@ class ScoreModel(L.LightningModule):
     @property
     def score_fn(self) -> ScoreFn:
         """s_theta(x, t) with the network's current weights."""
-        return get_score_fn(self.sde, self.net)
+        return get_score_fn(self.sde, self.net, discrete=self.hparams.loss != "dsm")
 
     @property
     def data_shape(self) -> tuple[int, ...]:

@@ -80,19 +80,27 @@ class SDE(abc.ABC):
     def sigma_max(self) -> float:
         return float(self.sigma(torch.tensor(self.T, dtype=torch.float64)))
 
+    def timestep(self, t: Tensor) -> Tensor:
+        """The discrete step index i of time t, truncating t (N - 1) / T as the official code does."""
+        return (t * (self.N - 1) / self.T).long()
+
     def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """One Euler-Maruyama step of size T/N: x_{i+1} = x_i + f_i + G_i z_i."""
         dt = self.T / self.N
         drift, diffusion = self.sde(x, t)
         return drift * dt, diffusion * math.sqrt(dt)
 
-    # network parametrisation (official score_sde convention)
-    def noise_label(self, t: Tensor) -> Tensor:
-        """What the network is conditioned on: (N - 1) t for VP-type SDEs."""
-        return t * (self.N - 1)
+    # network parametrisation (official score_sde convention, models/utils.get_score_fn)
+    def noise_label(self, t: Tensor, discrete: bool = False) -> Tensor:
+        """What the network is conditioned on: 999 t for continuously trained VP-type networks."""
+        if discrete:
+            raise ValueError(f"{type(self).__name__} has no discrete training objective; use loss 'dsm'")
+        return t * 999
 
-    def score_from_output(self, output: Tensor, t: Tensor) -> Tensor:
-        """Turn the network output into a score; VP-type networks predict the noise, score = -eps / std."""
+    def score_from_output(self, output: Tensor, t: Tensor, discrete: bool = False) -> Tensor:
+        """Turn the network output into a score; VP-type networks predict the noise, score = -eps / std(t)."""
+        if discrete:
+            raise ValueError(f"{type(self).__name__} has no discrete training objective; use loss 'dsm'")
         std = self.marginal_prob(torch.zeros_like(t), t)[1]
         return -output / _bcast(std, output)
 
@@ -166,16 +174,21 @@ class VESDE(SDE):
 
     def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """SMLD discretisation: x_i = x_{i-1} + sqrt(sigma_i^2 - sigma_{i-1}^2) z (Song et al. 2021, eq. 45)."""
-        i = (t * (self.N - 1) / self.T).round().long()
+        i = self.timestep(t)
         sigmas = self.discrete_sigmas.to(t.device)
         sigma = sigmas[i]
         adjacent = torch.where(i == 0, torch.zeros_like(sigma), sigmas[(i - 1).clamp(min=0)])
         return torch.zeros_like(x), torch.sqrt(sigma**2 - adjacent**2)
 
-    def noise_label(self, t: Tensor) -> Tensor:
-        return self.sigma(t)
+    def noise_label(self, t: Tensor, discrete: bool = False) -> Tensor:
+        """sigma(t); for SMLD-trained networks the discrete sigma of level round((T - t)(N - 1) / T) counted
+        from sigma_max down, as the official code's discrete labels."""
+        if not discrete:
+            return self.sigma(t)
+        level = torch.round((self.T - t) * (self.N - 1) / self.T).long()
+        return self.discrete_sigmas.to(t.device, t.dtype)[self.N - 1 - level]
 
-    def score_from_output(self, output: Tensor, t: Tensor) -> Tensor:
+    def score_from_output(self, output: Tensor, t: Tensor, discrete: bool = False) -> Tensor:
         return output
 
 
@@ -238,9 +251,20 @@ class VPSDE(_VPFamily):
     def t_from_sigma(self, sigma: Tensor) -> Tensor:
         return self.t_from_integral_beta(torch.log1p(sigma**2))
 
+    def noise_label(self, t: Tensor, discrete: bool = False) -> Tensor:
+        """999 t (continuous training), or t (N - 1) for DDPM-trained networks, which saw step indices."""
+        return t * (self.N - 1) if discrete else t * 999
+
+    def score_from_output(self, output: Tensor, t: Tensor, discrete: bool = False) -> Tensor:
+        """-eps / std with std(t), or sqrt(1 - alpha_bar_i) at the step index i for DDPM-trained networks."""
+        if not discrete:
+            return super().score_from_output(output, t)
+        std = self.sqrt_1m_alphas_cumprod.to(t.device, output.dtype)[self.timestep(t)]
+        return -output / _bcast(std, output)
+
     def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """DDPM discretisation: x_i = sqrt(1 - beta_i) x_{i-1} + sqrt(beta_i) z (Song et al. 2021, eq. 46)."""
-        i = (t * (self.N - 1) / self.T).round().long()
+        i = self.timestep(t)
         beta = self.discrete_betas.to(t.device)[i]
         alpha = self.alphas.to(t.device)[i]
         return _bcast(torch.sqrt(alpha), x) * x - x, torch.sqrt(beta)

@@ -71,7 +71,8 @@ def test_sampler_draws_the_mixture_with_exact_score(reference, sde_name, name):
 def test_pc_with_langevin_corrector_draws_the_mixture(reference16, sde_name, order):
     """Property: reverse diffusion + Langevin (snr 0.16), in either order, samples a 16-D mixture.
 
-    (The snr rule eps = 2 (r |z| / |score|)^2 assumes |score| concentrates, which needs more than 2 dimensions.)
+    (The default step 2 (r std(t))^2 is the official snr rule at ||score|| = sqrt(d) / std(t), typical in many
+    dimensions; tests/test_pc_corrector.py checks both rules in 2-D and 8-D.)
     """
     ref, tol = reference16
     sde = SDES[sde_name]()
@@ -207,6 +208,9 @@ def test_bad_inputs_are_named():
         PCSampler(corrector="hmc")
     with pytest.raises(ValueError, match="order"):
         PCSampler(order="both")
+    with pytest.raises(ValueError, match="step_rule 'song_ermon' is not one of the langevin corrector's: "
+                                         "marginal_std, official"):
+        PCSampler(corrector="langevin", step_rule="song_ermon")
     with pytest.raises(KeyError, match="unknown sigma schedule"):
         EDMSampler(schedule="cosine")
     sde = subVPSDE(N=10)

@@ -7,17 +7,18 @@ line (``--model.sampler ODESampler --model.sampler.rtol 1e-4``); add your own by
 from lit_score.sampling.base import SAMPLERS, SampleResult, Sampler, SeededNoise, seeded_normal, seeded_prior
 from lit_score.sampling.conditional import colorize, inpaint
 from lit_score.sampling.ode import ODESampler, dopri5
-from lit_score.sampling.pc import CORRECTORS, PREDICTORS, PCSampler
+from lit_score.sampling.pc import CORRECTOR_STEP_RULES, CORRECTORS, PREDICTORS, PCSampler, default_eps
 from lit_score.sampling.sigma import SCHEDULES, DPMSolverPP, EDMSampler, denoiser
 from lit_score.sdes import SDE, VESDE
 
 __all__ = ["SAMPLERS", "SampleResult", "Sampler", "SeededNoise", "seeded_normal", "seeded_prior", "default_sampler",
-           "PCSampler", "PREDICTORS", "CORRECTORS", "ODESampler", "dopri5", "EDMSampler", "DPMSolverPP",
-           "SCHEDULES", "denoiser", "inpaint", "colorize"]
+           "PCSampler", "PREDICTORS", "CORRECTORS", "CORRECTOR_STEP_RULES", "default_eps", "ODESampler", "dopri5",
+           "EDMSampler", "DPMSolverPP", "SCHEDULES", "denoiser", "inpaint", "colorize"]
 
 
 def default_sampler(sde: SDE) -> Sampler:
-    """The official code's defaults: reverse diffusion + Langevin (snr 0.16) for VE, Euler-Maruyama alone otherwise."""
+    """The official code's defaults: reverse diffusion + Langevin (snr 0.16) to eps = 1e-5 for VE, Euler-Maruyama
+    alone to eps = 1e-3 otherwise."""
     if isinstance(sde, VESDE):
-        return PCSampler("reverse_diffusion", "langevin", snr=0.16)
-    return PCSampler("euler_maruyama", "none")
+        return PCSampler("reverse_diffusion", "langevin", snr=0.16, eps=1e-5)
+    return PCSampler("euler_maruyama", "none", eps=1e-3)

@@ -32,6 +32,7 @@ class PCState:
     n_steps_each: int
     step_lr: float
     std_last: float  # marginal std at the final time: sigma_L of annealed Langevin
+    step_rule: str | None = None  # how a corrector sets its step size (None: its default), see CORRECTOR_STEP_RULES
 
 
 Step = Callable[[PCState, Tensor, Tensor], "tuple[Tensor, Tensor]"]
@@ -59,10 +60,6 @@ def rediscretize(sde: SDE, N: int) -> SDE:
     return new
 
 
-def _timestep(sde: SDE, t: Tensor) -> Tensor:
-    return (t * (sde.N - 1) / sde.T).round().long()
-
-
 @PREDICTORS.register("euler_maruyama")
 def euler_maruyama(s: PCState, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """x <- x - [f - g^2 score] dt + g sqrt(dt) z, dt = T/N (Euler-Maruyama on eq. 6)."""
@@ -86,7 +83,7 @@ def reverse_diffusion(s: PCState, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]
 @PREDICTORS.register("ancestral_sampling")
 def ancestral_sampling(s: PCState, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """Ancestral sampling of the SMLD (eq. 47) or DDPM (eq. 45) Markov chain, for VE and VP SDEs."""
-    i = _timestep(s.sde, t)
+    i = s.sde.timestep(t)
     if isinstance(s.sde, VESDE):
         sigmas = s.sde.discrete_sigmas.to(x.device, x.dtype)
         sigma = sigmas[i]
@@ -113,32 +110,70 @@ def _norm(v: Tensor) -> Tensor:
     return v.flatten(1).norm(dim=1)
 
 
+def _alpha(s: PCState, x: Tensor, t: Tensor) -> Tensor:
+    """alpha_i = 1 - beta_i of the DDPM chain for a VPSDE, 1 otherwise (the official correctors' factor)."""
+    if isinstance(s.sde, VPSDE):
+        return s.sde.alphas.to(x.device, x.dtype)[s.sde.timestep(t)]
+    return torch.ones_like(t)
+
+
+def _rule(s: PCState, corrector: str) -> str:
+    rules = CORRECTOR_STEP_RULES[corrector]
+    if s.step_rule is None:
+        return rules[0]
+    if s.step_rule not in rules:
+        raise ValueError(f"step_rule {s.step_rule!r} is not one of the {corrector} corrector's: {', '.join(rules)}")
+    return s.step_rule
+
+
+def _std(s: PCState, t: Tensor) -> Tensor:
+    return s.sde.marginal_prob(torch.zeros_like(t), t)[1]
+
+
 @CORRECTORS.register("langevin")
 def langevin(s: PCState, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """Langevin MCMC with step eps = 2 alpha (snr ||z|| / ||score||)^2 per image (Algorithms 4-5)."""
-    alpha = torch.ones_like(t)
-    if isinstance(s.sde, VPSDE):
-        alpha = s.sde.alphas.to(x.device, x.dtype)[_timestep(s.sde, t)]
+    """Langevin MCMC x <- x + eps score + sqrt(2 eps) z at fixed t (Song et al. 2021, Algorithms 4-5), with
+    step rule ``marginal_std``: eps = 2 alpha_i (r std(t))^2, one step per time, so a valid Langevin kernel and
+    the same for every image; or ``official``: eps = 2 alpha_i (r mean_b ||z_b|| / mean_b ||score_b||)^2,
+    norms averaged over the batch as score_sde's LangevinCorrector."""
+    rule = _rule(s, "langevin")
+    alpha = _alpha(s, x, t)
+    std = _std(s, t)
     x_mean = x
     for _ in range(s.n_steps_each):
         grad, z = s.score_fn(x, t), s.noise()
-        eps = 2 * alpha * (s.snr * _norm(z) / _norm(grad).clamp_min(1e-30)) ** 2
+        if rule == "official":
+            eps = (s.snr * _norm(z).mean() / _norm(grad).mean()) ** 2 * 2 * alpha
+        else:
+            eps = (s.snr * std) ** 2 * 2 * alpha
         x_mean = x + _bcast(eps, x) * grad
-        x = x_mean + _bcast(torch.sqrt(2 * eps), x) * z
+        x = x_mean + _bcast(torch.sqrt(eps * 2), x) * z
     return x, x_mean
 
 
 @CORRECTORS.register("ald")
 def annealed_langevin(s: PCState, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """Annealed Langevin dynamics at level sigma_i: alpha_i = step_lr sigma_i^2 / sigma_L^2,
-    x <- x + alpha_i / 2 score + sqrt(alpha_i) z, n_steps_each times (Song & Ermon 2019, Algorithm 1)."""
-    std = s.sde.marginal_prob(torch.zeros_like(t), t)[1]
-    alpha = s.step_lr * (std / s.std_last) ** 2
+    """Annealed Langevin dynamics at level sigma_i = std(t), n_steps_each times. Step rule ``song_ermon``:
+    alpha_i = step_lr sigma_i^2 / sigma_L^2, x <- x + alpha_i / 2 score + sqrt(alpha_i) z (Song & Ermon 2019,
+    Algorithm 1); ``official``: score_sde's AnnealedLangevinDynamics, the same kernel with
+    alpha_i / 2 = 2 a_i (r sigma_i)^2 (a_i = 1 - beta_i for a VPSDE, else 1)."""
+    std = _std(s, t)
+    if _rule(s, "ald") == "official":
+        half = (s.snr * std) ** 2 * 2 * _alpha(s, x, t)
+        noise_std = torch.sqrt(half * 2)
+    else:
+        alpha = s.step_lr * (std / s.std_last) ** 2
+        half, noise_std = alpha / 2, torch.sqrt(alpha)
     x_mean = x
     for _ in range(s.n_steps_each):
-        x_mean = x + _bcast(alpha / 2, x) * s.score_fn(x, t)
-        x = x_mean + _bcast(torch.sqrt(alpha), x) * s.noise()
+        x_mean = x + _bcast(half, x) * s.score_fn(x, t)
+        x = x_mean + s.noise() * _bcast(noise_std, x)
     return x, x_mean
+
+
+CORRECTOR_STEP_RULES: dict[str, tuple[str, ...]] = {"langevin": ("marginal_std", "official"),
+                                                    "ald": ("song_ermon", "official"), "none": ("none",)}
+"""Step rules per corrector; the first is the default."""
 
 
 @CORRECTORS.register("none")
@@ -153,33 +188,49 @@ Projection = Callable[[Tensor, Tensor, Tensor], "tuple[Tensor, Tensor]"]
 class PCSampler(Sampler):
     """Predictor-corrector sampler on t_i = linspace(T, eps, steps) (Song et al. 2021, Algorithms 2-3).
 
+    The Langevin corrector's default step is eps_i = 2 alpha_i (snr std(t_i))^2 (``step_rule="marginal_std"``):
+    it depends on the time alone, so each image depends on its seed only and the chain keeps p_t invariant (up to
+    the O(eps) Langevin discretisation). It is the official snr rule eps = 2 alpha (snr ||z|| / ||score||)^2 with
+    ||score|| replaced by its typical size sqrt(d) / std(t), which is what it is for images. ``step_rule="official"``
+    reproduces score_sde's rule, norms averaged over the batch, so an image then depends on its batch-mates.
+
     Args:
         predictor: a name in ``PREDICTORS``: euler_maruyama, reverse_diffusion, ancestral_sampling, none.
         corrector: a name in ``CORRECTORS``: langevin, ald (annealed Langevin dynamics), none.
-        snr: signal-to-noise ratio r of the Langevin corrector.
+        snr: signal-to-noise ratio r of the Langevin corrector (and of ``ald`` with ``step_rule="official"``).
         n_steps_each: corrector steps per noise level (T of Song & Ermon's Algorithm 1).
         step_lr: epsilon of annealed Langevin, whose step at level i is epsilon sigma_i^2 / sigma_L^2.
         steps: number of noise levels N (default: the SDE's own N).
-        eps: last time, where the sampler stops; 0 puts the levels on the SDE's discrete sigmas.
-        denoise: return the last step's noise-free mean.
+        eps: last time, where the sampler stops (default: as the official code, 1e-5 for a VESDE, 1e-3 otherwise);
+            0 puts the levels on the SDE's discrete sigmas.
+        denoise: return the last predictor step's noise-free mean (a corrector-only sampler returns its last
+            iterate, as Song & Ermon's Algorithm 1 and the official code).
         order: ``corrector_first`` (the default, the official score_sde code, with which the paper's FIDs were
             computed: the chain ends on a predictor step, so ``denoise`` removes the predictor's noise), or
             ``predictor_first`` (the paper's Algorithms 2-3).
+        step_rule: the corrector's step size, one of ``CORRECTOR_STEP_RULES[corrector]``: for langevin
+            ``marginal_std`` (default) or ``official``; for ald ``song_ermon`` (default, Song & Ermon's
+            Algorithm 1 with step_lr) or ``official`` (score_sde's AnnealedLangevinDynamics, with snr).
     """
 
     def __init__(self, predictor: str = "reverse_diffusion", corrector: str = "langevin", snr: float = 0.16,
-                 n_steps_each: int = 1, step_lr: float = 2e-5, steps: int | None = None, eps: float = 1e-3,
-                 denoise: bool = True, order: Literal["corrector_first", "predictor_first"] = "corrector_first"
-                 ) -> None:
+                 n_steps_each: int = 1, step_lr: float = 2e-5, steps: int | None = None, eps: float | None = None,
+                 denoise: bool = True, order: Literal["corrector_first", "predictor_first"] = "corrector_first",
+                 step_rule: str | None = None) -> None:
         self.predictor, self.corrector = PREDICTORS[predictor], CORRECTORS[corrector]
         self.predictor_name, self.corrector_name = predictor, corrector
         if order not in ("corrector_first", "predictor_first"):
             raise ValueError(f"order must be 'corrector_first' or 'predictor_first', got {order!r}")
-        if n_steps_each < 1 or snr <= 0 or step_lr <= 0 or eps < 0:
+        if n_steps_each < 1 or snr <= 0 or step_lr <= 0 or (eps is not None and eps < 0):
             raise ValueError(f"need n_steps_each >= 1, snr > 0, step_lr > 0, eps >= 0; "
                              f"got {n_steps_each}, {snr}, {step_lr}, {eps}")
+        rules = CORRECTOR_STEP_RULES.get(corrector)
+        if step_rule is None:
+            step_rule = rules[0] if rules else None
+        elif rules is not None and step_rule not in rules:
+            raise ValueError(f"step_rule {step_rule!r} is not one of the {corrector} corrector's: {', '.join(rules)}")
         self.snr, self.n_steps_each, self.step_lr, self.steps = snr, n_steps_each, step_lr, steps
-        self.eps, self.denoise, self.order = eps, denoise, order
+        self.eps, self.denoise, self.order, self.step_rule = eps, denoise, order, step_rule
 
     def sample(self, score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
                device: torch.device | str = "cpu", x_init: Tensor | None = None,
@@ -189,12 +240,13 @@ class PCSampler(Sampler):
         counted = CountingScore(score_fn)
         noise = SeededNoise(seeds, shape, device)
         x = seeded_prior(sde, seeds, shape, device) if x_init is None else x_init
-        timesteps = torch.linspace(sde.T, self.eps, sde.N, device=device, dtype=torch.float64).to(x.dtype)
+        eps = default_eps(sde) if self.eps is None else self.eps
+        timesteps = torch.linspace(sde.T, eps, sde.N, device=device, dtype=torch.float64).to(x.dtype)
         std_last = float(sde.marginal_prob(torch.zeros(1), timesteps[-1:].cpu())[1])
         if self.corrector_name == "ald" and std_last <= 0:
             raise ValueError("annealed Langevin needs a positive noise level at the last time; raise eps")
         state = PCState(sde, sde.reverse(counted), counted, noise, self.snr, self.n_steps_each, self.step_lr,
-                        std_last)
+                        std_last, self.step_rule)
         ops = [self.corrector, self.predictor] if self.order == "corrector_first" else [self.predictor, self.corrector]
         ops = [op for op in ops if op not in (no_predictor, no_corrector)]
         x_mean = x
@@ -204,4 +256,11 @@ class PCSampler(Sampler):
                 x, x_mean = op(state, x, vec_t)
             if project is not None:
                 x, x_mean = project(x, x_mean, vec_t)
+        if self.predictor is no_predictor:  # corrector alone: the last iterate, as Algorithm 1 and score_sde
+            return SampleResult(x, counted.nfe)
         return SampleResult(x_mean if self.denoise else x, counted.nfe)
+
+
+def default_eps(sde: SDE) -> float:
+    """The official code's last sampling time: 1e-5 for a VESDE, 1e-3 for VP-type SDEs."""
+    return 1e-5 if isinstance(sde, VESDE) else 1e-3
