@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import threading
+from pathlib import Path
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
@@ -134,6 +135,7 @@ class Preemption(L.Callback):
         self.checkpoint_path: str | None = None
         self._requeue_pending = False
         self._start_step = 0
+        self._resume_step: int | None = None
         self._previous: dict[signal.Signals, Any] = {}
 
     @property
@@ -199,18 +201,27 @@ class Preemption(L.Callback):
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        if trainer.state.fn != "fit":
-            return
-        # TensorBoard drops the points a killed run logged after this checkpoint: one point per step.
         epoch_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
-        step = int(epoch_loop.get("_batches_that_stepped", checkpoint.get("global_step", 0)))
+        self._resume_step = int(epoch_loop.get("_batches_that_stepped", checkpoint.get("global_step", 0)))
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # TensorBoard drops the points an interrupted run logged after the checkpoint (after step 0 when a run
+        # restarts from scratch in its own directory): one point per step. Nothing is logged before this hook.
+        step, self._resume_step = self._resume_step, None
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                if logger._experiment is None:
-                    logger._kwargs["purge_step"] = step
-                else:
-                    rank_zero_warn("Preemption: TensorBoard was opened before the checkpoint was read; points "
-                                   f"after step {step} of the interrupted run stay in the event files")
+            if not isinstance(logger, TensorBoardLogger):
+                continue
+            writer = logger._experiment  # opened, still empty, by Lightning's setup
+            own = getattr(getattr(getattr(writer, "file_writer", None), "event_writer", None), "_file_name", None)
+            earlier = [p for p in Path(logger.log_dir).glob("events.out.tfevents.*") if str(p) != own]
+            if step is None and not earlier:
+                continue
+            if writer is not None:  # reopened with purge_step
+                logger._experiment = None
+                writer.close()
+                if own is not None:
+                    Path(own).unlink(missing_ok=True)
+            logger._kwargs["purge_step"] = step or 0
 
     def _stop_code(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
         code = _encode(self.received, self.received in self.requeue_signals)

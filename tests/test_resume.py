@@ -19,6 +19,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lit_score.checkpoint_io import CorruptCheckpointError, atomic_torch_save
 from lit_score.cli import run_cli
+from lit_score.evaluate.shards import ShardStore
+from lit_score.preemption import Interrupted, stop_at_boundaries
 from lit_score.resume import ResumableDataLoader
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,9 +143,11 @@ def assert_same_state(resumed: dict, reference: dict) -> None:
     assert ema, "the reference run has an EMA callback"
     for key in ema:
         assert_equal_tree(resumed["callbacks"][key], reference["callbacks"][key], key)
+    # Epochs and batches done (Lightning's ready/started counts of a restart differ and decide nothing).
     for key in ("epoch_progress", "epoch_loop.batch_progress"):
-        assert_equal_tree(resumed["loops"]["fit_loop"][key]["total"], reference["loops"]["fit_loop"][key]["total"],
-                          key)
+        for count in ("processed", "completed"):
+            assert resumed["loops"]["fit_loop"][key]["total"][count] == \
+                reference["loops"]["fit_loop"][key]["total"][count], f"{key} {count}"
     assert_equal_tree(resumed["loops"]["fit_loop"]["epoch_loop.state_dict"],
                       reference["loops"]["fit_loop"]["epoch_loop.state_dict"], "epoch_loop.state_dict")
 
@@ -311,6 +315,35 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint(tmp_path):
         atomic_torch_save({"x": Bad()}, path)
     assert torch.load(path, weights_only=True)["step"] == 1
     assert not (tmp_path / f".last.ckpt.tmp-{os.getpid()}").exists()
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", pytest.param("SIGINT", marks=pytest.mark.slow)])
+def test_signal_stops_predict_after_the_current_batch(tmp_path, reference, signum):
+    """`lit-score predict` (4 batches): a signal during batch 1 -> batch 1 finishes, the run stops with a message
+    naming the batch and exits 128 + signum instead of sampling on (or exiting 0)."""
+    config = write_config(tmp_path, "predict", [{"class_path": "test_resume.SignalAt",
+                                                  "init_args": {"step": 1, "signum": signum, "during": "predict"}}])
+    proc = subprocess.run(
+        [sys.executable, "-m", "lit_score.cli", "predict", "--config", str(config),
+         "--ckpt_path", str(reference[1] / "checkpoints/last.ckpt"), "--data.init_args.num_samples", "8",
+         "--data.init_args.sample_batch_size", "2", "--model.sampler", "EDMSampler", "--model.sampler.steps", "2",
+         "--trainer.logger.init_args.version", "predict"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 128 + signal.Signals[signum], proc.stderr[-3000:]
+    assert f"stopped by {signum} after predict batch 1; the remaining batches did not run" in proc.stderr
+
+
+def test_signal_stops_an_evaluation_after_the_current_shard(tmp_path):
+    """lit-score-eval's unit of work is a shard: a signal while shard 0 is sampled lets it be written, then
+    stops with 128 + signum; the next shard is never started."""
+    store = ShardStore(tmp_path, "fp")
+    with stop_at_boundaries():
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives "during" shard 0
+        with pytest.raises(Interrupted) as stop:
+            store.save(0, {"x": torch.ones(2)})
+            store.save(1, {"x": torch.ones(2)})
+    assert stop.value.code == 128 + signal.SIGTERM and "after shard 0" in str(stop.value)
+    assert store.pending(3) == [1, 2] and torch.equal(store.load(0)["x"], torch.ones(2))
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 def test_resumable_loader_continues_mid_epoch_and_across_process_counts():
