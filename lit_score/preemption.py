@@ -201,8 +201,8 @@ class Preemption(L.Callback):
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        epoch_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
-        self._resume_step = int(epoch_loop.get("_batches_that_stepped", checkpoint.get("global_step", 0)))
+        # The batch that made step k logs at k - 1, after the checkpoint: the resumed run logs from k on.
+        self._resume_step = int(checkpoint.get("global_step", 0))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # TensorBoard drops the points an interrupted run logged after the checkpoint (after step 0 when a run
