@@ -299,11 +299,17 @@ class Preemption(L.Callback):
         if trainer.state.fn == "validate":
             self._stop_evaluation(trainer, pl_module, "validation", batch_idx)
 
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def _restore_handlers(self) -> None:
         if threading.current_thread() is threading.main_thread():
             for sig, previous in self._previous.items():
                 signal.signal(sig, previous)
         self._previous = {}
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()  # Lightning skips the teardown hooks after an exception
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore_handlers()
         if stage != "fit":
             return
         if self._requeue_pending and trainer.is_global_zero:

@@ -268,9 +268,11 @@ def test_first_launch_without_checkpoint_just_starts(tmp_path):
 def test_a_fit_that_fails_at_start_leaves_no_run_directory(tmp_path):
     """A missing --ckpt_path fails before the first step and leaves no empty version directory."""
     config = write_config(tmp_path, "fails")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     with pytest.raises(FileNotFoundError):
         fit(config, "fails", "--ckpt_path", str(tmp_path / "missing.ckpt"))
     assert not (tmp_path / "runs/tiny/fails").exists()
+    assert {s: signal.getsignal(s) for s in handlers} == handlers, "the signal handlers are given back"
 
 
 def test_truncated_checkpoint_names_the_newest_good_one(tmp_path, reference):
@@ -336,6 +338,7 @@ def test_signal_stops_an_evaluation_after_the_current_shard(tmp_path):
     """lit-score-eval's unit of work is a shard: a signal while shard 0 is sampled lets it be written, then
     stops with 128 + signum; the next shard is never started."""
     store = ShardStore(tmp_path, "fp")
+    before = signal.getsignal(signal.SIGTERM)
     with stop_at_boundaries():
         os.kill(os.getpid(), signal.SIGTERM)  # arrives "during" shard 0
         with pytest.raises(Interrupted) as stop:
@@ -343,7 +346,7 @@ def test_signal_stops_an_evaluation_after_the_current_shard(tmp_path):
             store.save(1, {"x": torch.ones(2)})
     assert stop.value.code == 128 + signal.SIGTERM and "after shard 0" in str(stop.value)
     assert store.pending(3) == [1, 2] and torch.equal(store.load(0)["x"], torch.ones(2))
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_resumable_loader_continues_mid_epoch_and_across_process_counts():
