@@ -1,21 +1,23 @@
 """``lit-score``: LightningCLI over ScoreModel and any LightningDataModule, configured by experiment YAMLs."""
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from jsonargparse import set_parsing_settings
 import torch
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from omegaconf.errors import OmegaConfBaseException
 
+from lit_score.checkpoint_io import CorruptCheckpointError, checkpoint_problem, corrupt_message
 from lit_score.config import ConfigError, expand_config_args
 from lit_score.module import ScoreModel
 from lit_score.preemption import Preemption
-from lit_score.resume import RandomState
-from lit_score.slurm import check_allocation, submit_main
+from lit_score.resume import RandomState, resume_args
+from lit_score.slurm import SlurmAllocationError, check_allocation, submit_main
 
 
 class ScoreCLI(LightningCLI):
@@ -64,6 +66,18 @@ class ScoreCLI(LightningCLI):
         if saved and isinstance(self.model, ScoreModel):
             check_model_matches(saved, dict(self.model.hparams))
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        # A fit that fails before its first step leaves no run directory behind (no empty version_N).
+        logger = self.trainer.logger if subcommand == "fit" else None
+        log_dir = Path(logger.log_dir) if logger is not None and logger.log_dir else None
+        new = log_dir is not None and not log_dir.exists()
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if new and self.trainer.global_step == 0 and self.trainer.is_global_zero:
+                shutil.rmtree(log_dir, ignore_errors=True)
+            raise
+
 
 FROM_CHECKPOINT = ("net", "sde", "loss")
 
@@ -97,13 +111,26 @@ def check_model_matches(saved: dict, built: dict) -> None:
                  "--data.init_args.image_size) to the checkpoint's values.")
 
 
+def check_ckpt_path(args: list[str]) -> None:
+    """Raises :class:`CorruptCheckpointError` for a ``--ckpt_path`` file that is truncated or corrupt, before
+    anything reads it."""
+    for i, arg in enumerate(args):
+        path = args[i + 1] if arg == "--ckpt_path" and i + 1 < len(args) else (
+            arg.split("=", 1)[1] if arg.startswith("--ckpt_path=") else None)
+        if path and Path(path).is_file():
+            problem = checkpoint_problem(path)
+            if problem is not None:
+                raise CorruptCheckpointError(corrupt_message(path, problem))
+
+
 def run_cli(argv: list[str] | None = None) -> ScoreCLI:
     """Parse ``argv`` (default: the command line) and run the chosen subcommand."""
     from_command_line = argv is None
     try:
-        args = expand_config_args(sys.argv[1:] if from_command_line else list(argv))
-    except ConfigError as err:
+        args = expand_config_args(resume_args(sys.argv[1:] if from_command_line else list(argv)))
+    except (ConfigError, ValueError) as err:
         sys.exit(f"lit-score: error: {err}")
+    check_ckpt_path(args)
     if from_command_line:  # the expanded command line, also for the processes DDP launches from it
         sys.argv[1:] = args
     try:
@@ -115,10 +142,23 @@ def run_cli(argv: list[str] | None = None) -> ScoreCLI:
 
 
 def main() -> None:
-    """Console script ``lit-score``."""
+    """Console script ``lit-score``: exits 2 on a bad checkpoint or allocation (not worth a retry), and with
+    128 + the signal number after a signal stopped the run."""
     if sys.argv[1:2] == ["submit"]:
         sys.exit(submit_main(sys.argv[2:]))
-    run_cli()
+    try:
+        cli = run_cli()
+    except (CorruptCheckpointError, SlurmAllocationError) as err:
+        print(f"lit-score: error: {type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(2)
+    preemption = next((cb for cb in cli.trainer.callbacks if isinstance(cb, Preemption)), None)
+    if preemption is not None and preemption.exit_code:
+        if cli.trainer.is_global_zero:
+            where = f"; {preemption.checkpoint_path} is at step {cli.trainer.global_step}" \
+                if preemption.checkpoint_path else ""
+            resume = f": resume with `lit-score fit --resume {cli.trainer.log_dir}`" if cli.trainer.log_dir else ""
+            print(f"lit-score: stopped by {preemption.stopped_by.name}{where}{resume}", file=sys.stderr)
+        sys.exit(preemption.exit_code)
 
 
 if __name__ == "__main__":

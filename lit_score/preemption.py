@@ -1,18 +1,28 @@
-"""Pre-emption: a signal asks the run to checkpoint at the next step boundary, stop, and (on SLURM) requeue."""
+"""Nothing lost: the end of a fit and a signal (Ctrl-C, SIGTERM, SLURM's SIGUSR1) both write ``last.ckpt``
+through the Trainer's ``ModelCheckpoint`` at an optimizer-step boundary; after a signal the run stops, exits
+non-zero and (on SLURM, after SIGUSR1) requeues itself. Prediction, testing and evaluation stop after the current
+batch or shard."""
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
 import threading
+from pathlib import Path
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from lit_score.checkpoint_io import AtomicCheckpointIO
 
 
 def _signal(name: str) -> signal.Signals:
@@ -30,23 +40,90 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID")
 
 
+def exit_code(signum: int) -> int:
+    """The shell's status of a process ended by ``signum`` (130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1)."""
+    return 128 + int(signum)
+
+
+STOP_EXIT_CODES = tuple(exit_code(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1))
+
+
+class Interrupted(SystemExit):
+    """Raised after a signal once the current unit of work (a batch, a shard) is finished; exits the program with
+    :func:`exit_code` of the signal."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(exit_code(signum))
+        self.signum, self.message = signal.Signals(signum), message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+_requested: list[signal.Signals] = []
+
+
+@contextmanager
+def stop_at_boundaries(signals: Sequence[str] = ("SIGINT", "SIGTERM", "SIGUSR1")) -> Iterator[None]:
+    """Within the block the signals only record a stop request, which :func:`raise_if_stop_requested` acts on;
+    a second Ctrl-C aborts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _requested.clear()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if _requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        _requested.append(signal.Signals(signum))
+
+    previous = {s: signal.signal(s, handler) for s in map(_signal, signals)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        _requested.clear()
+
+
+def raise_if_stop_requested(done: str) -> None:
+    """Raises :class:`Interrupted` if a signal arrived inside :func:`stop_at_boundaries`; ``done`` names the
+    finished unit of work (e.g. ``"shard 3"``)."""
+    if _requested:
+        sig = _requested[0]
+        raise Interrupted(sig, f"stopped by {sig.name} after {done}; run the same command again to go on")
+
+
+def _encode(received: signal.Signals | None, requeue: bool) -> int:
+    return 0 if received is None else int(received) + (64 if requeue else 0)
+
+
 class Preemption(L.Callback):
-    """On one of ``requeue_signals`` or ``stop_signals`` the run finishes its current training step, saves
-    ``last.ckpt`` through the Trainer's ``ModelCheckpoint`` and stops; after a ``requeue_signal``, inside a SLURM
-    job, rank 0 then requeues the job with ``scontrol requeue``. The signal handler only records the signal;
-    every rank learns at each step boundary whether any rank received one, so all stop at the same step.
+    """Every way a fit ends writes ``last.ckpt`` through the Trainer's ``ModelCheckpoint`` (``save_last``) at an
+    optimizer-step boundary, with its step, epoch and loop counters: the last step of the run (``max_steps`` or
+    ``max_epochs``, whether or not a periodic checkpoint falls on it) and the step during which one of
+    ``requeue_signals`` or ``stop_signals`` arrived, after which the run stops (``Trainer.should_stop``, without
+    the validation Lightning would add) and the process exits with 128 + the signal number. After a
+    ``requeue_signal``, inside a SLURM job, rank 0 requeues the job with ``scontrol requeue``. The handler only
+    records the signal; every rank learns at each step boundary whether any rank received one, so all stop at
+    the same step. A second Ctrl-C aborts at once (the previous checkpoint stays).
+
+    Also: checkpoints are written atomically (:class:`lit_score.checkpoint_io.AtomicCheckpointIO`), ``last.ckpt``
+    is replaced in place (the ModelCheckpoint's version counter is off, so no ``last-v1.ckpt``), a resumed run's
+    TensorBoard events purge the steps after the checkpoint (``purge_step``), and in ``predict``, ``test`` and
+    ``validate`` a signal stops the run after the current batch with :class:`Interrupted`.
 
     Args:
         requeue_signals: signals that mean "save, stop and requeue" (SLURM's ``--signal=USR1@90`` warning).
-        stop_signals: signals that mean "save and stop" (SLURM's SIGTERM at the time limit or on ``scancel``;
-            a job pre-empted with ``PreemptMode=REQUEUE`` is requeued by SLURM itself).
+        stop_signals: signals that mean "save and stop" (Ctrl-C; SLURM's SIGTERM at the time limit or on
+            ``scancel``; a job pre-empted with ``PreemptMode=REQUEUE`` is requeued by SLURM itself).
         requeue: run ``scontrol requeue`` after a requeue signal (only inside a SLURM job).
     """
 
     def __init__(self, requeue_signals: list[str] | None = None, stop_signals: list[str] | None = None,
                  requeue: bool = True) -> None:
         self.requeue_signals = [_signal(s) for s in (["SIGUSR1"] if requeue_signals is None else requeue_signals)]
-        self.stop_signals = [_signal(s) for s in (["SIGTERM"] if stop_signals is None else stop_signals)]
+        self.stop_signals = [_signal(s) for s in (["SIGTERM", "SIGINT"] if stop_signals is None else stop_signals)]
         both = set(self.requeue_signals) & set(self.stop_signals)
         if both:
             raise ValueError(f"{', '.join(s.name for s in both)} is both a requeue and a stop signal")
@@ -54,16 +131,28 @@ class Preemption(L.Callback):
             raise ValueError("SIGKILL cannot be caught; pre-emption needs a warning signal such as SIGUSR1")
         self.requeue = requeue
         self.received: signal.Signals | None = None
+        self.stopped_by: signal.Signals | None = None
         self.checkpoint_path: str | None = None
         self._requeue_pending = False
+        self._start_step = 0
+        self._resume_step: int | None = None
         self._previous: dict[signal.Signals, Any] = {}
 
     @property
     def signals(self) -> list[signal.Signals]:
         return self.requeue_signals + self.stop_signals
 
+    @property
+    def exit_code(self) -> int:
+        """0 after a fit that ended by itself, 128 + the signal number after one that a signal stopped."""
+        return 0 if self.stopped_by is None else exit_code(self.stopped_by)
+
     def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: abort now, the previous checkpoint stays
         self.received = signal.Signals(signum)
+        if signum == signal.SIGINT:
+            rank_zero_info("Ctrl-C: stopping with a checkpoint after this step (Ctrl-C again aborts without one).")
 
     def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -74,21 +163,35 @@ class Preemption(L.Callback):
                 signal.signal(sig, self._handler)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        self.received, self.checkpoint_path, self._requeue_pending = None, None, False
-        if self._checkpoint_callback(trainer) is None:
-            rank_zero_warn("Preemption: the Trainer has no ModelCheckpoint, so a signal stops the run without a "
-                           "checkpoint to resume from. Add ModelCheckpoint(save_last=True).")
-        # This callback requeues, after its checkpoint; Lightning's SLURM handler would save inside the handler.
-        environment = getattr(trainer.strategy, "cluster_environment", None)
-        if isinstance(environment, SLURMEnvironment):
-            environment.auto_requeue = False
+        self.received, self.stopped_by, self.checkpoint_path, self._requeue_pending = None, None, None, False
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if stage == "fit":
+            checkpoint = self._checkpoint_callback(trainer)
+            if checkpoint is None or not checkpoint.save_last:
+                rank_zero_warn("Preemption: the Trainer has no ModelCheckpoint(save_last=True), so the end of the run "
+                               "and a signal leave no last.ckpt to resume from. Add ModelCheckpoint(save_last=True).")
+            else:
+                checkpoint._enable_version_counter = False  # last.ckpt is replaced in place, never last-v1.ckpt
+            # This callback requeues, after its checkpoint; Lightning's SLURM handler would save inside the handler.
+            environment = getattr(trainer.strategy, "cluster_environment", None)
+            if isinstance(environment, SLURMEnvironment):
+                environment.auto_requeue = False
         # Installed before Lightning's signal connector, which then leaves SIGUSR1 alone.
         self._install()
 
+    # Lightning's connector wraps SIGTERM in handlers of its own; take it back for the loop.
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Lightning's connector wraps SIGTERM in handlers of its own; take it back for the training loop.
+        self._start_step = trainer.global_step
+        self._install()
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install()
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._install()
 
     @staticmethod
@@ -96,40 +199,119 @@ class Preemption(L.Callback):
         callbacks = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
         return next((cb for cb in callbacks if cb.save_last), callbacks[0] if callbacks else None)
 
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # The batch that made step k logs at k - 1, after the checkpoint: the resumed run logs from k on.
+        self._resume_step = int(checkpoint.get("global_step", 0))
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # TensorBoard drops the points an interrupted run logged after the checkpoint (after step 0 when a run
+        # restarts from scratch in its own directory): one point per step. Nothing is logged before this hook.
+        step, self._resume_step = self._resume_step, None
+        for logger in trainer.loggers:
+            if not isinstance(logger, TensorBoardLogger):
+                continue
+            writer = logger._experiment  # opened, still empty, by Lightning's setup
+            own = getattr(getattr(getattr(writer, "file_writer", None), "event_writer", None), "_file_name", None)
+            earlier = [p for p in Path(logger.log_dir).glob("events.out.tfevents.*") if str(p) != own]
+            if step is None and not earlier:
+                continue
+            if writer is not None:  # reopened with purge_step
+                logger._experiment = None
+                writer.close()
+                if own is not None:
+                    Path(own).unlink(missing_ok=True)
+            logger._kwargs["purge_step"] = step or 0
+
+    def _stop_code(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
+        code = _encode(self.received, self.received in self.requeue_signals)
+        if trainer.world_size > 1:  # any rank's signal stops every rank; a requeue signal wins
+            code = int(trainer.strategy.reduce(torch.tensor(code, device=pl_module.device), reduce_op="max").item())
+        return code
+
+    @staticmethod
+    def _last_step(trainer: L.Trainer) -> bool:
+        if trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step:
+            return True
+        max_epochs = trainer.max_epochs
+        return (max_epochs is not None and 0 < max_epochs <= trainer.current_epoch + 1
+                and bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch))
+
+    def _save_last(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                   batch_idx: int) -> None:
+        checkpoint = self._checkpoint_callback(trainer)
+        if checkpoint is None or not checkpoint.save_last:
+            return
+        # A periodic checkpoint due at this step first (ModelCheckpoint skips a step it has saved), then last.ckpt.
+        checkpoint.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if checkpoint._last_global_step_saved != trainer.global_step or not checkpoint.last_model_path:
+            checkpoint._save_last_checkpoint(trainer, checkpoint._monitor_candidates(trainer))
+        self.checkpoint_path = checkpoint.last_model_path
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if trainer.should_stop and self.checkpoint_path is not None:
+        if self.stopped_by is not None:
             return
         accumulate = trainer.accumulate_grad_batches
         if accumulate > 1 and (batch_idx + 1) % accumulate and batch_idx + 1 != trainer.num_training_batches:
             return  # not an optimizer-step boundary
-        received = self.received
-        code = 0 if received is None else (2 if received in self.requeue_signals else 1)
-        # Any rank's signal stops every rank; a requeue signal wins over a stop signal.
-        code = int(trainer.strategy.reduce(torch.tensor(code, device=pl_module.device), reduce_op="max").item()) \
-            if trainer.world_size > 1 else code
+        code = self._stop_code(trainer, pl_module)
         if code == 0:
+            if self._last_step(trainer):
+                self._save_last(trainer, pl_module, outputs, batch, batch_idx)
             return
-        self._requeue_pending = code == 2 and self.requeue
+        self.stopped_by = signal.Signals(code % 64)
+        self._requeue_pending = code >= 64 and self.requeue
         rank_zero_info(f"Pre-emption signal: saving a checkpoint at step {trainer.global_step} and stopping.")
-        checkpoint = self._checkpoint_callback(trainer)
-        if checkpoint is not None and checkpoint.dirpath is not None:
-            metrics = {**trainer.callback_metrics, "epoch": torch.tensor(trainer.current_epoch),
-                       "step": torch.tensor(trainer.global_step)}
-            self.checkpoint_path = checkpoint.format_checkpoint_name(metrics, checkpoint.CHECKPOINT_NAME_LAST)
-            checkpoint.last_model_path = self.checkpoint_path
-            trainer.save_checkpoint(self.checkpoint_path)
-        else:
+        self._save_last(trainer, pl_module, outputs, batch, batch_idx)
+        if self.checkpoint_path is None:
             self._requeue_pending = False
         trainer.should_stop = True
+        trainer.limit_val_batches = 0  # Lightning validates when should_stop is set; no time for that now
 
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Early stopping ends a run between steps: its last step is saved here (ModelCheckpoint would save it
+        # only if it had saved nothing else in this run).
+        checkpoint = self._checkpoint_callback(trainer)
+        if (checkpoint is not None and checkpoint.save_last and trainer.global_step > self._start_step
+                and checkpoint._last_global_step_saved != trainer.global_step):
+            checkpoint._save_last_checkpoint(trainer, checkpoint._monitor_candidates(trainer))
+
+    def _stop_evaluation(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str,
+                         batch_idx: int) -> None:
+        code = self._stop_code(trainer, pl_module)
+        if code:
+            sig = signal.Signals(code % 64)
+            message = f"stopped by {sig.name} after {stage} batch {batch_idx}; the remaining batches did not run"
+            rank_zero_info(message)
+            raise Interrupted(sig, message)
+
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._stop_evaluation(trainer, pl_module, "predict", batch_idx)
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._stop_evaluation(trainer, pl_module, "test", batch_idx)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if trainer.state.fn == "validate":
+            self._stop_evaluation(trainer, pl_module, "validation", batch_idx)
+
+    def _restore_handlers(self) -> None:
         if threading.current_thread() is threading.main_thread():
             for sig, previous in self._previous.items():
                 signal.signal(sig, previous)
         self._previous = {}
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()  # Lightning skips the teardown hooks after an exception
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore_handlers()
+        if stage != "fit":
+            return
         if self._requeue_pending and trainer.is_global_zero:
             self._requeue()
         self._requeue_pending = False

@@ -8,6 +8,7 @@ for step k + 1 onwards as an uninterrupted run, provided its DataModule serves t
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 import random
 from collections.abc import Iterator, Sized
 from typing import Any
@@ -192,3 +193,27 @@ class ResumableDataLoader(DataLoader):
         sampler.set_epoch(epoch)
         sampler.start = start
         self._epoch, self._seen = epoch, start
+
+
+def resume_args(argv: list[str]) -> list[str]:
+    """``lit-score fit --resume RUN_DIR [overrides]``: the arguments that continue the run in ``RUN_DIR`` in place,
+    its saved ``config.yaml``, the same logger directory and version (so the same TensorBoard run and
+    ``checkpoints/last.ckpt``), ``--ckpt_path last``, then the overrides."""
+    for i, arg in enumerate(argv):
+        if arg == "--resume" or arg.startswith("--resume="):
+            break
+    else:
+        return list(argv)
+    if arg == "--resume":
+        if i + 1 >= len(argv):
+            raise ValueError("--resume needs a run directory, e.g. --resume runs/quickstart/version_0")
+        value, rest = argv[i + 1], argv[i + 2:]
+    else:
+        value, rest = arg.split("=", 1)[1], argv[i + 1:]
+    run_dir = Path(value).absolute()
+    if not (run_dir / "config.yaml").is_file():
+        raise ValueError(f"--resume {value}: no config.yaml in {run_dir}; pass the run directory that holds "
+                         f"config.yaml and checkpoints/, e.g. runs/quickstart/version_0")
+    logger = "--trainer.logger.init_args."
+    return [*argv[:i], "--config", str(run_dir / "config.yaml"), f"{logger}save_dir={run_dir.parent.parent}",
+            f"{logger}name={run_dir.parent.name}", f"{logger}version={run_dir.name}", "--ckpt_path=last", *rest]

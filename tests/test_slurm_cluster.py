@@ -1,11 +1,17 @@
 """SLURM on a real cluster on localhost (munged, slurmctld, two slurmd): the project's sbatch templates, submitted
-with ``lit-score submit``, train with CPU DDP over gloo, survive pre-emption by requeue and resume exactly where
-they stopped; a job whose allocation does not match the Trainer fails at once with the fix in its log."""
+with ``lit-score submit``, train with CPU DDP over gloo, survive pre-emption by requeue and a crash of the training
+process by a retry, and resume exactly where they stopped (bitwise the state of an uninterrupted job); a job whose
+allocation does not match the Trainer fails at once with the fix in its log, and one that no node could hold is
+refused before it is submitted.
+
+Without SLURM installed these tests are skipped, except under CI=true, where they fail."""
 from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,13 +22,18 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lit_score.slurm import allocation_errors, build_submission, submit_main
+from lit_score.slurm import PreflightError, allocation_errors, build_submission, submit_main
 from slurm_cluster import SlurmCluster, missing_binaries
+from test_resume import assert_equal_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 MISSING = missing_binaries()
-needs_slurm = pytest.mark.skipif(bool(MISSING), reason=f"SLURM is not installed (missing: {', '.join(MISSING)}); "
-                                                     "apt-get install slurmctld slurmd slurm-client munge")
+IN_CI = os.environ.get("CI") == "true"
+WHY = (f"SLURM is not installed (missing: {', '.join(MISSING)}); "
+       "apt-get install slurmctld slurmd slurm-client munge")
+# Under CI a missing SLURM is a failure of the set-up, never a reason to skip.
+needs_slurm = pytest.mark.skipif(bool(MISSING) and not IN_CI, reason=WHY)
+TESTS = str(Path(__file__).parent)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
 # Quickstart, shrunk: 8x8 digits, a DDPM++ with 8 channels, 180 training images in batches of 16 per process.
@@ -41,6 +52,36 @@ TINY = {
     "model": {"warmup": 5, "net": {"init_args": {"nf": 8, "ch_mult": [1, 2], "attn_resolutions": []}}},
     "data": {"init_args": {"image_size": 8, "batch_size": 16, "val_fraction": 0.9}},
 }
+
+
+class PreemptAt(L.Callback):
+    """Rank 0, at the start of the step after optimizer step ``step``, has SLURM send SIGUSR1 to every task of
+    its job (``scancel --signal=USR1``) and waits until the signal has arrived: the pre-emption lands in that
+    step, whatever the machine's load."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step != self.step or not trainer.is_global_zero:
+            return
+        subprocess.run(["scancel", "--signal=USR1", os.environ["SLURM_JOB_ID"]], check=True)
+        preemption = next(cb for cb in trainer.callbacks if type(cb).__name__ == "Preemption")
+        deadline = time.monotonic() + 60
+        while preemption.received is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+class KillOnce(L.Callback):
+    """``kill -9`` of rank 0's training process after optimizer step ``step``, once per ``marker`` file."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = step, Path(marker)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and trainer.is_global_zero and not self.marker.exists():
+            self.marker.write_text("killed")
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class SlowSteps(L.Callback):
@@ -63,24 +104,89 @@ def _free_port() -> int:
 def cluster(tmp_path_factory):
     """Two simulated nodes of 2 CPUs; clients and jobs of this module talk to it."""
     if MISSING:
-        pytest.skip(f"SLURM is not installed (missing: {', '.join(MISSING)})")
+        if IN_CI:
+            pytest.fail(f"CI=true but {WHY}")
+        pytest.skip(WHY)
     slurm = SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=2, cpus=2).start()
     with pytest.MonkeyPatch.context() as mp:
         for key in ("SLURM_CONF", "MASTER_ADDR"):
             mp.setenv(key, slurm.env[key])
         mp.setenv("GLOO_SOCKET_IFNAME", "lo")
+        mp.setenv("PYTHONPATH", os.pathsep.join([TESTS, str(ROOT)]))
         yield slurm
     slurm.stop()
 
 
-def write_config(tmp_path: Path, max_steps: int, extra_callbacks: list[dict] = ()) -> Path:
+def write_config(tmp_path: Path, max_steps: int, extra_callbacks: list[dict] = (), every: int = 2,
+                 name: str = "tiny") -> Path:
     config = yaml.safe_load(yaml.safe_dump(TINY))
     config["trainer"]["max_steps"] = max_steps
+    config["trainer"]["callbacks"][0]["init_args"]["every_n_train_steps"] = every
     config["trainer"]["callbacks"] += list(extra_callbacks)
     config["trainer"]["logger"] = {"init_args": {"save_dir": str(tmp_path / "runs"), "name": "tiny"}}
-    path = tmp_path / "tiny.yaml"
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def submit(tmp_path: Path, config: Path, nodes: int, devices: int, *sbatch: str, max_restarts: int = 3):
+    """``lit-score submit``'s job for ``config``, on its own MASTER_PORT; returns (submission, job id)."""
+    os.environ["MASTER_PORT"] = str(_free_port())
+    try:
+        submission = build_submission(
+            ["--config", str(config), "--trainer.num_nodes", str(nodes), "--trainer.devices", str(devices)],
+            [f"--chdir={tmp_path}", "--cpus-per-task=1", "--time=10", *sbatch], max_restarts=max_restarts)
+        return submission, submission.submit()
+    finally:
+        del os.environ["MASTER_PORT"]
+
+
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
+MAX_STEPS = 14
+
+
+@pytest.fixture(scope="module")
+def reference_job(cluster, tmp_path_factory):
+    """An uninterrupted 2-node x 1-task job (checkpoints every 10 steps), submitted at once, waited for on use:
+    its final checkpoint and run directory."""
+    tmp_path = tmp_path_factory.mktemp("reference")
+    submission, job = submit(tmp_path, write_config(tmp_path, MAX_STEPS, every=10), 2, 1)
+    result: dict = {}
+
+    def get() -> tuple[dict, Path]:
+        if not result:
+            state = cluster.wait_job(job, ENDED, 900)
+            log = submission.run_dir(job) / "slurm.out"
+            assert state == "COMPLETED", log.read_text()[-4000:] if log.exists() else state
+            run_dir = submission.run_dir(job)
+            result["value"] = (torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False), run_dir)
+        return result["value"]
+    return get
+
+
+def loss_curve(run_dir: Path) -> list[tuple[int, float]]:
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars("train/loss")]
+
+
+def assert_same_as_reference(run_dir: Path, reference: tuple[dict, Path]) -> None:
+    """Weights, optimizer, EMA and every rank's random state bitwise those of the uninterrupted job, and the
+    same loss curve, one point per step."""
+    final = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)
+    expected, reference_dir = reference
+    assert final["global_step"] == expected["global_step"] == MAX_STEPS
+    for name in ("state_dict", "optimizer_states", "lr_schedulers", "random_state"):
+        assert_equal_tree(final[name], expected[name], name)
+    assert len(final["random_state"]) == 2, "one random state per DDP process"
+    ema = [k for k in expected["callbacks"] if k.startswith("EMA")]
+    assert ema
+    for key in ema:
+        assert_equal_tree(final["callbacks"][key], expected["callbacks"][key], key)
+    curve = loss_curve(run_dir)
+    steps = [s for s, _ in curve]
+    assert all(a < b for a, b in zip(steps, steps[1:])), steps
+    assert curve == loss_curve(reference_dir)
 
 
 def wait_for(predicate, timeout: float, what: str, log: Path | None = None) -> None:
@@ -93,39 +199,25 @@ def wait_for(predicate, timeout: float, what: str, log: Path | None = None) -> N
     raise TimeoutError(f"{what} within {timeout:.0f} s\n{tail}")
 
 
-def run_preempted(cluster: SlurmCluster, tmp_path: Path, nodes: int, devices: int, max_steps: int,
-                  preempt_at: int = 2) -> tuple[str, Path, str]:
-    """Submits, sends USR1 once the checkpoint of step ``preempt_at`` exists, waits for the requeued job to end."""
-    os.environ["MASTER_PORT"] = str(_free_port())
-    try:
-        submission = build_submission(
-            ["--config", str(write_config(tmp_path, max_steps)), "--trainer.num_nodes", str(nodes),
-             "--trainer.devices", str(devices)],
-            [f"--chdir={tmp_path}", "--cpus-per-task=1", "--time=10"])
-        job = submission.submit()
-    finally:
-        del os.environ["MASTER_PORT"]
+def run_preempted(cluster: SlurmCluster, tmp_path: Path, nodes: int, devices: int,
+                  preempt_at: int = 3) -> tuple[str, Path, str]:
+    """A job (checkpoints every 10 steps) that SLURM signals with USR1 during step ``preempt_at + 1``, before its
+    first periodic checkpoint; waits for the requeued job to end."""
+    config = write_config(tmp_path, MAX_STEPS, [{"class_path": "test_slurm_cluster.PreemptAt",
+                                                 "init_args": {"step": preempt_at}}], every=10)
+    submission, job = submit(tmp_path, config, nodes, devices)
     run_dir, log = submission.run_dir(job), submission.run_dir(job) / "slurm.out"
-    first = run_dir / "checkpoints" / f"epoch=0-step={preempt_at}.ckpt"
-    wait_for(first.exists, 300, f"job {job} did not write {first.name}", log)
-    cluster.run("scancel", "--signal=USR1", job)
-    state = cluster.wait_job(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, 400)
-    text = log.read_text()
+    state = cluster.wait_job(job, ENDED, 900)
+    text = log.read_text() if log.exists() else ""
     assert state == "COMPLETED", text[-4000:]
     return job, run_dir, text
 
 
-def assert_requeued_and_resumed(cluster: SlurmCluster, job: str, run_dir: Path, log: str, max_steps: int) -> None:
+def assert_requeued_and_resumed(cluster: SlurmCluster, job: str, run_dir: Path, log: str, stopped: int) -> None:
     assert cluster.job_field(job, "Restarts") == "1", log[-4000:]
     assert re.findall(r"job \d+ start (\d+)", log) == ["1", "2"], log[-4000:]
-    saved = re.search(r"Pre-emption signal: saving a checkpoint at step (\d+)", log)
-    assert saved is not None, log[-4000:]
-    stopped = int(saved.group(1))
-    assert 2 <= stopped < max_steps
+    assert f"Pre-emption signal: saving a checkpoint at step {stopped} and stopping" in log, log[-4000:]
     assert f"Restoring states from the checkpoint path at {run_dir}/checkpoints/last.ckpt" in log
-    final = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)
-    assert final["global_step"] == max_steps
-    assert len(final["random_state"]) == 2, "one random state per DDP process"
     # TensorBoard: one event file per start, the second continuing after the step the first stopped at.
     events = sorted(run_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
     assert len(events) == 2
@@ -135,27 +227,83 @@ def assert_requeued_and_resumed(cluster: SlurmCluster, job: str, run_dir: Path, 
         acc.Reload()
         steps.append([e.step for e in acc.Scalars("train/loss")])
     assert max(steps[0]) == stopped - 1 and min(steps[1]) == stopped
-    assert max(steps[1]) == max_steps - 1
+    assert max(steps[1]) == MAX_STEPS - 1
 
 
 @needs_slurm
-def test_two_nodes_one_task_each_preempted_requeued_and_resumed(cluster, tmp_path):
-    """multi_node.sbatch on 2 nodes x 1 task: `scancel --signal=USR1` -> checkpoint at a step boundary, requeue,
-    resume from last.ckpt in the same run directory, finish at max_steps with TensorBoard steps continuing."""
-    max_steps = 14
-    job, run_dir, log = run_preempted(cluster, tmp_path, nodes=2, devices=1, max_steps=max_steps)
+def test_two_nodes_one_task_each_preempted_requeued_and_resumed(cluster, tmp_path, reference_job):
+    """multi_node.sbatch on 2 nodes x 1 task: SIGUSR1 from SLURM during step 4, before the first periodic
+    checkpoint -> last.ckpt at step 4, requeue, resume from it in the same run directory, and at max_steps the
+    weights, optimizer, EMA, random states and loss curve of the uninterrupted job, bit for bit."""
+    job, run_dir, log = run_preempted(cluster, tmp_path, nodes=2, devices=1)
     assert "multi_node" in cluster.job_field(job, "Command")
-    assert_requeued_and_resumed(cluster, job, run_dir, log, max_steps)
+    assert_requeued_and_resumed(cluster, job, run_dir, log, stopped=4)
+    assert_same_as_reference(run_dir, reference_job())
 
 
 @needs_slurm
 @pytest.mark.slow
 def test_one_node_two_tasks_preempted_requeued_and_resumed(cluster, tmp_path):
-    """single_node.sbatch on 1 node x 2 tasks (CPU DDP over gloo), pre-empted with `scancel --signal=USR1`."""
-    max_steps = 14
-    job, run_dir, log = run_preempted(cluster, tmp_path, nodes=1, devices=2, max_steps=max_steps)
+    """single_node.sbatch on 1 node x 2 tasks (CPU DDP over gloo), pre-empted by SLURM's SIGUSR1."""
+    job, run_dir, log = run_preempted(cluster, tmp_path, nodes=1, devices=2)
     assert "single_node" in cluster.job_field(job, "Command")
-    assert_requeued_and_resumed(cluster, job, run_dir, log, max_steps)
+    assert_requeued_and_resumed(cluster, job, run_dir, log, stopped=4)
+    final = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)
+    assert final["global_step"] == MAX_STEPS and len(final["random_state"]) == 2
+
+
+@needs_slurm
+@pytest.mark.slow
+def test_a_crashed_training_process_is_retried_and_resumes_exactly(cluster, tmp_path, reference_job):
+    """kill -9 of rank 0 after step 5 (last.ckpt: step 4) on 2 nodes x 1 task: the job requeues itself, resumes
+    from last.ckpt and ends COMPLETED in the uninterrupted job's state."""
+    marker = tmp_path / "killed"
+    config = write_config(tmp_path, MAX_STEPS, [{"class_path": "test_slurm_cluster.KillOnce",
+                                                 "init_args": {"step": 5, "marker": str(marker)}}], every=2)
+    submission, job = submit(tmp_path, config, 2, 1, max_restarts=1)
+    state = cluster.wait_job(job, ENDED, 900)
+    run_dir = submission.run_dir(job)
+    log = (run_dir / "slurm.out").read_text()
+    assert state == "COMPLETED", log[-4000:]
+    assert marker.exists() and cluster.job_field(job, "Restarts") == "1", log[-4000:]
+    assert "training exited with status 137: requeueing job" in log and "(crash restart 1 of 1)" in log
+    assert f"Restoring states from the checkpoint path at {run_dir}/checkpoints/last.ckpt" in log
+    assert_same_as_reference(run_dir, reference_job())
+
+
+@needs_slurm
+@pytest.mark.slow
+def test_crash_restarts_are_bounded(cluster, tmp_path):
+    """With --max-restarts 0 a crashed job is not requeued: it ends FAILED, saying why."""
+    config = write_config(tmp_path, MAX_STEPS, [{"class_path": "test_slurm_cluster.KillOnce",
+                                                 "init_args": {"step": 1, "marker": str(tmp_path / "killed")}}])
+    submission, job = submit(tmp_path, config, 1, 1, max_restarts=0)
+    assert cluster.wait_job(job, ENDED, 600) == "FAILED"
+    log = (submission.run_dir(job) / "slurm.out").read_text()
+    assert "status 137; 0 crash restart(s) used of 0: giving up" in log, log[-4000:]
+    assert cluster.job_field(job, "Restarts") == "0"
+
+
+@needs_slurm
+def test_submit_refuses_a_job_no_node_can_hold(cluster, tmp_path, capsys):
+    """The templates' --cpus-per-task=8 on nodes of 2 CPUs: `lit-score submit` stops before sbatch, with the
+    fix, instead of a job pending forever; so do too many GPUs, nodes or memory."""
+    config = write_config(tmp_path, 4)
+    queued = cluster.run("squeue", "-h", "-o", "%i").split()
+    assert submit_main(["--", "--config", str(config), "--trainer.accelerator", "cpu", "--trainer.devices", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "have at most 2 CPUs, but the job asks 1 task(s) x 8 CPUs per node: pass --cpus-per-task=2" in err
+    assert cluster.run("squeue", "-h", "-o", "%i").split() == queued, "nothing was submitted"
+    for sbatch, fit, message in [
+            (["--cpus-per-task=1"], ["--trainer.accelerator", "gpu"],
+             "have at most 0 GPUs, but the job asks 1 per node"),
+            (["--cpus-per-task=1"], ["--trainer.num_nodes", "3"], "has 2 node(s) that fit the job, but it asks 3"),
+            (["--cpus-per-task=1", "--mem=4G"], [], "at most 1 MB of memory, but the job asks 4096 MB"),
+            (["--cpus-per-task=1", "--partition=gpu"], [], "partition 'gpu' has no nodes")]:
+        submission = build_submission(["--config", str(config), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+                                       *fit], sbatch)
+        with pytest.raises(PreflightError, match=re.escape(message)):
+            submission.submit()
 
 
 @needs_slurm

@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lit_score.config import ConfigError, expand_config_args
 from lit_score.evaluate.evaluator import Evaluator
 from lit_score.evaluate.experiment import ExperimentCLI
+from lit_score.preemption import Interrupted, stop_at_boundaries
 
 
 class EvaluateCLI(ExperimentCLI):
@@ -53,8 +54,13 @@ def run(argv: Sequence[str] | None = None) -> dict:
     fabric = L.Fabric(accelerator=trainer.get("accelerator") or "auto", devices=trainer.get("devices") or "auto",
                       num_nodes=trainer.get("num_nodes") or 1, strategy="auto")
     fabric.launch()
-    results = evaluator.run(cli.model, cli.datamodule, cli.config["ckpt_path"], config=" + ".join(configs) or None,
-                            device=fabric.device)
+    try:
+        with stop_at_boundaries():  # SIGINT, SIGTERM, SIGUSR1: stop after the current shard, exit 128 + signal
+            results = evaluator.run(cli.model, cli.datamodule, cli.config["ckpt_path"],
+                                    config=" + ".join(configs) or None, device=fabric.device)
+    except Interrupted as err:
+        print(f"lit-score-eval: {err}", file=sys.stderr)
+        raise
     if fabric.global_rank == 0 and not results["complete"]:
         print(f"stopped with {results['shards_left']} of {results['num_shards']} shards left (max_shards); "
               f"run the same command again to go on")

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from lit_score.preemption import raise_if_stop_requested
+
 
 class ShardStore:
     """Shard ``i`` is the file ``<directory>/shard_<i>.pt``, written atomically (temporary file, then rename) and
@@ -34,6 +36,7 @@ class ShardStore:
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         torch.save({**payload, "index": index, "fingerprint": self.fingerprint}, tmp)
         tmp.replace(path)
+        raise_if_stop_requested(f"shard {index}")  # a signal waits for the shard being sampled
 
     def load(self, index: int) -> dict[str, Any]:
         path = self.path(index)

@@ -1,0 +1,90 @@
+"""Checkpoint files that are either whole or absent: written to a temporary file beside the target, flushed to
+disk and renamed over it, so a crash or ``kill -9`` during a save leaves the previous checkpoint intact."""
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+
+TMP_MARK = ".tmp-"
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file that is truncated or not a checkpoint at all."""
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a complete ``torch.save`` archive (its zip directory and CRCs), or None if it is."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        return str(err) or type(err).__name__
+    return None if bad is None else f"member {bad} fails its CRC check"
+
+
+def newest_good_checkpoint(directory: str | Path, exclude: str | Path | None = None) -> Path | None:
+    """The most recently written complete ``*.ckpt`` in ``directory`` other than ``exclude``."""
+    excluded = Path(exclude).resolve() if exclude is not None else None
+    candidates = [p for p in Path(directory).glob("*.ckpt") if p.is_file() and p.resolve() != excluded]
+    for candidate in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
+        if checkpoint_problem(candidate) is None:
+            return candidate
+    return None
+
+
+def corrupt_message(path: str | Path, problem: str) -> str:
+    """One line naming the bad file and the checkpoint to use instead."""
+    good = newest_good_checkpoint(Path(path).parent, exclude=path)
+    fix = (f"the newest good checkpoint beside it is {good}: pass --ckpt_path {good}" if good is not None
+           else "no good checkpoint lies beside it")
+    return f"checkpoint {path} is truncated or corrupt ({problem}); {fix}"
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` with atomic local writes, and a :class:`CorruptCheckpointError` naming
+    the newest good checkpoint beside a file that cannot be read."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path: str | Path, map_location: Callable | None = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except FileNotFoundError:
+            raise
+        except Exception:
+            problem = checkpoint_problem(path) if _is_local_file_protocol(path) else None
+            if problem is None:
+                raise
+            raise CorruptCheckpointError(corrupt_message(path, problem)) from None
