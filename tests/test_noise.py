@@ -55,6 +55,14 @@ def test_philox_matches_the_published_known_answers(ctr, key, out):
     assert tuple(int(w) for w in words) == out
 
 
+def test_philox_batches_the_known_answers():
+    """All three known answers from one batched call (counters and keys as 1-D tensors of length 3)."""
+    ctr = tuple(torch.tensor([c[i] for c, _, _ in KAT]) for i in range(4))
+    key = tuple(torch.tensor([k[i] for _, k, _ in KAT]) for i in range(2))
+    words = philox4x32(ctr, key)
+    assert [tuple(int(w[j]) for w in words) for j in range(3)] == [out for _, _, out in KAT]
+
+
 def test_values_match_the_reference_generator():
     """Pinned: every element of a few (seed, step) draws, incl. 64-bit seeds, big steps and a ragged shape."""
     cases = [(0, 0), (7, 1), (2**32 + 5, 3), (123456789012, 2**21), (3, 2**40 + 9)]

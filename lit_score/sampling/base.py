@@ -28,11 +28,12 @@ NOISE_STREAM, PRIOR_STREAM = 0, 1  # counter word 3: SeededNoise / seeded_normal
 
 
 def philox_round_keys(k0: Tensor, k1: Tensor, rounds: int = PHILOX_ROUNDS) -> Tensor:
-    """The key words of every round, (rounds, ..., 2, 1), each round's pair in the order `philox4x32_words` uses."""
+    """The key words (..., n) of every round stacked as (rounds, ..., 2, n), each round's pair in the order
+    `philox4x32_words` uses."""
     keys = []
     for r in range(rounds):
         a, b = (k0 + r * PHILOX_W[0]) & _MASK32, (k1 + r * PHILOX_W[1]) & _MASK32
-        keys.append(torch.stack([b, a] if r % 2 == 0 else [a, b], -1)[..., None])
+        keys.append(torch.stack([b, a] if r % 2 == 0 else [a, b], -2))
     return torch.stack(keys)
 
 
