@@ -1,98 +1,208 @@
-"""Sample quality against NFE for every sampler, on exact-score Gaussian mixtures (VE and VP SDEs), and on a
-quickstart checkpoint if one is given. Quality: energy distance to samples of the true mixture (for the checkpoint,
-to the digits data), averaged over the mixtures; lower is better.
+"""Sample quality against NFE for every solver on exact-score Gaussian mixtures (VE and VP), and the samplers' own
+cost per step beside one evaluation of the quickstart network.
 
-    python -m benchmarks.samplers [--ckpt runs/quickstart/version_0/checkpoints/last.ckpt] [--out samplers.png]
+Quality, for 2-D and 8-D mixtures of anisotropic, unequally weighted components (exact scores from
+lit_score.mixtures): the energy distance to exact samples of the mixture, and the mode-weight error
+max_k |mean_i r_k(x_i) - w_k| (r_k: component responsibilities under p_0, so exact samples give w_k on average);
+"null" rows give both statistics for a second exact sample set, the level a perfect sampler reaches.
+
+    python -m benchmarks.samplers [--quick] [--ckpt runs/quickstart/version_0/checkpoints/last.ckpt] [--out samplers.png]
 """
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import Tensor
 
 from lit_score.mixtures import GaussianMixture, energy_distance
-from lit_score.sampling import DPMSolverPP, EDMSampler, ODESampler, PCSampler, Sampler
+from lit_score.sampling import DPMSolverPP, EDMSampler, ODESampler, PCSampler, Sampler, SeededNoise, seeded_prior
 from lit_score.sdes import SDE, VESDE, VPSDE
 
-SAMPLER_GRID: dict[str, tuple[Callable[[float], Sampler], list[float]]] = {
-    "PC euler_maruyama": (lambda n: PCSampler("euler_maruyama", "none", steps=int(n)), [10, 30, 100, 300]),
-    "PC reverse_diffusion": (lambda n: PCSampler("reverse_diffusion", "none", steps=int(n)), [30, 100, 300]),
-    "PC ancestral": (lambda n: PCSampler("ancestral_sampling", "none", steps=int(n)), [30, 100, 300]),
-    "PC rd + langevin": (lambda n: PCSampler("reverse_diffusion", "langevin", steps=int(n // 2)), [20, 60, 200]),
-    "ALD (NCSN)": (lambda n: PCSampler("none", "ald", steps=10, n_steps_each=int(n // 10), step_lr=2e-5, eps=0.0),
-                   [100, 300, 1000]),
-    "ODE RK45": (lambda tol: ODESampler(rtol=tol, atol=tol), [1e-1, 1e-2, 1e-3, 1e-5]),
-    "EDM Heun (karras)": (lambda n: EDMSampler(steps=int(n)), [3, 5, 9, 18]),
-    "EDM stochastic": (lambda n: EDMSampler(steps=int(n), S_churn=0.5 * n, S_min=0.05, S_max=50.0,
-                                            S_noise=1.003), [5, 9, 18, 40]),
-    "DPM-Solver++(2M)": (lambda n: DPMSolverPP(steps=int(n)), [5, 10, 20, 40]),
-}
 
-MIXTURES = {
-    "2-D two Gaussians": GaussianMixture([0.3, 0.7], [[-2.0, -1.0], [2.0, 1.5]], [0.5, 0.8]),
-    "16-D two Gaussians": GaussianMixture([0.3, 0.7], torch.randn(2, 16, generator=torch.Generator().manual_seed(0)),
-                                          [0.5, 0.8]),
-}
+@dataclass(frozen=True)
+class Solver:
+    """A benchmarked sampler: ``make(setting)`` for each setting (steps, or a tolerance for adaptive solvers); the
+    NFE is what the sampler reports. ``sdes``: the SDE families it is run on."""
+
+    name: str
+    make: Callable[[float], Sampler]
+    settings: tuple[float, ...]
+    sdes: tuple[str, ...] = ("VE", "VP")
+
+
+# Every solver of the benchmark: append new ones here.
+SOLVERS: list[Solver] = [
+    Solver("PC euler_maruyama", lambda n: PCSampler("euler_maruyama", "none", steps=int(n)), (30, 100, 300, 1000)),
+    Solver("PC reverse_diffusion", lambda n: PCSampler("reverse_diffusion", "none", steps=int(n)),
+           (30, 100, 300, 1000)),
+    Solver("PC ancestral", lambda n: PCSampler("ancestral_sampling", "none", steps=int(n)), (30, 100, 300, 1000)),
+    Solver("PC rd + langevin", lambda n: PCSampler("reverse_diffusion", "langevin", steps=int(n // 2)),
+           (50, 100, 300, 1000)),
+    Solver("ALD (NCSN)", lambda n: PCSampler("none", "ald", steps=10, n_steps_each=int(n // 10), step_lr=2e-5,
+                                             eps=0.0), (100, 300, 1000), sdes=("VE",)),
+    Solver("ODE RK45 (rtol = atol)", lambda tol: ODESampler(rtol=tol, atol=tol), (1e-2, 1e-3, 1e-4, 1e-5)),
+    Solver("EDM Heun", lambda n: EDMSampler(steps=int(n)), (5, 9, 18, 40)),
+    Solver("EDM stochastic", lambda n: EDMSampler(steps=int(n), S_churn=0.5 * n, S_min=0.05, S_max=50.0,
+                                                  S_noise=1.003), (9, 18, 40, 80)),
+    Solver("DPM-Solver++(2M)", lambda n: DPMSolverPP(steps=int(n)), (5, 10, 20, 40)),
+]
+
+
+def mixtures() -> dict[str, GaussianMixture]:
+    """2-D: five components with unequal weights and axis ratios up to 4; 8-D: four components, stds per axis
+    between 0.15 and 1.2."""
+    g = torch.Generator().manual_seed(0)
+    two = GaussianMixture([0.10, 0.15, 0.18, 0.22, 0.35],
+                          [[-3.0, -2.0], [-2.0, 2.5], [0.5, 0.0], [3.0, 2.0], [2.5, -2.5]],
+                          [[0.2, 0.8], [0.6, 0.15], [0.3, 0.3], [1.0, 0.25], [0.4, 0.7]])
+    eight = GaussianMixture([0.1, 0.2, 0.3, 0.4], 2.0 * torch.randn(4, 8, generator=g),
+                            0.15 + 1.05 * torch.rand(4, 8, generator=g))
+    return {"2-D 5 modes": two, "8-D 4 modes": eight}
 
 
 def sdes() -> dict[str, SDE]:
-    """VE needs N = 10 discrete levels for ALD on the NCSN noise scales; the other samplers ignore N."""
-    return {"VE": VESDE(0.01, 50.0, N=10), "VP": VPSDE(N=1000)}
+    return {"VE": VESDE(0.01, 50.0), "VP": VPSDE(0.1, 20.0)}
 
 
-def run_mixtures(n: int = 1000) -> list[dict]:
+def mode_weight_error(mix: GaussianMixture, x: Tensor) -> float:
+    """max_k |mean_i r_k(x_i) - w_k|, r_k the responsibilities of the components at x under p_0."""
+    r = torch.softmax(mix._component_logp(x, None, None)[0], dim=1)
+    return float((r.mean(0) - mix.weights).abs().max())
+
+
+def run_mixtures(n: int, quick: bool = False) -> list[dict]:
     rows = []
     for sde_name, sde in sdes().items():
-        for mix_name, mix in MIXTURES.items():
+        for mix_name, mix in mixtures().items():
             ref = mix.sample(n, torch.Generator().manual_seed(1))
-            shape = (mix.dim,)
-            for sampler_name, (make, settings) in SAMPLER_GRID.items():
-                if sampler_name == "ALD (NCSN)" and sde_name != "VE":
+            null = mix.sample(n, torch.Generator().manual_seed(2))
+            rows.append({"sde": sde_name, "data": mix_name, "sampler": "null (exact samples)", "setting": 0,
+                         "nfe": 0, "energy_distance": energy_distance(null, ref),
+                         "mode_error": mode_weight_error(mix, null), "seconds": 0.0})
+            for solver in SOLVERS:
+                if sde_name not in solver.sdes:
                     continue
-                if sampler_name == "PC rd + langevin" and mix.dim < 16:
-                    continue  # the snr step rule needs |score| to concentrate (high dimension)
-                for setting in settings:
+                for setting in solver.settings[:1] if quick else solver.settings:
                     start = time.perf_counter()
-                    result = make(setting).sample(mix.score_fn(sde), sde, shape, range(n))
-                    rows.append({"sde": sde_name, "data": mix_name, "sampler": sampler_name, "setting": setting,
+                    result = solver.make(setting).sample(mix.score_fn(sde), sde, (mix.dim,), range(n))
+                    rows.append({"sde": sde_name, "data": mix_name, "sampler": solver.name, "setting": setting,
                                  "nfe": result.nfe, "energy_distance": energy_distance(result.samples, ref),
+                                 "mode_error": mode_weight_error(mix, result.samples),
                                  "seconds": time.perf_counter() - start})
     return rows
 
 
+def quickstart_net() -> tuple[torch.nn.Module, tuple[int, ...]]:
+    """The quickstart DDPM++ (experiments/quickstart.yaml's model.net), random weights; and its data shape."""
+    import yaml
+
+    from lit_score.networks import DDPMpp
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml").read_text())
+    size = cfg["data"]["init_args"]["image_size"]
+    return DDPMpp(num_channels=1, image_size=size, **cfg["model"]["net"]["init_args"]).eval(), (1, size, size)
+
+
+def _median_seconds(fn: Callable[[], object], reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def step_costs(batch: int, reps: int, quick: bool = False) -> dict:
+    """Seconds of one quickstart network evaluation, one seeded noise draw, a torch.randn of the same size and the
+    prior, at ``batch`` images; and each solver's own seconds per NFE (its arithmetic and noise, with a score
+    function that costs nothing)."""
+    from lit_score.score import get_score_fn
+
+    torch.manual_seed(0)
+    net, shape = quickstart_net()
+    sde = VPSDE(0.1, 20.0)
+    score = get_score_fn(sde, net)
+    x, t = torch.randn(batch, *shape), torch.full((batch,), 0.5)
+    noise = SeededNoise(range(batch), shape)
+    costs = {"batch": batch, "network": _median_seconds(lambda: score(x, t), reps),
+             "noise": _median_seconds(noise, 10 * reps), "randn": _median_seconds(lambda: torch.randn(x.shape), 10 * reps),
+             "prior": _median_seconds(lambda: seeded_prior(sde, range(batch), shape), 10 * reps), "solvers": []}
+    free = lambda x_, t_: -x_  # noqa: E731  the score of N(0, I) under VP at every t
+    for solver in SOLVERS:
+        setting = solver.settings[0 if quick else min(1, len(solver.settings) - 1)]
+        sde_s = VESDE(0.01, 50.0) if "VP" not in solver.sdes else sde
+        nfe = []
+
+        def run() -> None:
+            nfe.append(solver.make(setting).sample(free, sde_s, shape, range(batch)).nfe)
+
+        seconds = _median_seconds(run, 1 if quick else 3)
+        costs["solvers"].append({"sampler": solver.name, "setting": setting, "nfe": nfe[-1],
+                                 "s_per_nfe": seconds / nfe[-1]})
+    return costs
+
+
 def run_checkpoint(path: str, n: int = 64) -> list[dict]:
-    """The quickstart model: energy distance between n samples and n digits of its data space."""
+    """The quickstart model (EMA weights): energy distance between n samples and n digits, and the fraction of
+    noise images (mean squared pixel difference to the neighbours above 1.5 x the data's 99th percentile)."""
     from data_modules.digits import load_digits_images
     from lit_score.module import ScoreModel
 
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
     model = ScoreModel.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+    if "ema_state_dict" in ckpt:
+        model.load_state_dict(ckpt["ema_state_dict"])
     model.eval()
-    size = model.data_shape[-1]
-    data = load_digits_images(size)[:n]
-    if getattr(model.net, "centered", True):
-        data = data * 2 - 1
+    data = load_digits_images(model.data_shape[-1]) * 2 - 1
+    threshold = 1.5 * float(roughness(data).quantile(0.99))
     rows = []
-    for sampler_name, (make, settings) in SAMPLER_GRID.items():
-        if sampler_name == "ALD (NCSN)":
+    for solver in SOLVERS:
+        if "VP" not in solver.sdes:
             continue
-        for setting in settings[:2]:
+        for setting in solver.settings[:2]:
             start = time.perf_counter()
-            result = model.sample(list(range(n)), make(setting))
-            rows.append({"sde": type(model.sde).__name__, "data": "quickstart digits", "sampler": sampler_name,
-                         "setting": setting, "nfe": result.nfe,
-                         "energy_distance": energy_distance(result.samples, data),
+            result = model.sample(list(range(n)), solver.make(setting))
+            x = result.samples.clamp(-1, 1)
+            rows.append({"sde": type(model.sde).__name__, "data": "quickstart digits", "sampler": solver.name,
+                         "setting": setting, "nfe": result.nfe, "energy_distance": energy_distance(x, data[:n]),
+                         "mode_error": float((roughness(x) > threshold).float().mean()),
                          "seconds": time.perf_counter() - start})
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    head = f"{'sde':5} {'data':20} {'sampler':22} {'setting':>8} {'NFE':>6} {'energy dist':>12} {'sec':>6}"
-    lines = [head, "-" * len(head)]
+def roughness(x: Tensor) -> Tensor:
+    """Per-image mean squared difference between vertically and horizontally adjacent pixels."""
+    return (x[..., 1:, :] - x[..., :-1, :]).pow(2).flatten(1).mean(1) + (x[..., 1:] - x[..., :-1]).pow(2).flatten(1).mean(1)
+
+
+def table(rows: list[dict], last: str = "mode-w err") -> str:
+    head = f"| {'sde':3} | {'data':17} | {'sampler':22} | {'setting':>7} | {'NFE':>5} | {'energy dist':>11} | {last:>10} | {'sec':>6} |"
+    lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
     for r in rows:
-        lines.append(f"{r['sde']:5} {r['data']:20} {r['sampler']:22} {r['setting']:>8g} {r['nfe']:>6d} "
-                     f"{r['energy_distance']:>12.4f} {r['seconds']:>6.2f}")
+        lines.append(f"| {r['sde'][:3]:3} | {r['data']:17} | {r['sampler']:22} | {r['setting']:>7g} | {r['nfe']:>5d} | "
+                     f"{r['energy_distance']:>11.4f} | {r['mode_error']:>10.4f} | {r['seconds']:>6.2f} |")
+    return "\n".join(lines)
+
+
+def cost_table(c: dict) -> str:
+    net = c["network"]
+    lines = [f"quickstart DDPM++ at batch {c['batch']}: one network evaluation {net * 1e3:.2f} ms; "
+             f"one seeded noise draw {c['noise'] * 1e3:.3f} ms ({100 * c['noise'] / net:.2f}% of it); "
+             f"torch.randn {c['randn'] * 1e3:.3f} ms; seeded prior {c['prior'] * 1e3:.3f} ms",
+             f"| {'sampler':22} | {'setting':>7} | {'NFE':>5} | {'own ms / NFE':>12} | {'% of network':>12} |",
+             f"|{'-' * 24}|{'-' * 9}|{'-' * 7}|{'-' * 14}|{'-' * 14}|"]
+    for s in c["solvers"]:
+        lines.append(f"| {s['sampler']:22} | {s['setting']:>7g} | {s['nfe']:>5d} | {s['s_per_nfe'] * 1e3:>12.3f} | "
+                     f"{100 * s['s_per_nfe'] / net:>11.2f}% |")
     return "\n".join(lines)
 
 
@@ -102,39 +212,53 @@ def plot(rows: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["sde"], r["data"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
-    for ax, (sde_name, data) in zip(axes[0], panels):
-        for sampler_name in SAMPLER_GRID:
-            pts = sorted((r["nfe"], r["energy_distance"]) for r in rows
-                         if r["sde"] == sde_name and r["data"] == data and r["sampler"] == sampler_name)
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=sampler_name)
-        ax.set_xscale("log")
-        ax.set_yscale("symlog", linthresh=1e-3)
-        ax.set_xlabel("NFE")
-        ax.set_ylabel("energy distance (lower is better)")
-        ax.set_title(f"{sde_name}, {data}")
-        ax.grid(alpha=0.3)
+    panels = sorted({(r["sde"], r["data"]) for r in rows if r["data"] != "quickstart digits"})
+    fig, axes = plt.subplots(2, len(panels), figsize=(5 * len(panels), 8), squeeze=False)
+    for j, (sde_name, data) in enumerate(panels):
+        here = [r for r in rows if r["sde"] == sde_name and r["data"] == data]
+        null = [r for r in here if r["nfe"] == 0]
+        for i, key in enumerate(("energy_distance", "mode_error")):
+            ax = axes[i][j]
+            for solver in SOLVERS:
+                pts = sorted((r["nfe"], r[key]) for r in here if r["sampler"] == solver.name)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=solver.name)
+            if null:
+                ax.axhline(null[0][key], color="k", ls=":", label="null")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("NFE")
+            ax.set_ylabel(key.replace("_", " "))
+            ax.set_title(f"{sde_name}, {data}")
+            ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", help="a quickstart checkpoint to benchmark too")
-    parser.add_argument("--out", default="samplers.png", help="where to save the plot")
-    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--out", default="samplers.png", help="where to save the plot ('' for none)")
+    parser.add_argument("--num-samples", type=int, default=2000)
+    parser.add_argument("--cost-batch", type=int, default=256, help="images per step for the cost measurement")
+    parser.add_argument("--quick", action="store_true", help="few samples, one setting per solver: a smoke test")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # small tensors: one thread is fastest, and kind to a shared machine
-    rows = run_mixtures(args.num_samples)
-    if args.ckpt:
-        rows += run_checkpoint(args.ckpt)
+    n = 200 if args.quick else args.num_samples
+    rows = run_mixtures(n, args.quick)
+    print(f"{n} samples per run; energy distance to {n} exact samples")
     print(table(rows))
-    plot(rows, args.out)
-    print(f"plot saved to {args.out}")
+    if args.ckpt:
+        ckpt_rows = run_checkpoint(args.ckpt)
+        print("\nquickstart checkpoint (last column: fraction of noise images)")
+        print(table(ckpt_rows, last="noise frac"))
+    print()
+    print(cost_table(step_costs(16 if args.quick else args.cost_batch, 2 if args.quick else 7, args.quick)))
+    if args.out:
+        plot(rows, args.out)
+        print(f"plot saved to {args.out}")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,11 @@ class SDE(abc.ABC):
                        device: torch.device | str | None = None) -> Tensor:
         """A sample of p_T."""
 
+    def prior_from_noise(self, z: Tensor) -> Tensor:
+        """The sample of p_T that standard normal noise z maps to (how seeded samplers draw the prior)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement prior_from_noise(z) to be sampled with "
+                                  "per-image seeds (e.g. return z * prior std for a Gaussian prior)")
+
     @abc.abstractmethod
     def prior_logp(self, z: Tensor) -> Tensor:
         """log p_T(z), one value per sample."""
@@ -168,6 +173,9 @@ class VESDE(SDE):
     def prior_sampling(self, shape, generator=None, device=None) -> Tensor:
         return torch.randn(shape, generator=generator, device=device) * self._sigma_max
 
+    def prior_from_noise(self, z: Tensor) -> Tensor:
+        return z * self._sigma_max
+
     def prior_logp(self, z: Tensor) -> Tensor:
         n = z[0].numel()
         return -n / 2 * math.log(2 * math.pi * self._sigma_max**2) - z.flatten(1).pow(2).sum(1) / (2 * self._sigma_max**2)
@@ -220,6 +228,9 @@ class _VPFamily(SDE):
 
     def prior_sampling(self, shape, generator=None, device=None) -> Tensor:
         return torch.randn(shape, generator=generator, device=device)
+
+    def prior_from_noise(self, z: Tensor) -> Tensor:
+        return z
 
     def prior_logp(self, z: Tensor) -> Tensor:
         n = z[0].numel()

@@ -52,3 +52,23 @@ def test_gradient_checkpointing_keeps_the_gradients():
     net(x, label).square().mean().backward()
     for a, b in zip(plain, (p.grad for p in net.parameters())):
         torch.testing.assert_close(a, b)
+
+
+def test_sampler_benchmark_quick_prints_every_solver_and_the_costs():
+    """`python -m benchmarks.samplers --quick`: a row per solver and SDE it runs on for both mixtures, each with a
+    measured NFE, a null row per panel, and the noise and per-step costs beside the network's."""
+    from benchmarks.samplers import SOLVERS
+
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.samplers", "--quick", "--out", ""], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines() if line.startswith("| V")]
+    for sde in ("VE", "VP"):
+        for data in ("2-D 5 modes", "8-D 4 modes"):
+            panel = {row[2]: row for row in cells if row[0] == sde and row[1] == data}
+            expected = {s.name for s in SOLVERS if sde in s.sdes} | {"null (exact samples)"}
+            assert set(panel) == expected
+            assert all(int(panel[s][4]) >= 1 for s in expected - {"null (exact samples)"})
+    assert "one seeded noise draw" in proc.stdout and "% of it" in proc.stdout
+    cost_rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and line.rstrip().endswith("% |")]
+    assert len(cost_rows) == len(SOLVERS)
