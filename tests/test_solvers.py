@@ -138,7 +138,7 @@ def _noise_list(n: int, shape=(16, 4)) -> list[torch.Tensor]:
     return [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(n)]
 
 
-def _ours_and_theirs(kd_noise_calls: bool, n: int = 12):
+def _ours_and_theirs(n: int = 12):
     noise = _noise_list(n + 1)
     mine, theirs = iter(noise), iter(noise)
     return (lambda: next(mine)), (lambda *a: next(theirs))
@@ -163,7 +163,7 @@ def test_euler_heun_and_2m_match_k_diffusion(kd):
 def test_stochastic_edm_matches_k_diffusion(kd, monkeypatch):
     """Property: EDM's stochastic sampler (churn at every level) gives k-diffusion's sample_heun given its noise."""
     sigmas, x = _grid(), _x0(SIGMA_MAX)
-    ours, theirs = _ours_and_theirs(True)
+    ours, theirs = _ours_and_theirs()
     monkeypatch.setattr(torch, "randn_like", lambda like, *a, **k: theirs())
     expected = kd.sample_heun(gaussian_denoiser, x.clone(), sigmas, disable=True, s_churn=5.0, s_noise=1.003)
     monkeypatch.undo()
@@ -176,7 +176,7 @@ def test_stochastic_edm_matches_k_diffusion(kd, monkeypatch):
 def test_dpm_solver_pp_2m_sde_matches_k_diffusion(kd, eta, solver_type):
     """Property: DPM-Solver++(2M) SDE gives k-diffusion's sample_dpmpp_2m_sde on the same noise sequence."""
     sigmas, x = _grid(), _x0(SIGMA_MAX)
-    ours, theirs = _ours_and_theirs(True)
+    ours, theirs = _ours_and_theirs()
     got = dpm_solver_pp_sde(gaussian_denoiser, x, sigmas, ours, 2, eta, 1.0, solver_type)
     expected = kd.sample_dpmpp_2m_sde(gaussian_denoiser, x.clone(), sigmas, disable=True, eta=eta,
                                       noise_sampler=theirs, solver_type=solver_type)
@@ -189,11 +189,36 @@ def test_dpm_solver_pp_3m_sde_matches_k_diffusion_where_their_formulas_agree(kd,
     k-diffusion's sample_dpmpp_3m_sde. Beyond that they differ on purpose: k-diffusion weights the second divided
     difference by half the Taylor coefficient, which the order test shows costs an order."""
     sigmas, x = _grid(3), _x0(SIGMA_MAX)
-    ours, theirs = _ours_and_theirs(True)
+    ours, theirs = _ours_and_theirs()
     got = dpm_solver_pp_sde(gaussian_denoiser, x, sigmas, ours, 3, eta)
     expected = kd.sample_dpmpp_3m_sde(gaussian_denoiser, x.clone(), sigmas, disable=True, eta=eta,
                                       noise_sampler=theirs)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("variant", ["bh1", "bh2"])
+def test_unipc_matches_diffusers(order, variant):
+    """Property: UniPC gives diffusers' UniPCMultistepScheduler (data prediction, karras sigmas of its VP schedule;
+    x_VP = x_hat / sqrt(1 + sigma^2)) up to its float32 coefficients, over the steps before its lower-order final
+    steps; the other B(h) variant is 100 times further off."""
+    diffusers = pytest.importorskip("diffusers")
+    n = 12
+    scheduler = diffusers.UniPCMultistepScheduler(solver_order=order, solver_type=variant, prediction_type="sample",
+                                                  use_karras_sigmas=True)
+    scheduler.set_timesteps(n)
+    sigmas = scheduler.sigmas.double()
+    x_hat = _x0(float(sigmas[0]))
+    x = x_hat / math.sqrt(1 + float(sigmas[0]) ** 2)
+    last = n - 3
+    for i in range(last):
+        s = float(sigmas[i])
+        x0 = gaussian_denoiser(x * math.sqrt(1 + s**2), torch.full((x.shape[0],), s, dtype=torch.float64))
+        x = scheduler.step(x0, scheduler.timesteps[i], x).prev_sample
+    theirs = x * math.sqrt(1 + float(sigmas[last]) ** 2)
+    ours = unipc(gaussian_denoiser, x_hat, sigmas[:last + 1], order, variant)
+    other = unipc(gaussian_denoiser, x_hat, sigmas[:last + 1], order, "bh1" if variant == "bh2" else "bh2")
+    assert float((ours - theirs).abs().max()) < 2e-6 < float((other - theirs).abs().max()) / 10
 
 
 # ---- samplers: NFE, seeds, distributions ------------------------------------------------------------------------
