@@ -4,7 +4,7 @@ reverse-SDE solver of Jolicoeur-Martineau et al. (2021).
 Each solver is a pure function ``(D, x, sigmas[, noise], ...) -> x`` stepping x_hat from ``sigmas[0]`` down the
 grid (a final sigma = 0 is a denoising step, x = D(x; sigma)); stochastic ones draw ``noise()`` once per step.
 In log-SNR lambda = -log sigma with h = lambda_{i+1} - lambda_i, the exact solution of the sigma-view ODE is
-x_{i+1} = (sigma_{i+1} / sigma_i) x_i + int_0^h e^{-(h - u)} D(lambda_i + u) du (Lu et al. 2022, eq. 9), which the
+x_{i+1} = (sigma_{i+1} / sigma_i) x_i + int_0^h e^{-(h - u)} D(lambda_i + u) du (Lu et al. 2022, DPM-Solver++), which the
 exponential integrators below approximate from past denoiser outputs.
 """
 from __future__ import annotations
@@ -95,7 +95,11 @@ def dpm_solver_pp_sde(D: Denoiser, x: Tensor, sigmas: Tensor, noise: Noise | Non
 
 
 def dpm_solver_pp_3m(D: Denoiser, x: Tensor, sigmas: Tensor) -> Tensor:
-    """DPM-Solver++(3M): multistep third order, one evaluation per step (Lu et al. 2022)."""
+    """DPM-Solver++(3M): multistep third order, one evaluation per step (Lu et al. 2022).
+
+    D'' is estimated as 2 f2 from the second divided difference f2; k-diffusion 0.1.1 uses f2, which leaves its
+    sample_dpmpp_3m_sde second order (tests/test_solvers.py measures both).
+    """
     return dpm_solver_pp_sde(D, x, sigmas, None, order=3, eta=0.0)
 
 
@@ -133,7 +137,7 @@ def _check_unipc(order: int, variant: str) -> None:
 
 def unipc(D: Denoiser, x: Tensor, sigmas: Tensor, order: int = 2, variant: str = "bh2",
           corrector: bool = True) -> Tensor:
-    """UniPC (Zhao et al. 2023, Algorithms 2-3), data prediction, one evaluation per step.
+    """UniPC (Zhao et al. 2023), data prediction, one evaluation per step.
 
     The predictor UniP-``order`` uses the last ``order`` denoiser outputs; the corrector UniC re-uses the output at
     the predicted point (which the next step needs anyway) and raises the order by one. ``variant``: B(h) = h
@@ -189,7 +193,7 @@ def _adams_bashforth_weights(nodes: Sequence[float], s_next: float) -> list[floa
 
 
 def ipndm(D: Denoiser, x: Tensor, sigmas: Tensor, order: int = 4, variable: bool = False) -> Tensor:
-    """Improved PNDM (Zhang & Chen 2023, DEIS, eq. 17; Karras et al. 2022, appendix): Adams-Bashforth of order
+    """Improved PNDM (Zhang & Chen 2023, DEIS): Adams-Bashforth of order
     min(i + 1, ``order``) on d = (x - D) / sigma, one evaluation per step. Its fixed-step coefficients have the
     full order only on a grid uniform in sigma; ``variable`` uses the variable-step ones (iPNDM-v), full order on any
     smooth grid."""
