@@ -1,4 +1,5 @@
-"""Samplers: predictor-corrector, probability-flow ODE and the sigma-view fast samplers (EDM, DPM-Solver++).
+"""Samplers: predictor-corrector, probability-flow ODE, the sigma-view fast solvers (EDM, DPM-Solver++ 2M / 3M /
+SDE, UniPC, iPNDM, Euler) and the adaptive reverse-SDE solver of Jolicoeur-Martineau et al. (2021).
 
 Choose one by class in YAML (``model.sampler: {class_path: PCSampler, init_args: {...}}``) or on the command
 line (``--model.sampler ODESampler --model.sampler.rtol 1e-4``); add your own by subclassing ``Sampler``
@@ -9,11 +10,15 @@ from lit_score.sampling.conditional import colorize, inpaint
 from lit_score.sampling.ode import ODESampler, dopri5
 from lit_score.sampling.pc import CORRECTOR_STEP_RULES, CORRECTORS, PREDICTORS, PCSampler, default_eps
 from lit_score.sampling.sigma import SCHEDULES, DPMSolverPP, EDMSampler, denoiser
+from lit_score.sampling.solvers import (IPNDM, AdaptiveSDESampler, DPMSolverPP3M, DPMSolverPPSDE, EulerSampler, UniPC,
+                                        adaptive_sde, dpm_solver_pp_3m, dpm_solver_pp_sde, euler, ipndm, unipc)
 from lit_score.sdes import SDE, VESDE
 
 __all__ = ["SAMPLERS", "SampleResult", "Sampler", "SeededNoise", "seeded_normal", "seeded_prior", "default_sampler",
            "PCSampler", "PREDICTORS", "CORRECTORS", "CORRECTOR_STEP_RULES", "default_eps", "ODESampler", "dopri5",
-           "EDMSampler", "DPMSolverPP", "SCHEDULES", "denoiser", "inpaint", "colorize"]
+           "EDMSampler", "DPMSolverPP", "SCHEDULES", "denoiser", "inpaint", "colorize", "EulerSampler",
+           "DPMSolverPP3M", "DPMSolverPPSDE", "UniPC", "IPNDM", "AdaptiveSDESampler", "euler", "dpm_solver_pp_3m",
+           "dpm_solver_pp_sde", "unipc", "ipndm", "adaptive_sde"]
 
 
 def default_sampler(sde: SDE) -> Sampler:

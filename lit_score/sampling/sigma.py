@@ -109,12 +109,19 @@ def dpm_solver_pp_2m(D: Denoiser, x: Tensor, sigmas: Tensor) -> Tensor:
     return x
 
 
+def float32_net(score_fn: ScoreFn) -> ScoreFn:
+    """score_fn for a float64 sampler: inputs cast to float32 (the network's dtype), output back to float64."""
+    return lambda x, t: score_fn(x.float(), t.float()).double()
+
+
 class _SigmaSampler(Sampler):
-    def __init__(self, steps: int, schedule: str, sigma_min: float | None, sigma_max: float | None) -> None:
+    def __init__(self, steps: int, schedule: str, sigma_min: float | None, sigma_max: float | None,
+                 float64: bool = False) -> None:
         SCHEDULES[schedule]
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.steps, self.schedule, self.sigma_min, self.sigma_max = steps, schedule, sigma_min, sigma_max
+        self.float64 = float64
 
     def _start(self, score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
                device: torch.device | str):
@@ -122,6 +129,8 @@ class _SigmaSampler(Sampler):
         counted = CountingScore(score_fn)
         noise = SeededNoise(seeds, shape, device)
         x = noise() * float(sigmas[0])
+        if self.float64:  # as EDM's sampler: float64 state, the network in its own dtype
+            return denoiser(float32_net(counted), sde), x.double(), sigmas, noise, counted
         return denoiser(counted, sde), x, sigmas, noise, counted
 
 
@@ -134,12 +143,13 @@ class EDMSampler(_SigmaSampler):
         schedule: a name in ``SCHEDULES``: karras (rho = 7, default), geometric (log-SNR), uniform (in t).
         sigma_min, sigma_max: ends of the schedule (default: max(SDE's sigma_min, 0.002) and the SDE's sigma_max).
         S_churn, S_min, S_max, S_noise: stochasticity (Karras et al. 2022, section 4).
+        float64: step in float64, calling the network in float32, as EDM's own sampler.
     """
 
     def __init__(self, steps: int = 18, schedule: str = "karras", sigma_min: float | None = None,
                  sigma_max: float | None = None, S_churn: float = 0.0, S_min: float = 0.0,
-                 S_max: float = float("inf"), S_noise: float = 1.0) -> None:
-        super().__init__(steps, schedule, sigma_min, sigma_max)
+                 S_max: float = float("inf"), S_noise: float = 1.0, float64: bool = False) -> None:
+        super().__init__(steps, schedule, sigma_min, sigma_max, float64)
         if S_churn < 0 or S_noise < 0 or S_min > S_max:
             raise ValueError(f"need S_churn >= 0, S_noise >= 0, S_min <= S_max; got {S_churn}, {S_noise}, "
                              f"{S_min}, {S_max}")
@@ -149,7 +159,7 @@ class EDMSampler(_SigmaSampler):
                device: torch.device | str = "cpu") -> SampleResult:
         D, x, sigmas, noise, counted = self._start(score_fn, sde, shape, seeds, device)
         x = edm_sample(D, x, sigmas, noise, self.S_churn, self.S_min, self.S_max, self.S_noise)
-        return SampleResult(x, counted.nfe)  # x_hat at sigma = 0 is x_0
+        return SampleResult(x.float(), counted.nfe)  # x_hat at sigma = 0 is x_0
 
 
 @SAMPLERS.register("dpm_solver_pp")
@@ -157,10 +167,10 @@ class DPMSolverPP(_SigmaSampler):
     """DPM-Solver++(2M), multistep second order, one evaluation per step (Lu et al. 2022), for any SDE."""
 
     def __init__(self, steps: int = 20, schedule: str = "karras", sigma_min: float | None = None,
-                 sigma_max: float | None = None) -> None:
-        super().__init__(steps, schedule, sigma_min, sigma_max)
+                 sigma_max: float | None = None, float64: bool = False) -> None:
+        super().__init__(steps, schedule, sigma_min, sigma_max, float64)
 
     def sample(self, score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
                device: torch.device | str = "cpu") -> SampleResult:
         D, x, sigmas, _, counted = self._start(score_fn, sde, shape, seeds, device)
-        return SampleResult(dpm_solver_pp_2m(D, x, sigmas), counted.nfe)
+        return SampleResult(dpm_solver_pp_2m(D, x, sigmas).float(), counted.nfe)

@@ -1,0 +1,416 @@
+"""The fastest published solvers in the sigma view of any lit-score SDE (see ``sigma.py``), plus the adaptive
+reverse-SDE solver of Jolicoeur-Martineau et al. (2021).
+
+Each solver is a pure function ``(D, x, sigmas[, noise], ...) -> x`` stepping x_hat from ``sigmas[0]`` down the
+grid (a final sigma = 0 is a denoising step, x = D(x; sigma)); stochastic ones draw ``noise()`` once per step.
+In log-SNR lambda = -log sigma with h = lambda_{i+1} - lambda_i, the exact solution of the sigma-view ODE is
+x_{i+1} = (sigma_{i+1} / sigma_i) x_i + int_0^h e^{-(h - u)} D(lambda_i + u) du (Lu et al. 2022, DPM-Solver++), which the
+exponential integrators below approximate from past denoiser outputs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from lit_score.sampling.base import (SAMPLERS, CountingScore, SampleResult, Sampler, SeededNoise, seeded_prior,
+                                     time_vector)
+from lit_score.sampling.ode import tweedie_denoise
+from lit_score.sampling.sigma import Denoiser, _SigmaSampler
+from lit_score.sdes import SDE, VESDE, ScoreFn, _bcast
+
+Noise = Callable[[], Tensor]
+
+
+def _sig(x: Tensor, v: float) -> Tensor:
+    return torch.full((x.shape[0],), v, dtype=x.dtype, device=x.device)
+
+
+def _phi2(H: float) -> float:
+    """(H - 1 + e^{-H}) / H: the weight of h D' in int_0^h e^{-(h-u)} D."""
+    return H / 2 - H**2 / 6 + H**3 / 24 if H < 1e-3 else 1 + math.expm1(-H) / H
+
+
+def _phi3(H: float) -> float:
+    """(H^2 / 2 - H + 1 - e^{-H}) / H^2: the weight of h^2 D''."""
+    return H / 6 - H**2 / 24 + H**3 / 120 if H < 1e-3 else (H * H / 2 - H - math.expm1(-H)) / H**2
+
+
+def euler(D: Denoiser, x: Tensor, sigmas: Tensor) -> Tensor:
+    """Euler's method on dx/dsigma = (x - D(x; sigma)) / sigma (Karras et al. 2022, eq. 3); order 1."""
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        x = x + (s_next - s) * (x - D(x, _sig(x, s))) / s
+    return x
+
+
+def _check_dpm(order: int, eta: float, s_noise: float, solver_type: str) -> None:
+    if order not in (1, 2, 3):
+        raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}")
+    if eta < 0 or s_noise < 0:
+        raise ValueError(f"need eta >= 0 and s_noise >= 0, got {eta}, {s_noise}")
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+
+
+def dpm_solver_pp_sde(D: Denoiser, x: Tensor, sigmas: Tensor, noise: Noise | None = None, order: int = 3,
+                      eta: float = 1.0, s_noise: float = 1.0, solver_type: str = "midpoint") -> Tensor:
+    """Multistep DPM-Solver++ of order 1-3 (Lu et al. 2022), as an SDE solver when eta > 0.
+
+    With eta the step is x' = (sigma'/sigma) e^{-eta h} x + (1 - e^{-(1+eta) h}) D + ... + sigma' sqrt(1 - e^{-2 eta h}) z
+    (eta = 1: SDE-DPM-Solver++, Lu et al. 2022, appendix); eta = 0 is the ODE solver. Higher-order terms come from
+    divided differences of the last ``order`` denoiser outputs; the first steps use lower orders. ``solver_type``
+    ("midpoint" as DPM-Solver++(2M), or "heun") sets the order-2 term of ``order`` = 2.
+    """
+    _check_dpm(order, eta, s_noise, solver_type)
+    if eta > 0 and noise is None:
+        raise ValueError("the stochastic DPM-Solver++ (eta > 0) needs a noise source")
+    Ds: list[Tensor] = []
+    hs: list[float] = []
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        d = D(x, _sig(x, s))
+        if s_next == 0:
+            return d
+        h = math.log(s / s_next)
+        H = (1 + eta) * h
+        x_next = (s_next / s) * math.exp(-eta * h) * x - math.expm1(-H) * d
+        k = min(order, len(Ds) + 1)
+        if k == 2:
+            d1 = (d - Ds[-1]) * (h / hs[-1])  # ~ h D'
+            midpoint = order == 2 and solver_type == "midpoint"
+            x_next = x_next + (-0.5 * math.expm1(-H) if midpoint else _phi2(H)) * d1
+        elif k == 3:
+            r0, r1 = hs[-1] / h, hs[-2] / h
+            d1_0, d1_1 = (d - Ds[-1]) / r0, (Ds[-1] - Ds[-2]) / r1
+            f2 = (d1_0 - d1_1) / (r0 + r1)  # second divided difference in units of h
+            x_next = x_next + _phi2(H) * (d1_0 + r0 * f2) + _phi3(H) * 2 * f2  # h D' and h^2 D''
+        if eta > 0:
+            x_next = x_next + s_next * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise * noise().to(x)
+        x = x_next
+        Ds, hs = (Ds + [d])[-2:], (hs + [h])[-2:]
+    return x
+
+
+def dpm_solver_pp_3m(D: Denoiser, x: Tensor, sigmas: Tensor) -> Tensor:
+    """DPM-Solver++(3M): multistep third order, one evaluation per step (Lu et al. 2022).
+
+    D'' is estimated as 2 f2 from the second divided difference f2; k-diffusion 0.1.1 uses f2, which leaves its
+    sample_dpmpp_3m_sde second order (tests/test_solvers.py measures both).
+    """
+    return dpm_solver_pp_sde(D, x, sigmas, None, order=3, eta=0.0)
+
+
+def _unipc_psi(h: float, n: int) -> float:
+    """int_0^h e^{-(h-u)} (u / h)^n du = h I_n, I_n = int_0^1 e^{-h(1-v)} v^n dv (series for h < 1, else recurrence)."""
+    if h < 1:
+        total, term = 0.0, 1.0 / (n + 1)  # sum_k (-h)^k n! / (n + k + 1)!
+        for k in range(40):
+            total += term
+            term *= -h / (n + k + 2)
+        return h * total
+    I = -math.expm1(-h) / h
+    for m in range(1, n + 1):
+        I = (1 - m * I) / h
+    return h * I
+
+
+def _unipc_weights(rs: Sequence[float], h: float, B: float) -> Tensor:
+    """a_k with sum_k a_k r_k^(n-1) = psi_n(h) / B(h) for n = 1..len(rs) (Zhao et al. 2023, Theorem 3.1); one
+    coefficient is 1/2, which meets its condition to O(h) as the authors' code does, so B(h) matters there."""
+    q = len(rs)
+    if q == 1:
+        return torch.tensor([0.5], dtype=torch.float64)
+    R = torch.tensor([[r ** (n - 1) for r in rs] for n in range(1, q + 1)], dtype=torch.float64)
+    b = torch.tensor([_unipc_psi(h, n) / B for n in range(1, q + 1)], dtype=torch.float64)
+    return torch.linalg.solve(R, b)
+
+
+def _check_unipc(order: int, variant: str) -> None:
+    if order not in (1, 2, 3):
+        raise ValueError(f"UniPC order must be 1, 2 or 3, got {order}")
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
+
+
+def unipc(D: Denoiser, x: Tensor, sigmas: Tensor, order: int = 2, variant: str = "bh2",
+          corrector: bool = True) -> Tensor:
+    """UniPC (Zhao et al. 2023), data prediction, one evaluation per step.
+
+    The predictor UniP-``order`` uses the last ``order`` denoiser outputs; the corrector UniC re-uses the output at
+    the predicted point (which the next step needs anyway) and raises the order by one. ``variant``: B(h) = h
+    ("bh1") or 1 - e^{-h} ("bh2"). The first steps use lower orders; the last step has no corrector.
+    """
+    _check_unipc(order, variant)
+    n = len(sigmas) - 1
+    lam = [-math.log(float(v)) if float(v) > 0 else math.inf for v in sigmas]
+    m = D(x, _sig(x, float(sigmas[0]))) if n > 0 else x
+    past: list[tuple[float, Tensor]] = []  # (lambda, D) at earlier points, newest last
+    for i in range(n):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        if s_next == 0:
+            return m
+        h = lam[i + 1] - lam[i]
+        B = h if variant == "bh1" else -math.expm1(-h)
+        use = past[len(past) - min(order - 1, len(past)):]
+        rs = [(lp - lam[i]) / h for lp, _ in reversed(use)]
+        Dr = [(dp - m) / r for (_, dp), r in zip(reversed(use), rs)]
+        x_base = (s_next / s) * x - math.expm1(-h) * m
+        x_pred = x_base
+        if rs:
+            a = _unipc_weights(rs, h, B)
+            x_pred = x_base + B * sum(float(a_k) * d_k for a_k, d_k in zip(a, Dr))
+        if i == n - 1:
+            return x_pred
+        m_next = D(x_pred, _sig(x, s_next))
+        if corrector:
+            a = _unipc_weights(rs + [1.0], h, B)
+            x = x_base + B * (sum(float(a_k) * d_k for a_k, d_k in zip(a[:-1], Dr)) + float(a[-1]) * (m_next - m))
+        else:
+            x = x_pred
+        past = (past + [(lam[i], m)])[-2:]
+        m = m_next
+    return x
+
+
+_ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
+                    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+def _check_ipndm(order: int) -> None:
+    if order not in _ADAMS_BASHFORTH:
+        raise ValueError(f"iPNDM order must be 1 to 4, got {order}")
+
+
+def _adams_bashforth_weights(nodes: Sequence[float], s_next: float) -> list[float]:
+    """w_j with sum_j w_j p(nodes[j]) = int_{nodes[0]}^{s_next} p for every polynomial p of degree < len(nodes)."""
+    s0, q = nodes[0], len(nodes)
+    V = torch.tensor([[(v - s0) ** m for v in nodes] for m in range(q)], dtype=torch.float64)
+    b = torch.tensor([(s_next - s0) ** (m + 1) / (m + 1) for m in range(q)], dtype=torch.float64)
+    return torch.linalg.solve(V, b).tolist()
+
+
+def ipndm(D: Denoiser, x: Tensor, sigmas: Tensor, order: int = 4, variable: bool = False) -> Tensor:
+    """Improved PNDM (Zhang & Chen 2023, DEIS): Adams-Bashforth of order
+    min(i + 1, ``order``) on d = (x - D) / sigma, one evaluation per step. Its fixed-step coefficients have the
+    full order only on a grid uniform in sigma; ``variable`` uses the variable-step ones (iPNDM-v), full order on any
+    smooth grid."""
+    _check_ipndm(order)
+    grid = [float(v) for v in sigmas]
+    ds: list[Tensor] = []  # newest first
+    for i in range(len(grid) - 1):
+        s, s_next = grid[i], grid[i + 1]
+        ds = [(x - D(x, _sig(x, s))) / s] + ds[:order - 1]
+        if variable:
+            w = _adams_bashforth_weights(grid[i::-1][:len(ds)], s_next)
+        else:
+            w = [(s_next - s) * c for c in _ADAMS_BASHFORTH[len(ds)]]
+        x = x + sum(w_j * d for w_j, d in zip(w, ds))
+    return x
+
+
+def _check_adaptive(abstol: float, reltol: float, safety: float, exp: float, h_init: float) -> None:
+    if abstol <= 0 or reltol < 0 or not 0 < safety <= 1 or exp <= 0 or h_init <= 0:
+        raise ValueError(f"need abstol > 0, reltol >= 0, 0 < safety <= 1, exp > 0, h_init > 0; got "
+                         f"{abstol}, {reltol}, {safety}, {exp}, {h_init}")
+
+
+def adaptive_sde(score_fn: ScoreFn, sde: SDE, x: Tensor, noise: Noise, eps: float, abstol: float = 0.0078,
+                 reltol: float = 0.01, safety: float = 0.9, exp: float = 0.9, h_init: float = 0.01,
+                 per_image: bool = True, max_iters: int = 100_000) -> tuple[Tensor, Tensor]:
+    """The reverse SDE from T to eps with adaptive steps (Jolicoeur-Martineau et al. 2021, Algorithm 1).
+
+    Each try takes an Euler-Maruyama step x' and an improved-Euler step x'' with the same noise, and accepts x''
+    (extrapolation) when ||(x' - x'') / delta||_2 / sqrt(n) <= 1, delta = max(abstol, reltol max(|x'|, |x'_prev|));
+    the next step is min(t - eps, safety h E^-exp). Step sizes are per image (or one per batch if not per_image).
+    Returns x at eps and the score evaluations each image used before it reached eps, (B,).
+    """
+    _check_adaptive(abstol, reltol, safety, exp, h_init)
+    if not 0 <= eps < sde.T:
+        raise ValueError(f"need 0 <= eps < T = {sde.T}, got eps = {eps}")
+    rsde = sde.reverse(score_fn)
+    B = x.shape[0]
+    t = torch.full((B,), sde.T, dtype=x.dtype, device=x.device)
+    h = torch.full_like(t, min(h_init, sde.T - eps))
+    x_prev = x
+    nfe = torch.zeros(B, dtype=torch.long, device=x.device)
+    for _ in range(max_iters):
+        running = (t - eps).abs() > 1e-6
+        if not running.any():
+            return x, nfe
+        nfe += 2 * running.long()
+        z = noise().to(x)
+        hb, sq = _bcast(h, x), _bcast(h.sqrt(), x)
+        drift, g = rsde.sde(x, t)
+        K1 = -hb * drift + _bcast(g, x) * sq * z
+        drift2, g2 = rsde.sde(x + K1, t - h)
+        K2 = -hb * drift2 + _bcast(g2, x) * sq * z
+        x_em, x_heun = x + K1, x + (K1 + K2) / 2
+        delta = torch.clamp(reltol * torch.maximum(x_prev.abs(), x_em.abs()), min=abstol)
+        q = ((x_em - x_heun) / delta).pow(2).flatten(1)
+        err = q.mean(1).sqrt() if per_image else q.mean().sqrt().expand(B)
+        accept = err <= 1
+        a = _bcast(accept, x)
+        x, x_prev = torch.where(a, x_heun, x), torch.where(a, x_em, x_prev)
+        t = torch.where(accept, t - h, t)
+        h = torch.minimum((t - eps).clamp_min(0), safety * h * err.clamp_min(1e-12) ** -exp)
+    raise RuntimeError(f"the adaptive SDE solver did not reach eps = {eps} in {max_iters} tries; loosen "
+                       f"abstol / reltol (now {abstol}, {reltol}) or raise max_iters")
+
+
+_SIGMA_ARGS = """steps: noise levels N, then a last step to sigma = 0 (NFE = N).
+        schedule: a name in ``SCHEDULES`` (karras, geometric, uniform).
+        sigma_min, sigma_max: ends of the schedule (default: max(SDE's sigma_min, 0.002) and the SDE's sigma_max).
+        float64: step in float64, calling the network in float32, as EDM's sampler."""
+
+
+class _OneEvalPerStep(_SigmaSampler):
+    def __init__(self, steps: int, schedule: str, sigma_min: float | None, sigma_max: float | None,
+                 float64: bool) -> None:
+        super().__init__(steps, schedule, sigma_min, sigma_max, float64)
+
+    def _solve(self, D: Denoiser, x: Tensor, sigmas: Tensor, noise: SeededNoise) -> Tensor:
+        raise NotImplementedError
+
+    def sample(self, score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
+               device: torch.device | str = "cpu") -> SampleResult:
+        D, x, sigmas, noise, counted = self._start(score_fn, sde, shape, seeds, device)
+        return SampleResult(self._solve(D, x, sigmas, noise).float(), counted.nfe)
+
+
+@SAMPLERS.register("euler")
+class EulerSampler(_OneEvalPerStep):
+    __doc__ = f"""Euler's method on the sigma-view probability-flow ODE (Karras et al. 2022, eq. 3), for any SDE.
+
+    Args:
+        {_SIGMA_ARGS}
+    """
+
+    def __init__(self, steps: int = 50, schedule: str = "karras", sigma_min: float | None = None,
+                 sigma_max: float | None = None, float64: bool = False) -> None:
+        super().__init__(steps, schedule, sigma_min, sigma_max, float64)
+
+    def _solve(self, D, x, sigmas, noise):
+        return euler(D, x, sigmas)
+
+
+@SAMPLERS.register("dpm_solver_pp_3m")
+class DPMSolverPP3M(_OneEvalPerStep):
+    __doc__ = f"""DPM-Solver++(3M), multistep third order, one evaluation per step (Lu et al. 2022), for any SDE.
+
+    Args:
+        {_SIGMA_ARGS}
+    """
+
+    def __init__(self, steps: int = 20, schedule: str = "karras", sigma_min: float | None = None,
+                 sigma_max: float | None = None, float64: bool = False) -> None:
+        super().__init__(steps, schedule, sigma_min, sigma_max, float64)
+
+    def _solve(self, D, x, sigmas, noise):
+        return dpm_solver_pp_3m(D, x, sigmas)
+
+
+@SAMPLERS.register("dpm_solver_pp_sde")
+class DPMSolverPPSDE(_OneEvalPerStep):
+    __doc__ = f"""DPM-Solver++(2M) SDE / (3M) SDE (Lu et al. 2022, appendix; k-diffusion), each image's noise from its seed.
+
+    Args:
+        {_SIGMA_ARGS}
+        order: 2 or 3 (multistep order; 1 is SDE-DPM-Solver-1).
+        eta: stochasticity (1: the reverse SDE; 0: the ODE solver).
+        s_noise: scale of the added noise.
+        solver_type: "midpoint" or "heun", the order-2 term when order = 2.
+    """
+
+    def __init__(self, steps: int = 20, schedule: str = "karras", sigma_min: float | None = None,
+                 sigma_max: float | None = None, float64: bool = False, order: int = 3, eta: float = 1.0,
+                 s_noise: float = 1.0, solver_type: str = "midpoint") -> None:
+        super().__init__(steps, schedule, sigma_min, sigma_max, float64)
+        _check_dpm(order, eta, s_noise, solver_type)
+        self.order, self.eta, self.s_noise, self.solver_type = order, eta, s_noise, solver_type
+
+    def _solve(self, D, x, sigmas, noise):
+        return dpm_solver_pp_sde(D, x, sigmas, noise, self.order, self.eta, self.s_noise, self.solver_type)
+
+
+@SAMPLERS.register("unipc")
+class UniPC(_OneEvalPerStep):
+    __doc__ = f"""UniPC: UniP-p predictor with the UniC corrector at no extra evaluation (Zhao et al. 2023), for any SDE.
+
+    Args:
+        {_SIGMA_ARGS}
+        order: predictor order p (1-3); with the corrector the solver has order p + 1.
+        variant: B(h) = h ("bh1") or 1 - e^(-h) ("bh2").
+        corrector: apply UniC.
+    """
+
+    def __init__(self, steps: int = 10, schedule: str = "karras", sigma_min: float | None = None,
+                 sigma_max: float | None = None, float64: bool = False, order: int = 2, variant: str = "bh2",
+                 corrector: bool = True) -> None:
+        super().__init__(steps, schedule, sigma_min, sigma_max, float64)
+        _check_unipc(order, variant)
+        self.order, self.variant, self.corrector = order, variant, corrector
+
+    def _solve(self, D, x, sigmas, noise):
+        return unipc(D, x, sigmas, self.order, self.variant, self.corrector)
+
+
+@SAMPLERS.register("ipndm")
+class IPNDM(_OneEvalPerStep):
+    __doc__ = f"""Improved PNDM: fixed-coefficient Adams-Bashforth of order up to 4 (Zhang & Chen 2023), for any SDE.
+
+    Args:
+        {_SIGMA_ARGS}
+        order: 1 to 4.
+        variable: variable-step Adams-Bashforth coefficients (iPNDM-v).
+    """
+
+    def __init__(self, steps: int = 10, schedule: str = "karras", sigma_min: float | None = None,
+                 sigma_max: float | None = None, float64: bool = False, order: int = 4,
+                 variable: bool = False) -> None:
+        super().__init__(steps, schedule, sigma_min, sigma_max, float64)
+        _check_ipndm(order)
+        self.order, self.variable = order, variable
+
+    def _solve(self, D, x, sigmas, noise):
+        return ipndm(D, x, sigmas, self.order, self.variable)
+
+
+@SAMPLERS.register("adaptive_sde")
+class AdaptiveSDESampler(Sampler):
+    """The adaptive reverse-SDE solver of Jolicoeur-Martineau et al. (2021), "Gotta go fast", Algorithm 1.
+
+    Args:
+        abstol, reltol: mixed tolerance delta = max(abstol, reltol max(|x'|, |x'_prev|)).
+        safety, exp: the step-size update h <- safety h E^-exp (paper: 0.9, 0.9).
+        h_init: first step size in t.
+        eps: final time (default: 1e-5 for VE, 1e-3 for VP and sub-VP, as the official code).
+        step_control: "image" (a step size per image, so an image depends only on its seed) or "batch".
+        denoise: finish with Tweedie's denoiser at eps (one more evaluation).
+        max_iters: give up after this many tries.
+    NFE reported: the largest per-image count (2 per try, + 1 with denoise).
+    """
+
+    def __init__(self, abstol: float = 0.0078, reltol: float = 0.01, safety: float = 0.9, exp: float = 0.9,
+                 h_init: float = 0.01, eps: float | None = None, step_control: str = "image", denoise: bool = True,
+                 max_iters: int = 100_000) -> None:
+        if step_control not in ("image", "batch"):
+            raise ValueError(f"step_control must be 'image' or 'batch', got {step_control!r}")
+        _check_adaptive(abstol, reltol, safety, exp, h_init)
+        if eps is not None and eps < 0:
+            raise ValueError(f"eps must be >= 0 (or None for the SDE's default), got {eps}")
+        self.abstol, self.reltol, self.safety, self.exp, self.h_init = abstol, reltol, safety, exp, h_init
+        self.eps, self.step_control, self.denoise, self.max_iters = eps, step_control, denoise, max_iters
+
+    def sample(self, score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
+               device: torch.device | str = "cpu") -> SampleResult:
+        eps = self.eps if self.eps is not None else (1e-5 if isinstance(sde, VESDE) else 1e-3)
+        counted = CountingScore(score_fn)
+        x = seeded_prior(sde, seeds, shape, device)
+        x, _ = adaptive_sde(counted, sde, x, SeededNoise(seeds, shape, device), eps, self.abstol, self.reltol,
+                            self.safety, self.exp, self.h_init, self.step_control == "image", self.max_iters)
+        if self.denoise:
+            x = tweedie_denoise(counted, sde, x, time_vector(eps, x))
+        return SampleResult(x, counted.nfe)
