@@ -115,7 +115,7 @@ class FID(L.Callback):
             for chunk in batched(seeds, self.batch_size):
                 samples = draw(pl_module, chunk, self.sampler, self.batch_size)
                 stats.update(self.features(to_uint8(samples, centered)))
-        mean, cov = stats.compute()
+        mean, cov, _ = stats.compute()
         value = frechet_distance(mean, cov, self.reference.mean, self.reference.cov)
         self.last_value = value
         trainer.callback_metrics[self.tag] = torch.tensor(value)

@@ -65,7 +65,7 @@ def _our_fid(a, b, features):
         s = FeatureStatistics(features.num_features)
         for chunk in images.split(32):
             s.update(features(chunk))
-        stats.append(s.compute())
+        stats.append(s.compute()[:2])
     return frechet_distance(*stats[0], *stats[1])
 
 
@@ -103,7 +103,8 @@ def test_feature_statistics_are_float64_and_independent_of_batching():
     whole.update(f)
     for chunk in f.split(7):
         pieces.update(chunk)
-    (m1, c1), (m2, c2) = whole.compute(), pieces.compute()
+    (m1, c1, n1), (m2, c2, n2) = whole.compute(), pieces.compute()
+    assert n1 == n2 == 101
     assert m1.dtype == c1.dtype == torch.float64
     np.testing.assert_allclose(m1.numpy(), f.double().numpy().mean(0), rtol=1e-12)
     np.testing.assert_allclose(c1.numpy(), np.cov(f.double().numpy(), rowvar=False), rtol=1e-9, atol=1e-12)
@@ -142,6 +143,19 @@ def test_missing_inception_weights_say_where_to_put_them(tmp_path):
     assert str(path) in str(err.value) and "weights-inception-2015-12-05-6726825d.pth" in str(err.value)
 
 
+def test_inception_identity_hashes_every_tensor_including_0_dim_buffers(inception_weights, tmp_path):
+    """Property: InceptionV3 (94 0-dim num_batches_tracked buffers) has an identity; the same file gives the same one,
+    other weights another, and a buffer's value alone changes it."""
+    a, b = InceptionV3(str(inception_weights)), InceptionV3(str(inception_weights))
+    assert a.identity == b.identity and a.identity.startswith("InceptionV3-2048-")
+    state = torch.load(inception_weights, weights_only=True)
+    assert sum(v.dim() == 0 for v in state.values()) == 94
+    state = {k: (v + 1 if k.endswith("num_batches_tracked") and i == 0 else v)
+             for i, (k, v) in enumerate(sorted(state.items(), key=lambda kv: not kv[0].endswith("tracked")))}
+    torch.save(state, tmp_path / "changed.pth")
+    assert InceptionV3(str(tmp_path / "changed.pth")).identity != a.identity
+
+
 class _TinyImages(L.LightningDataModule):
     centered = True
 
@@ -159,17 +173,25 @@ class _TinyImages(L.LightningDataModule):
         return DataLoader(_Images(images), batch_size=16, shuffle=True, drop_last=True)
 
 
-def test_reference_statistics_cover_every_training_image_and_are_cached(tmp_path):
-    """Property: statistics use all training images (no drop_last), are written once under the data + feature
-    key and later read back without touching the data."""
-    features = RandomConvFeatures(num_features=8, width=4, seed=0)
-    ref = reference_statistics(_TinyImages(), features, tmp_path, batch_size=16)
-    assert ref.count == 40 and ref.mean.dtype == torch.float64
-    path = cache_path(reference_key(_TinyImages(), features), tmp_path)
-    assert path.is_file() and ref.key.startswith("tiny-noise-40-8x8-centered__RandomConvFeatures-8-")
-    again = reference_statistics(_TinyImages(fail=True), features, tmp_path)
+def test_reference_statistics_cover_every_training_image_and_are_cached(tmp_path, feature_network):
+    """Property: statistics use all training images (no drop_last), equal numpy's mean/cov of the features of every
+    image, keep the first images' features, are written once under the data + feature key and later read back
+    without touching the data."""
+    n = 40 if feature_network().num_features == 8 else 10
+    features = feature_network()
+    ref = reference_statistics(_TinyImages(n), features, tmp_path, batch_size=16, keep_features=3)
+    images = _TinyImages(n).train_dataloader().dataset.images
+    direct = features(to_uint8(images, centered=True)).double().numpy()
+    assert ref.count == n and ref.mean.dtype == torch.float64 and ref.features.shape == (3, features.num_features)
+    np.testing.assert_allclose(ref.mean.numpy(), direct.mean(0), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(ref.cov.numpy(), np.cov(direct, rowvar=False), rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(ref.features.numpy(), direct[:3], rtol=1e-5, atol=1e-7)
+    path = cache_path(reference_key(_TinyImages(n), features), tmp_path)
+    assert path.is_file() and ref.key.startswith(f"tiny-noise-{n}-8x8-centered__{type(features).__name__}-")
+    again = reference_statistics(_TinyImages(n, fail=True), features, tmp_path, keep_features=2)
     torch.testing.assert_close(again.cov, ref.cov, rtol=0, atol=0)
-    other = reference_statistics(_TinyImages(), RandomConvFeatures(num_features=8, width=4, seed=1), tmp_path)
+    torch.testing.assert_close(again.features, ref.features[:2], rtol=0, atol=0)
+    other = reference_statistics(_TinyImages(n), RandomConvFeatures(num_features=8, width=4, seed=1), tmp_path)
     assert other.key != ref.key and len(list(tmp_path.iterdir())) == 2
 
 
@@ -177,3 +199,41 @@ def test_reference_statistics_need_a_cache_key():
     """Property: a DataModule without cache_key() is refused with a message naming the missing method."""
     with pytest.raises(TypeError, match="cache_key"):
         reference_statistics(L.LightningDataModule(), RandomConvFeatures(), "/nonexistent")
+
+
+def _reference_worker(rank, world, tmp, weights):
+    """One process of a 2-process gloo group computing the reference statistics of 11 images with each network."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=world)
+    try:
+        for name, features in (("RandomConvFeatures", RandomConvFeatures(num_features=8, width=4, seed=0)),
+                               ("InceptionV3", InceptionV3(weights))):
+            ref = reference_statistics(_TinyImages(11), features, tmp / name, batch_size=4, keep_features=5)
+            torch.save({"count": ref.count, "mean": ref.mean, "cov": ref.cov, "features": ref.features},
+                       tmp / f"{name}-rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_references(tmp_path_factory, inception_weights):
+    """One launch of 2 processes (process start-up dominates on CPU) for both feature networks."""
+    tmp = tmp_path_factory.mktemp("ddp_reference")
+    torch.multiprocessing.spawn(_reference_worker, args=(2, tmp, str(inception_weights)), nprocs=2)
+    return tmp
+
+
+def test_reference_statistics_under_ddp_count_every_image_once(ddp_references, feature_network):
+    """Property: 2 gloo processes sharing 11 images (6 + 5) both return, and cache, the global count 11, the mean and
+    covariance of all 11 images' features and the features of images 0..4 in dataset order."""
+    features = feature_network()
+    name = type(features).__name__
+    images = _TinyImages(11).train_dataloader().dataset.images
+    direct = features(to_uint8(images, centered=True)).double().numpy()
+    [cached] = (ddp_references / name).iterdir()
+    for result in [torch.load(ddp_references / f"{name}-rank{r}.pt", weights_only=True) for r in (0, 1)] + [
+            torch.load(cached, weights_only=True)]:
+        assert result["count"] == 11
+        np.testing.assert_allclose(result["mean"].numpy(), direct.mean(0), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(result["cov"].numpy(), np.cov(direct, rowvar=False), rtol=1e-4, atol=1e-9)
+        np.testing.assert_allclose(result["features"].numpy(), direct[:5], rtol=1e-5, atol=1e-7)
