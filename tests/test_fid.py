@@ -59,14 +59,18 @@ def _image_sets():
     return a, b
 
 
-def _our_fid(a, b, features):
+def _fid_of_features(*features):
     stats = []
-    for images in (a, b):
-        s = FeatureStatistics(features.num_features)
-        for chunk in images.split(32):
-            s.update(features(chunk))
+    for f in features:
+        s = FeatureStatistics(f.shape[1])
+        for chunk in f.split(32):
+            s.update(chunk)
         stats.append(s.compute()[:2])
     return frechet_distance(*stats[0], *stats[1])
+
+
+def _our_fid(a, b, features):
+    return _fid_of_features(features(a), features(b))
 
 
 def test_fid_equals_torch_fidelity_on_the_same_images_and_features():
@@ -79,6 +83,64 @@ def test_fid_equals_torch_fidelity_on_the_same_images_and_features():
     )["frechet_inception_distance"]
     assert ours > 0
     assert ours == pytest.approx(theirs, rel=1e-6)
+
+
+@pytest.mark.parametrize("network", ["random_conv", pytest.param("inception", marks=pytest.mark.slow)])
+def test_fid_kid_is_equal_torch_fidelity_and_clean_fid(network, request, tmp_path):
+    """Oracle: two well-kept implementations on the same uint8 images and the same feature network: our 16-d
+    RandomConvFeatures (registered with torch-fidelity; its outputs serve as IS logits), or InceptionV3 on the
+    random-weight file (slow on CPU: 70 Inception passes and two scipy sqrtm of 2048x2048).
+
+    torch-fidelity: its full ``calculate_metrics`` (FID, KID, ISC); for Inception with its own
+    ``inception-v3-compat`` extractor loading the file, and IS without shuffling (contiguous splits, as ours).
+    clean-fid: its full two-folder pipeline ``compute_fid(fdir1, fdir2, mode="legacy_tensorflow")`` (PNG decoding,
+    no resize outside the network, scipy sqrtm Frechet distance); its own Inception is a download that cannot run
+    here, so ``custom_feat_extractor`` is torch-fidelity's Inception on the same file (or our RandomConvFeatures).
+    Within 1e-4 relative (the issue's bar)."""
+    from cleanfid import fid as cleanfid
+    from PIL import Image
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from lit_score.evaluate import InceptionV3Logits, inception_score
+    from lit_score.metrics import kernel_inception_distance
+
+    g = torch.Generator().manual_seed(0)
+    n = 10 if network == "inception" else 60
+    a = torch.randint(0, 256, (n, 3, 16, 16), generator=g, dtype=torch.uint8)
+    b = (torch.rand(n, 3, 16, 16, generator=g) ** 2 * 255).round().to(torch.uint8)
+    if network == "inception":
+        weights = str(request.getfixturevalue("inception_weights"))
+        features, logits = InceptionV3(weights), InceptionV3Logits(weights)
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights)
+        extractor = lambda x: net(x.round().to(torch.uint8))[0]  # noqa: E731
+        options = dict(feature_extractor_weights_path=weights)
+    else:
+        features = logits = RandomConvFeatures(num_features=16, width=8, seed=0)
+        extractor = lambda x: features(x.round().to(torch.uint8))  # noqa: E731
+        options = dict(feature_extractor="lit-score-random-conv-test", feature_layer_fid="feat",
+                       feature_layer_kid="feat", feature_layer_isc="feat")
+    fa, fb = features(a), features(b)
+    ours = {"fid": _fid_of_features(fa, fb), "kid": kernel_inception_distance(fa, fb, subsets=10, subset_size=8),
+            "isc": inception_score(logits(a), splits=2)}
+    theirs = torch_fidelity.calculate_metrics(
+        input1=_Images(a), input2=_Images(b), fid=True, kid=True, isc=True, kid_subsets=10, kid_subset_size=8,
+        isc_splits=2, samples_shuffle=False, cuda=False, cache=False, verbose=False, batch_size=10,
+        save_cpu_ram=True, **options)
+    assert ours["fid"] > 0 and ours["kid"][0] != 0 and ours["isc"][0] > 1
+    assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-4)
+    assert ours["kid"][0] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-4)
+    assert ours["kid"][1] == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-3)
+    assert ours["isc"][0] == pytest.approx(theirs["inception_score_mean"], rel=1e-4)
+    assert ours["isc"][1] == pytest.approx(theirs["inception_score_std"], rel=1e-3, abs=1e-6)
+
+    for name, images in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        for i, image in enumerate(images):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / name / f"{i:03d}.png")
+    clean = cleanfid.compute_fid(str(tmp_path / "a"), str(tmp_path / "b"), mode="legacy_tensorflow",
+                                 custom_feat_extractor=extractor, num_workers=0, batch_size=10,
+                                 device=torch.device("cpu"), verbose=False)
+    assert ours["fid"] == pytest.approx(clean, rel=1e-4)
 
 
 def test_frechet_distance_equals_torch_fidelity_on_the_same_statistics():
