@@ -140,9 +140,10 @@ def runs(tmp_path_factory, inception_weights):
          "--trainer.strategy", "ddp")
     run2 = tmp / "runs2" / "quickstart" / "version_0"
     [ckpt] = (run2 / "checkpoints").glob("*step=4.ckpt")
-    _fit(_config(tmp, tmp / "probe1", inception_weights), tmp / "runs1", "--trainer.devices", "1", "--trainer.max_steps", "6",
-         "--ckpt_path", str(ckpt))
-    return {"tmp": tmp, "weights": inception_weights, "run2": run2, "run1": tmp / "runs1" / "quickstart" / "version_0", "ckpt": ckpt,
+    _fit(_config(tmp, tmp / "probe1", inception_weights), tmp / "runs1", "--trainer.devices", "1",
+         "--trainer.max_steps", "6", "--ckpt_path", str(ckpt))
+    return {"tmp": tmp, "weights": inception_weights, "run2": run2, "run1": tmp / "runs1" / "quickstart" / "version_0",
+            "ckpt": ckpt,
             "ranks": [torch.load(tmp / "probe2" / f"rank{r}.pt", weights_only=False) for r in (0, 1)],
             "resumed": torch.load(tmp / "probe1" / "rank0.pt", weights_only=False)}
 

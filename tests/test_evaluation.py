@@ -268,7 +268,8 @@ def test_reference_files_of_edm_and_score_sde_load_and_round_trip(tmp_path):
     (numpy's) and their first rows for KID; what save_reference writes in either format loads back the same."""
     rng = np.random.default_rng(0)
     acts = rng.normal(size=(50, 4)).astype(np.float32)
-    np.savez(tmp_path / "edm.npz", mu=acts.mean(0, dtype=np.float64), sigma=np.cov(acts.astype(np.float64), rowvar=False))
+    np.savez(tmp_path / "edm.npz", mu=acts.mean(0, dtype=np.float64),
+             sigma=np.cov(acts.astype(np.float64), rowvar=False))
     np.savez(tmp_path / "score_sde.npz", pool_3=acts)
     edm, sde = load_reference(tmp_path / "edm.npz", 4), load_reference(tmp_path / "score_sde.npz", 4, keep_features=7)
     assert edm.count == -1 and edm.features is None and sde.count == 50

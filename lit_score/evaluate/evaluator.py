@@ -6,7 +6,8 @@ batches whatever process draws it, so the sample set and every feature vector ar
 processes. A finished shard (uint8 samples, features, logits, NFE) is written to ``<out_dir>/samples/`` and skipped
 on restart. Rank 0 then reads every shard in seed order and computes the metrics in float64, so the numbers do not
 depend on how the work was split; it streams them (FID from float64 sums, IS from per-split sums), keeping only the
-first ``kid_features`` feature vectors for KID, so its memory does not grow with N. Results go to ``<out_dir>/results.json`` and TensorBoard (``<out_dir>/tensorboard``)
+first ``kid_features`` feature vectors for KID, so its memory does not grow with N. Results go to
+``<out_dir>/results.json`` and TensorBoard (``<out_dir>/tensorboard``)
 with the protocol spelled out: number of samples, seeds, sampler and its NFE, weights, checkpoint, reference set.
 """
 from __future__ import annotations

@@ -7,4 +7,5 @@ from lit_score.metrics.kid import kernel_inception_distance
 from lit_score.metrics.reference import ReferenceStatistics, reference_statistics
 
 __all__ = ["FeatureExtractor", "InceptionV3", "RandomConvFeatures", "random_inception_weights", "to_uint8",
-           "FeatureStatistics", "Moments", "frechet_distance", "kernel_inception_distance", "ReferenceStatistics", "reference_statistics"]
+           "FeatureStatistics", "Moments", "frechet_distance", "kernel_inception_distance", "ReferenceStatistics",
+           "reference_statistics"]

@@ -26,10 +26,12 @@ def kernel_inception_distance(features1: Tensor, features2: Tensor, subsets: int
     ``features2``, subset by subset): torch-fidelity's ``kid_subsets``, ``kid_subset_size`` and ``rng_seed``."""
     n1, n2 = features1.shape[0], features2.shape[0]
     if features1.dim() != 2 or features2.dim() != 2 or features1.shape[1] != features2.shape[1]:
-        raise ValueError(f"need features (N1, D) and (N2, D), got {tuple(features1.shape)} and {tuple(features2.shape)}")
+        raise ValueError(f"need features (N1, D) and (N2, D), got {tuple(features1.shape)} and "
+                         f"{tuple(features2.shape)}")
     if subsets < 1 or subset_size < 2 or min(n1, n2) < subset_size:
         raise ValueError(f"KID draws {subsets} subsets of {subset_size} rows from sets of {n1} and {n2}; it needs "
-                         f"subsets >= 1 and 2 <= subset_size <= both sizes (lower kid_subset_size or keep more features)")
+                         f"subsets >= 1 and 2 <= subset_size <= both sizes (lower kid_subset_size or keep more "
+                         f"features)")
     rng = np.random.RandomState(seed)
     values = []
     for _ in range(subsets):
