@@ -1,4 +1,5 @@
-"""Periodic FID of EMA samples against cached training-set statistics, logged as ``val/fid@<n>``.
+"""Periodic FID of EMA samples against cached training-set statistics, logged as ``val/fid@<n>`` (and optionally
+KID as ``val/kid@<n>``).
 
 Every rank draws its share of the per-image seeds and the float64 feature sums add up across ranks, so the value
 does not depend on the number of processes. Every rank runs every step of it; nothing is rank-zero-only except
@@ -16,7 +17,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from callbacks.ema import ema_weights
 from callbacks.sampling import batched, draw, due, fast_dev_run
 from lit_score.metrics.features import FeatureExtractor, to_uint8
+from lit_score.distributed import gather_to_all
 from lit_score.metrics.frechet import FeatureStatistics, frechet_distance
+from lit_score.metrics.kid import kernel_inception_distance
 from lit_score.metrics.reference import ReferenceStatistics, data_centered, reference_statistics
 from lit_score.sampling.base import Sampler
 
@@ -50,11 +53,15 @@ class FID(L.Callback):
         cache_dir: where reference statistics are cached (default ``$LIT_SCORE_CACHE/fid`` or
             ``~/.cache/lit-score/fid``).
         at_start: also evaluate when fit starts.
+        kid_subset_size: also log KID (torch-fidelity's definition, ``kid_subsets`` subsets of this size, seed
+            2020) between the first ``kid_features`` samples (seed order) and the first ``kid_features`` training
+            images; default: no KID.
     """
 
     def __init__(self, features: FeatureExtractor, num_samples: int = 50000, every_n_steps: int = 50000,
                  sampler: Sampler | None = None, batch_size: int = 250, first_seed: int = 0,
-                 cache_dir: str | None = None, at_start: bool = False) -> None:
+                 cache_dir: str | None = None, at_start: bool = False, kid_subset_size: int | None = None,
+                 kid_subsets: int = 100, kid_features: int = 10000) -> None:
         if not isinstance(features, FeatureExtractor):
             raise TypeError(f"FID features must be a lit_score.metrics.FeatureExtractor, got {type(features)}")
         if num_samples < 2 or every_n_steps < 1 or batch_size < 1:
@@ -62,7 +69,13 @@ class FID(L.Callback):
                              f"{num_samples}, {every_n_steps}, {batch_size}")
         self.features, self.num_samples, self.every_n_steps = features.eval(), num_samples, every_n_steps
         self.sampler, self.batch_size, self.first_seed = sampler, batch_size, first_seed
+        if kid_subset_size is not None and not (2 <= kid_subset_size <= min(num_samples, kid_features)
+                                                and kid_subsets >= 1):
+            raise ValueError(f"FID's KID needs 2 <= kid_subset_size <= num_samples and kid_features, and "
+                             f"kid_subsets >= 1; got {kid_subset_size}, {num_samples}, {kid_features}, {kid_subsets}")
         self.cache_dir, self.at_start = cache_dir, at_start
+        self.kid_subset_size, self.kid_subsets, self.kid_features = kid_subset_size, kid_subsets, kid_features
+        self.last_kid: tuple[float, float] | None = None
         self.reference: ReferenceStatistics | None = None
         self.last_value: float | None = None
         self._last_step = -1
@@ -70,6 +83,10 @@ class FID(L.Callback):
     @property
     def tag(self) -> str:
         return fid_tag(self.num_samples)
+
+    @property
+    def kid_tag(self) -> str:
+        return self.tag.replace("val/fid@", "val/kid@")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and not fast_dev_run(trainer):
@@ -80,8 +97,9 @@ class FID(L.Callback):
         if fast_dev_run(trainer):
             return
         self.features.to(pl_module.device)
+        keep = self.kid_features if self.kid_subset_size is not None else 0
         self.reference = reference_statistics(trainer.datamodule, self.features, self.cache_dir, self.batch_size,
-                                              pl_module.device)
+                                              pl_module.device, keep)
         if trainer.is_global_zero:
             note = (f"{self.num_samples} samples, seeds {self.first_seed}..{self.first_seed + self.num_samples - 1}, "
                     f"EMA weights, against {self.reference.count} training images; key {self.reference.key}")
@@ -111,15 +129,27 @@ class FID(L.Callback):
         centered = data_centered(trainer.datamodule)
         seeds = list(range(self.first_seed, self.first_seed + self.num_samples))[trainer.global_rank::trainer.world_size]
         stats = FeatureStatistics(self.features.num_features).to(pl_module.device)
+        kept = []
         with ema_weights(trainer, pl_module):
             for chunk in batched(seeds, self.batch_size):
                 samples = draw(pl_module, chunk, self.sampler, self.batch_size)
-                stats.update(self.features(to_uint8(samples, centered)))
-        mean, cov = stats.compute()
+                features = self.features(to_uint8(samples, centered))
+                stats.update(features)
+                if self.kid_subset_size is not None:
+                    kept += [(seed, f) for seed, f in zip(chunk, features.float().cpu())
+                             if seed < self.first_seed + self.kid_features]
+        mean, cov, _ = stats.compute()
         value = frechet_distance(mean, cov, self.reference.mean, self.reference.cov)
         self.last_value = value
-        trainer.callback_metrics[self.tag] = torch.tensor(value)
+        metrics = {self.tag: value}
+        if self.kid_subset_size is not None:
+            ordered = sorted((pair for part in gather_to_all(kept) for pair in part), key=lambda pair: pair[0])
+            self.last_kid = kernel_inception_distance(torch.stack([f for _, f in ordered]), self.reference.features,
+                                                      self.kid_subsets, self.kid_subset_size)
+            metrics[self.kid_tag] = self.last_kid[0]
+        for tag, v in metrics.items():
+            trainer.callback_metrics[tag] = torch.tensor(v)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics({self.tag: value}, step=step)
+                logger.log_metrics(metrics, step=step)
         return value

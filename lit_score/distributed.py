@@ -25,3 +25,13 @@ def broadcast(value: Any) -> Any:
 def barrier() -> None:
     if rank_and_world()[1] > 1:
         dist.barrier()
+
+
+def gather_to_all(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order, on every rank (picklable objects; CPU tensors)."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return [value]
+    values: list[Any] = [None] * world
+    dist.all_gather_object(values, value)
+    return values

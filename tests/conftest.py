@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from lit_score.metrics import InceptionV3, RandomConvFeatures, random_inception_weights
+
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -10,3 +12,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """torch-fidelity's InceptionV3 architecture with random weights (seed 0), saved where InceptionV3 reads it:
+    the published weights cannot be downloaded here, and the real network, resize and 2048-d pool3 run on these."""
+    return random_inception_weights(tmp_path_factory.mktemp("inception") / "inception-random.pth", seed=0)
+
+
+@pytest.fixture(params=["random_conv", "inception"])
+def feature_network(request):
+    """A factory of the feature network under test: the small stand-in, or InceptionV3 on the random weights file.
+    Inception on CPU is slow (299x299): tests parametrized with this keep to a few images."""
+    if request.param == "random_conv":
+        return lambda: RandomConvFeatures(num_features=8, width=4, seed=0)
+    path = request.getfixturevalue("inception_weights")
+    return lambda: InceptionV3(str(path))

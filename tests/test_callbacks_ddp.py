@@ -1,6 +1,7 @@
 """EMA, sample grids and FID under real DDP (2 CPU processes, gloo), launched through the `lit-score` script.
 
-Two launches: a 2-process fit of 4 steps, then a 1-process fit resumed from its checkpoint to step 6.
+Two launches: a 2-process fit of 4 steps, then a 1-process fit resumed from its checkpoint to step 6. FID and KID
+use InceptionV3 on a random-weight file (the real architecture and resize) against the first 12 training images.
 """
 from __future__ import annotations
 
@@ -19,10 +20,22 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from callbacks.ema import EMA, warmup_decay
 from callbacks.fid import FID
+from data_modules import DigitsDataModule
+from lit_score.metrics import InceptionV3
 
 ROOT = Path(__file__).resolve().parents[1]
 LIT_SCORE = str(Path(sys.executable).parent / "lit-score")
 RATE = 0.9
+
+
+class FirstDigits(DigitsDataModule):
+    """The quickstart digits, whose FID reference set is the first 12 training images (Inception on CPU is slow)."""
+
+    def full_dataset(self):
+        return torch.utils.data.Subset(self.train_set, range(12))
+
+    def cache_key(self):
+        return f"{super().cache_key()}-first12"
 
 
 class Probe(L.Callback):
@@ -51,12 +64,13 @@ class Probe(L.Callback):
         ema = next(cb for cb in trainer.callbacks if isinstance(cb, EMA))
         fid = next(cb for cb in trainer.callbacks if isinstance(cb, FID))
         self.record |= {"shadow": {k: v.cpu().clone() for k, v in ema.shadow.items()},
-                        "num_updates": ema.num_updates, "fid": fid.last_value, "world": trainer.world_size}
+                        "num_updates": ema.num_updates, "fid": fid.last_value, "kid": fid.last_kid,
+                        "world": trainer.world_size}
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.save(self.record, self.out_dir / f"rank{trainer.global_rank}.pt")
 
 
-def _config(tmp_path: Path, probe_dir: Path) -> Path:
+def _config(tmp_path: Path, probe_dir: Path, inception_weights: Path) -> Path:
     sampler = {"class_path": "lit_score.sampling.EDMSampler", "init_args": {"steps": 2}}
     config = {
         "defaults": [str(ROOT / "experiments" / "quickstart.yaml")],
@@ -72,15 +86,17 @@ def _config(tmp_path: Path, probe_dir: Path) -> Path:
                 {"class_path": "callbacks.SampleGrid",
                  "init_args": {"every_n_steps": 2, "num_samples": 7, "batch_size": 3, "sampler": sampler}},
                 {"class_path": "callbacks.FID",
-                 "init_args": {"features": {"class_path": "lit_score.metrics.RandomConvFeatures",
-                                            "init_args": {"num_features": 8, "width": 4}},
+                 "init_args": {"features": {"class_path": "lit_score.metrics.InceptionV3",
+                                            "init_args": {"weights_path": str(inception_weights)}},
                                "num_samples": 11, "every_n_steps": 4, "batch_size": 4, "at_start": True,
+                               "kid_subset_size": 4, "kid_subsets": 10,
                                "cache_dir": str(tmp_path / "cache"), "sampler": sampler}},
                 {"class_path": "test_callbacks_ddp.Probe", "init_args": {"out_dir": str(probe_dir)}},
             ],
         },
         "model": {"warmup": 2, "net": {"init_args": {"nf": 8, "ch_mult": [1, 2], "attn_resolutions": [4]}}},
-        "data": {"init_args": {"image_size": 8, "batch_size": 8}},
+        "data": {"class_path": "test_callbacks_ddp.FirstDigits",
+                 "init_args": {"image_size": 8, "batch_size": 8, "centered": True}},
     }
     path = tmp_path / f"{probe_dir.name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -118,14 +134,16 @@ def _assert_equal_states(a, b, **tol):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, inception_weights):
     tmp = tmp_path_factory.mktemp("ddp")
-    _fit(_config(tmp, tmp / "probe2"), tmp / "runs2", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    _fit(_config(tmp, tmp / "probe2", inception_weights), tmp / "runs2", "--trainer.devices", "2",
+         "--trainer.strategy", "ddp")
     run2 = tmp / "runs2" / "quickstart" / "version_0"
     [ckpt] = (run2 / "checkpoints").glob("*step=4.ckpt")
-    _fit(_config(tmp, tmp / "probe1"), tmp / "runs1", "--trainer.devices", "1", "--trainer.max_steps", "6",
-         "--ckpt_path", str(ckpt))
-    return {"tmp": tmp, "run2": run2, "run1": tmp / "runs1" / "quickstart" / "version_0", "ckpt": ckpt,
+    _fit(_config(tmp, tmp / "probe1", inception_weights), tmp / "runs1", "--trainer.devices", "1",
+         "--trainer.max_steps", "6", "--ckpt_path", str(ckpt))
+    return {"tmp": tmp, "weights": inception_weights, "run2": run2, "run1": tmp / "runs1" / "quickstart" / "version_0",
+            "ckpt": ckpt,
             "ranks": [torch.load(tmp / "probe2" / f"rank{r}.pt", weights_only=False) for r in (0, 1)],
             "resumed": torch.load(tmp / "probe1" / "rank0.pt", weights_only=False)}
 
@@ -181,14 +199,22 @@ def test_sample_grid_does_not_depend_on_the_number_of_processes(runs):
 
 
 def test_fid_does_not_depend_on_the_number_of_processes(runs):
-    """Property: FID of the step-4 EMA weights is the same from 2 processes (on both ranks) and from 1."""
+    """Property: Inception FID and KID of the step-4 EMA weights are the same from 2 processes (on both ranks) and
+    from 1 (float32 features of other batch compositions: 1e-5), against 12 reference images counted once."""
     r0, r1 = runs["ranks"]
-    assert r0["fid"] == r1["fid"]
-    two = {e.step: e.value for e in _events(runs["run2"]).Scalars("val/fid@11")}
-    one = {e.step: e.value for e in _events(runs["run1"]).Scalars("val/fid@11")}
-    assert set(two) == {0, 4} and 4 in one
-    assert two[4] == pytest.approx(r0["fid"], rel=1e-6)
-    assert one[4] == pytest.approx(two[4], rel=1e-5)
+    assert r0["fid"] == r1["fid"] and r0["kid"] == r1["kid"]
+    events2, events1 = _events(runs["run2"]), _events(runs["run1"])
+    for tag, value in (("val/fid@11", r0["fid"]), ("val/kid@11", r0["kid"][0])):
+        two = {e.step: e.value for e in events2.Scalars(tag)}
+        one = {e.step: e.value for e in events1.Scalars(tag)}
+        assert set(two) == {0, 4} and 4 in one
+        assert two[4] == pytest.approx(value, rel=1e-6)
+        assert one[4] == pytest.approx(two[4], rel=1e-5)
+    assert r0["fid"] > 0
+    [cached] = (runs["tmp"] / "cache").iterdir()
+    reference = torch.load(cached, weights_only=True)
+    assert reference["count"] == 12 and reference["features"].shape == (12, 2048)
+    assert reference["key"].endswith(InceptionV3(str(runs["weights"])).identity)
 
 
 def test_tensorboard_holds_every_tag_in_one_run(runs):
@@ -200,7 +226,7 @@ def test_tensorboard_holds_every_tag_in_one_run(runs):
     assert {"train/loss", "val/loss", "train/grad_norm", "lr-Adam", "train/ema_decay", "val/fid@11"} <= set(
         tags["scalars"])
     assert [e.step for e in events.Images("samples")] == [0, 2, 4]
-    assert "val/fid@11/text_summary" in tags["tensors"]
+    assert "val/fid@11/text_summary" in tags["tensors"] and "val/kid@11" in tags["scalars"]
     decays = [e.value for e in events.Scalars("train/ema_decay")]
     assert decays == pytest.approx([warmup_decay(RATE, n) for n in range(1, 5)])
     assert "_hparams_/experiment" in events.PluginTagToContent("hparams")

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from lit_score.evaluate import Evaluator, inception_score, load_experiment, load_reference, load_weights
+from lit_score.evaluate import (Evaluator, inception_score, load_experiment, load_reference, load_weights,
+                                save_reference)
 from lit_score.likelihood import Likelihood
 from lit_score.metrics import RandomConvFeatures
 from lit_score.sampling import EDMSampler
@@ -55,6 +56,7 @@ evaluation:
   classifier:
     class_path: lit_score.metrics.RandomConvFeatures
     init_args: {{num_features: 10, seed: 1}}
+  kid_subset_size: 64
   bpd: false
   cache_dir: {cache}
 """
@@ -64,7 +66,8 @@ def evaluator(out_dir: Path, cache: Path, steps: int = 3, **kwargs) -> Evaluator
     """The Evaluator that EVAL describes."""
     args = dict(out_dir=str(out_dir), num_samples=256, batch_size=32, shard_size=32,
                 sampler=EDMSampler(steps=steps), features=RandomConvFeatures(num_features=16),
-                classifier=RandomConvFeatures(num_features=10, seed=1), bpd=False, cache_dir=str(cache))
+                classifier=RandomConvFeatures(num_features=10, seed=1), kid_subset_size=64, bpd=False,
+                cache_dir=str(cache))
     return Evaluator(**{**args, **kwargs})
 
 
@@ -103,13 +106,18 @@ def run_cli(tmp: Path, out: str, *extra: str, devices: int = 1, wait: bool = Tru
 
 def test_two_ddp_processes_give_the_same_samples_and_numbers_as_one(setup):
     """`python -m lit_score.evaluate --trainer.devices 2` (two gloo processes) writes bit-identical shards and gives
-    exactly the FID and IS of one process; the work was split over both."""
+    exactly the FID, KID and IS of one process; the work was split over both. Its reference statistics, computed
+    anew by the two processes (another cache_dir), count every training image once, as the one process's did."""
     tmp, experiment, one = setup
-    run_cli(tmp, "two", devices=2)
+    run_cli(tmp, "two", "--evaluation.cache_dir", str(tmp / "cache2"), devices=2)
     two = json.loads((tmp / "two" / "results.json").read_text())
     assert two["protocol"]["world_size"] == 2 and one["protocol"]["world_size"] == 1
-    assert two["fid"] == one["fid"] and two["inception_score"] == one["inception_score"]
-    assert two["inception_score_10_splits"] == one["inception_score_10_splits"]
+    experiment.datamodule.setup("fit")
+    num_train = len(experiment.datamodule.train_set)  # 1617: odd, so the two processes' shares differ
+    assert two["protocol"]["reference"]["count"] == one["protocol"]["reference"]["count"] == num_train
+    assert len(list((tmp / "cache2").iterdir())) == 1
+    for key in ("fid", "kid_mean", "kid_std", "inception_score", "is_mean", "is_std"):
+        assert two[key] == one[key], key
     for i in range(8):
         a = torch.load(tmp / "one" / "samples" / f"shard_{i:06d}.pt", weights_only=True)
         b = torch.load(tmp / "two" / "samples" / f"shard_{i:06d}.pt", weights_only=True)
@@ -132,9 +140,15 @@ def test_protocol_is_recorded_in_json_and_tensorboard(setup):
         "S_max": "inf", "S_noise": 1.0}}
     assert protocol["samples"]["weights"] == "ema" and protocol["checkpoint"]["global_step"] == 7
     assert protocol["reference"]["count"] > 1000 and protocol["reference"]["key"].startswith("digits-16px-gray")
+    metrics = protocol["metrics"]
+    features = RandomConvFeatures(num_features=16)
+    assert metrics["n"] == 256 and metrics["feature_network"]["identity"] == features.identity
+    assert metrics["feature_network"]["weights_hash"] == features.identity.split("-")[-1]
+    assert metrics["kid"] == {"subsets": 100, "subset_size": 64, "features": 10000, "seed": 2020}
+    assert {"fid", "kid_mean", "kid_std", "is_mean", "is_std", "inception_score"} <= set(saved)
     events = EventAccumulator(str(tmp / "one" / "tensorboard"))
     events.Reload()
-    assert {"eval/fid@256", "eval/is@256", "eval/nfe"} <= set(events.Tags()["scalars"])
+    assert {"eval/fid@256", "eval/kid@256", "eval/is@256", "eval/nfe"} <= set(events.Tags()["scalars"])
     (fid,) = events.Scalars("eval/fid@256")
     assert fid.step == 7 and fid.value == pytest.approx(one["fid"], rel=1e-6)
 
@@ -196,7 +210,7 @@ def test_test_set_bits_per_dim_are_the_likelihood_of_the_first_test_images(setup
     tmp, experiment, one = setup
     likelihood = Likelihood(rtol=0.1, atol=0.1)
     ev = evaluator(tmp / "bpd", tmp / "cache", num_samples=32, shard_size=32, bpd=True, likelihood=likelihood,
-                   bpd_num_images=2, bpd_batch_size=1, inception_score=False)
+                   bpd_num_images=2, bpd_batch_size=1, inception_score=False, kid=False)
     results = ev.run(experiment.model, experiment.datamodule, tmp / "tiny.ckpt")
     model, data = experiment.model, experiment.datamodule
     x = torch.stack([data.test_dataloader().dataset[i] for i in range(2)])
@@ -231,14 +245,137 @@ def test_inception_score_of_known_distributions():
     assert mean == pytest.approx(10.0, rel=1e-6) and std == pytest.approx(0.0, abs=1e-6)
 
 
-def test_reference_files_npz_with_moments_or_activations(tmp_path):
-    """A .npz with mu/sigma is read as is; one with pool_3 activations gives their mean and unbiased covariance."""
+def test_streamed_inception_score_equals_torch_fidelity_for_uneven_splits():
+    """Oracle: torch-fidelity's isc_features_to_metric without shuffling, 23 logits in 5 splits (sizes 4 and 5),
+    fed to ours in batches of 3 that straddle the split boundaries."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    from lit_score.evaluate import InceptionScore
+
+    logits = torch.randn(23, 7, generator=torch.Generator().manual_seed(0)) * 3
+    theirs = isc_features_to_metric(logits, splits=5, shuffle=False)
+    score = InceptionScore(23, 5)
+    for chunk in logits.split(3):
+        score.update(chunk)
+    mean, std = score.compute()
+    assert mean == pytest.approx(theirs["inception_score_mean"], rel=1e-12)
+    assert std == pytest.approx(theirs["inception_score_std"], rel=1e-9)
+    assert std > 0
+
+
+def test_reference_files_of_edm_and_score_sde_load_and_round_trip(tmp_path):
+    """EDM's mu/sigma .npz is read as is; score_sde's pool_3 activations give their mean and unbiased covariance
+    (numpy's) and their first rows for KID; what save_reference writes in either format loads back the same."""
     rng = np.random.default_rng(0)
-    acts = rng.normal(size=(50, 4))
-    np.savez(tmp_path / "moments.npz", mu=acts.mean(0), sigma=np.cov(acts, rowvar=False))
-    np.savez(tmp_path / "pool.npz", pool_3=acts)
-    a, b = load_reference(tmp_path / "moments.npz"), load_reference(tmp_path / "pool.npz")
-    assert torch.allclose(a.mean, b.mean) and torch.allclose(a.cov, b.cov) and b.count == 50
-    np.savez(tmp_path / "other.npz", x=acts)
-    with pytest.raises(ValueError, match="expected 'mu' and 'sigma', or 'pool_3'"):
-        load_reference(tmp_path / "other.npz")
+    acts = rng.normal(size=(50, 4)).astype(np.float32)
+    np.savez(tmp_path / "edm.npz", mu=acts.mean(0, dtype=np.float64),
+             sigma=np.cov(acts.astype(np.float64), rowvar=False))
+    np.savez(tmp_path / "score_sde.npz", pool_3=acts)
+    edm, sde = load_reference(tmp_path / "edm.npz", 4), load_reference(tmp_path / "score_sde.npz", 4, keep_features=7)
+    assert edm.count == -1 and edm.features is None and sde.count == 50
+    np.testing.assert_allclose(sde.mean.numpy(), acts.astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sde.cov.numpy(), np.cov(acts.astype(np.float64), rowvar=False), rtol=1e-10)
+    torch.testing.assert_close(edm.cov, sde.cov, rtol=1e-10, atol=1e-12)
+    assert torch.equal(sde.features, torch.from_numpy(acts[:7]))
+    save_reference(tmp_path / "out_edm.npz", sde.mean, sde.cov, "edm")
+    save_reference(tmp_path / "out_sde.npz", sde.mean, sde.cov, "score_sde", torch.from_numpy(acts))
+    with np.load(tmp_path / "out_edm.npz") as saved:
+        assert sorted(saved.files) == ["mu", "sigma"] and saved["mu"].dtype == np.float64
+        assert np.array_equal(saved["sigma"], sde.cov.numpy())
+    with np.load(tmp_path / "out_sde.npz") as saved:
+        assert saved.files == ["pool_3"] and np.array_equal(saved["pool_3"], acts)
+    with pytest.raises(ValueError, match="none were given"):
+        save_reference(tmp_path / "x.npz", sde.mean, sde.cov, "score_sde")
+
+
+def test_bad_reference_files_are_refused_with_the_reason(tmp_path):
+    """Missing keys, misshapen mu/sigma, another network's dimension and a file that is no .npz each name the
+    problem."""
+    rng = np.random.default_rng(0)
+    cases = {"keys.npz": dict(x=rng.normal(size=(5, 4))),
+             "shape.npz": dict(mu=np.zeros(4), sigma=np.zeros((4, 3))),
+             "dims.npz": dict(mu=np.zeros(16), sigma=np.eye(16)),
+             "pool.npz": dict(pool_3=np.zeros(7))}
+    for name, arrays in cases.items():
+        np.savez(tmp_path / name, **arrays)
+    (tmp_path / "text.npz").write_text("not an archive")
+    for name, message in (("keys.npz", r"holds \['x'\]; expected 'mu' and 'sigma' \(EDM's fid-refs\) or 'pool_3'"),
+                          ("shape.npz", r"sigma a matrix \(D, D\); got \(4,\) and \(4, 3\)"),
+                          ("dims.npz", r"16-dimensional statistics but the feature network gives 2048"),
+                          ("pool.npz", r"pool_3 must hold activations \(N >= 2, D\)"),
+                          ("text.npz", "cannot read .* as a .npz archive")):
+        with pytest.raises(ValueError, match=message):
+            load_reference(tmp_path / name, num_features=2048)
+    with pytest.raises(FileNotFoundError, match="reference statistics not found"):
+        load_reference(tmp_path / "missing.npz")
+
+
+def test_export_writes_the_samples_statistics_in_both_formats(setup):
+    """Re-running the finished evaluation with export_reference writes the mean and covariance of every sample's
+    features (EDM format) or every feature vector (score_sde format); as a reference it gives FID 0 to the same
+    samples."""
+    tmp, experiment, one = setup
+    feats = torch.cat([torch.load(tmp / "one" / "samples" / f"shard_{i:06d}.pt", weights_only=True)["features"]
+                       for i in range(8)]).numpy()
+    for fmt in ("edm", "score_sde"):
+        path = tmp / f"export_{fmt}.npz"
+        results = evaluator(tmp / "one", tmp / "cache", export_reference=str(path), reference_format=fmt).run(
+            experiment.model, experiment.datamodule, tmp / "tiny.ckpt")
+        assert results["fid"] == one["fid"] and results["exported"] == {"path": str(path), "format": fmt}
+        ref = load_reference(path, 16)
+        np.testing.assert_allclose(ref.mean.numpy(), feats.mean(0), rtol=1e-9)
+        np.testing.assert_allclose(ref.cov.numpy(), np.cov(feats, rowvar=False), rtol=1e-5, atol=1e-9)
+        again = evaluator(tmp / "one", tmp / "cache", reference=str(path), kid=fmt == "score_sde").run(
+            experiment.model, experiment.datamodule, tmp / "tiny.ckpt")
+        assert again["fid"] == pytest.approx(0, abs=1e-6)
+        assert (again["kid_mean"] is None) == (fmt == "edm")
+
+
+INCEPTION_EVAL = """
+evaluation:
+  num_samples: 8
+  batch_size: 4
+  shard_size: 4
+  sampler:
+    class_path: lit_score.sampling.EDMSampler
+    init_args: {{steps: 2}}
+  features:
+    class_path: lit_score.metrics.InceptionV3
+    init_args: {{weights_path: {weights}}}
+  is_splits: 2
+  kid_subsets: 10
+  kid_subset_size: 4
+  classifier: null
+  reference: {reference}
+  bpd: false
+"""
+
+
+@pytest.mark.slow
+def test_inception_evaluation_under_one_and_two_processes(setup, inception_weights):
+    """`lit-score-eval` with InceptionV3 (random-weight file; IS from its logits) against a score_sde-format
+    reference of 12 training images' pool3 features writes FID, KID and IS, identical from 1 and 2 gloo processes,
+    and records n, the network with its weights hash, the reference and the sampler."""
+    from lit_score.metrics import InceptionV3, to_uint8
+
+    tmp, experiment, one = setup
+    features = InceptionV3(str(inception_weights))
+    experiment.datamodule.setup("fit")
+    images = torch.stack([experiment.datamodule.train_set[i] for i in range(12)])
+    save_reference(tmp / "pool3.npz", torch.zeros(2048), torch.eye(2048), "score_sde",
+                   features(to_uint8(images, experiment.datamodule.centered)))
+    (tmp / "inception.yaml").write_text(INCEPTION_EVAL.format(weights=inception_weights, reference=tmp / "pool3.npz"))
+    results = []
+    for devices in (1, 2):
+        run_cli(tmp, f"inception{devices}", "--config", str(tmp / "inception.yaml"), devices=devices)
+        results.append(json.loads((tmp / f"inception{devices}" / "results.json").read_text()))
+    keys = ("fid", "kid_mean", "kid_std", "inception_score", "is_mean", "is_std")
+    assert all(math.isfinite(results[0][k]) for k in keys) and results[0]["fid"] > 0 and results[0]["is_mean"] > 1
+    assert [r[k] for r in results for k in keys] == [results[0][k] for k in keys] * 2
+    record = results[1]["protocol"]
+    assert record["world_size"] == 2 and record["metrics"]["n"] == 8
+    assert record["metrics"]["feature_network"]["identity"] == features.identity
+    assert record["metrics"]["feature_network"]["init_args"]["weights_path"] == str(inception_weights)
+    assert record["metrics"]["classifier"]["class_path"].endswith("InceptionV3Logits")
+    assert record["reference"]["count"] == 12 and record["reference"]["source"] == str(tmp / "pool3.npz")
+    assert record["samples"]["sampler"]["init_args"]["steps"] == 2

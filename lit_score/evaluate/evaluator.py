@@ -1,11 +1,13 @@
-"""The paper's evaluation protocol: FID and Inception Score of N samples against training-set statistics, and
+"""The paper's evaluation protocol: FID, KID and Inception Score of N samples against training-set statistics, and
 test-set bits/dim, sharded over every process by per-image seeds and resumable after pre-emption.
 
 Samples are drawn in fixed shards of ``shard_size`` consecutive seeds (``first_seed + i``), each in the same
 batches whatever process draws it, so the sample set and every feature vector are the same for any number of
 processes. A finished shard (uint8 samples, features, logits, NFE) is written to ``<out_dir>/samples/`` and skipped
 on restart. Rank 0 then reads every shard in seed order and computes the metrics in float64, so the numbers do not
-depend on how the work was split. Results go to ``<out_dir>/results.json`` and TensorBoard (``<out_dir>/tensorboard``)
+depend on how the work was split; it streams them (FID from float64 sums, IS from per-split sums), keeping only the
+first ``kid_features`` feature vectors for KID, so its memory does not grow with N. Results go to
+``<out_dir>/results.json`` and TensorBoard (``<out_dir>/tensorboard``)
 with the protocol spelled out: number of samples, seeds, sampler and its NFE, weights, checkpoint, reference set.
 """
 from __future__ import annotations
@@ -24,12 +26,13 @@ from torch.utils.data import DataLoader, Subset
 from callbacks.ema import CHECKPOINT_KEY as EMA_KEY
 from lit_score.convert import sha256
 from lit_score.distributed import barrier, broadcast, rank_and_world
-from lit_score.evaluate.inception_score import InceptionV3Logits, inception_score
-from lit_score.evaluate.reference_file import load_reference
+from lit_score.evaluate.inception_score import InceptionScore, InceptionV3Logits
+from lit_score.evaluate.reference_file import FORMATS, ReferenceFormat, load_reference, save_reference
 from lit_score.evaluate.shards import ShardStore
 from lit_score.likelihood import Likelihood
-from lit_score.metrics.features import FeatureExtractor, InceptionV3, to_uint8
+from lit_score.metrics.features import FeatureExtractor, InceptionV3, tensor_bytes, to_uint8
 from lit_score.metrics.frechet import FeatureStatistics, frechet_distance
+from lit_score.metrics.kid import kernel_inception_distance
 from lit_score.metrics.reference import (ReferenceStatistics, cache_path, data_centered, reference_key,
                                          reference_statistics)
 from lit_score.module import ScoreModel
@@ -41,8 +44,8 @@ Weights = Literal["ema", "raw"]
 def describe(obj: Any) -> dict[str, Any]:
     """``{class_path, init_args}`` of an object, with its plain attributes (what a YAML would say)."""
     cls = type(obj)
-    args = {k.lstrip("_"): v for k, v in vars(obj).items()
-            if not k.startswith("__") and isinstance(v, (bool, int, float, str, type(None), list, tuple))}
+    args = {k.lstrip("_"): str(v) if isinstance(v, Path) else v for k, v in vars(obj).items()
+            if not k.startswith("__") and isinstance(v, (bool, int, float, str, type(None), list, tuple, Path))}
     args = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in args.items()}
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args}
 
@@ -68,7 +71,7 @@ def load_weights(model: ScoreModel, ckpt_path: str | Path, weights: Weights) -> 
 
 
 class Evaluator:
-    """FID, Inception Score and test-set bits/dim of a score model, by the paper's protocol.
+    """FID, KID, Inception Score and test-set bits/dim of a score model, by the paper's protocol.
 
     Args:
         out_dir: where shards, ``results.json``, ``protocol.json`` and TensorBoard events go; re-running with the
@@ -80,10 +83,18 @@ class Evaluator:
         features: FID feature network (default: ``lit_score.metrics.InceptionV3``, torch-fidelity's TF Inception).
         inception_score: also compute IS.
         classifier: logits for IS (default: ``InceptionV3Logits`` with the feature network's weights).
-        is_splits: IS is reported with one split (TF-GAN / score_sde) and with ``is_splits`` splits (mean, std).
+        is_splits: IS is reported with one split (``inception_score``: TF-GAN / score_sde) and as the mean and std
+            over ``is_splits`` contiguous splits (``is_mean``, ``is_std``: torch-fidelity's ISC without shuffling).
+        kid: also compute KID (torch-fidelity's definition: ``kid_subsets`` subsets of ``kid_subset_size``, cubic
+            polynomial kernel, subsets drawn with seed 2020) between the first ``kid_features`` samples (seed order)
+            and the first ``kid_features`` training images (dataset order) or rows of a ``pool_3`` reference; a
+            mu/sigma reference file has no features, and KID is then null.
         weights: ``ema`` (the checkpoint's EMA weights, as the paper) or ``raw``.
-        reference: a statistics file (``.npz`` with mu/sigma or pool_3, or a lit-score ``.pt``); default: the cached
-            statistics of the DataModule's training images (computed once, see ``lit_score.metrics.reference``).
+        reference: a statistics file (EDM's ``fid-refs`` ``.npz`` with mu/sigma, score_sde's ``.npz`` with pool_3, or a
+            lit-score ``.pt``); default: the cached statistics of the DataModule's training images (computed once,
+            see ``lit_score.metrics.reference``).
+        export_reference: also write the samples' statistics to this ``.npz``, in ``reference_format``.
+        reference_format: ``edm`` (mu, sigma) or ``score_sde`` (every feature vector as pool_3).
         cache_dir: where those cached statistics live.
         keep_samples: keep the uint8 samples in the shards (needed to recompute features later).
         bpd: also compute test-set bits/dim (``datamodule.test_dataloader()``'s dataset).
@@ -102,7 +113,9 @@ class Evaluator:
     def __init__(self, out_dir: str = "eval", num_samples: int = 50000, first_seed: int = 0, batch_size: int = 250,
                  shard_size: int = 1000, sampler: Sampler | None = None, features: FeatureExtractor | None = None,
                  inception_score: bool = True, classifier: FeatureExtractor | None = None, is_splits: int = 10,
-                 weights: Weights = "ema", reference: str | None = None, cache_dir: str | None = None,
+                 kid: bool = True, kid_subsets: int = 100, kid_subset_size: int = 1000, kid_features: int = 10000,
+                 weights: Weights = "ema", reference: str | None = None, export_reference: str | None = None,
+                 reference_format: ReferenceFormat = "edm", cache_dir: str | None = None,
                  keep_samples: bool = True, bpd: bool = True, likelihood: Likelihood | None = None,
                  bpd_num_images: int | None = None, bpd_batch_size: int = 100, bpd_first_seed: int = 0,
                  max_shards: int | None = None, deterministic: bool = True, tensorboard: bool = True) -> None:
@@ -111,6 +124,14 @@ class Evaluator:
                              f">= 1; got {num_samples}, {batch_size}, {shard_size}, {is_splits}, {bpd_batch_size}")
         if inception_score and num_samples < is_splits:
             raise ValueError(f"is_splits={is_splits} needs at least as many samples, got num_samples={num_samples}")
+        if kid and not (2 <= kid_subset_size <= min(kid_features, num_samples) and kid_subsets >= 1):
+            raise ValueError(f"KID draws subsets of kid_subset_size={kid_subset_size} from the first "
+                             f"kid_features={kid_features} of num_samples={num_samples} samples: it needs "
+                             f"2 <= kid_subset_size <= both, and kid_subsets >= 1 (got {kid_subsets}); or kid: false")
+        if reference_format not in FORMATS:
+            raise ValueError(f"reference_format must be one of {FORMATS}, got {reference_format!r}")
+        if export_reference is not None and not str(export_reference).endswith(".npz"):
+            raise ValueError(f"export_reference must name a .npz file, got {export_reference!r}")
         if weights not in ("ema", "raw"):
             raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
         if max_shards is not None and max_shards < 1:
@@ -130,6 +151,9 @@ class Evaluator:
             weights_path = self.features.weights_path if isinstance(self.features, InceptionV3) else None
             classifier = InceptionV3Logits(str(weights_path) if weights_path else None)
         self.classifier = classifier if inception_score else None
+        self.kid, self.kid_subsets, self.kid_subset_size, self.kid_features = kid, kid_subsets, kid_subset_size, \
+            kid_features
+        self.export_reference, self.reference_format = export_reference, reference_format
         self.weights, self.reference, self.cache_dir, self.keep_samples = weights, reference, cache_dir, keep_samples
         self.bpd, self.likelihood_arg = bpd, likelihood
         self.likelihood = likelihood if likelihood is not None else Likelihood()
@@ -161,9 +185,20 @@ class Evaluator:
             "classifier": self.classifier.identity if self.classifier is not None else None,
             "keep_samples": self.keep_samples,
         }
-        return {"samples": samples, "checkpoint": checkpoint, "config": config,
+        metrics = {"n": self.num_samples, "feature_network": self.network_record(self.features),
+                   "classifier": self.network_record(self.classifier) if self.classifier is not None else None,
+                   "is_splits": self.is_splits if self.classifier is not None else None,
+                   "kid": {"subsets": self.kid_subsets, "subset_size": self.kid_subset_size,
+                           "features": self.kid_features, "seed": 2020} if self.kid else None}
+        return {"samples": samples, "metrics": metrics, "checkpoint": checkpoint, "config": config,
                 "bpd": {**describe(self.likelihood)["init_args"], "num_images": self.bpd_num_images,
                         "batch_size": self.bpd_batch_size, "first_seed": self.bpd_first_seed} if self.bpd else None}
+
+    @staticmethod
+    def network_record(network: FeatureExtractor) -> dict[str, Any]:
+        """Which network: its class and arguments, its identity (class, size, hash of the state_dict) and the
+        weights hash alone."""
+        return {**describe(network), "identity": network.identity, "weights_hash": network.identity.rsplit("-", 1)[1]}
 
     def _check_protocol(self, protocol: dict[str, Any]) -> str | None:
         """Rank 0: write protocol.json, or say why the out_dir holds another evaluation."""
@@ -205,7 +240,7 @@ class Evaluator:
         else:
             digest = hashlib.sha256()
             for k, v in model.state_dict().items():
-                digest.update(k.encode() + v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                digest.update(k.encode() + tensor_bytes(v))
             checkpoint["sha256"] = digest.hexdigest()
         model = model.to(device).eval()
         self.features.prepare()
@@ -220,7 +255,8 @@ class Evaluator:
 
         reference = self._reference(datamodule, device)
         protocol["reference"] = {"key": reference.key, "count": reference.count,
-                                 "source": self.reference or "training set of the DataModule (cached)"}
+                                 "source": self.reference or "training set of the DataModule (cached)",
+                                 "kid_features": None if reference.features is None else reference.features.shape[0]}
         started = time.time()
         store = ShardStore(self.out_dir / "samples", self.fingerprint(protocol["samples"]))
         pending = broadcast(store.pending(self.num_shards) if rank == 0 else None)
@@ -246,13 +282,13 @@ class Evaluator:
         return broadcast(results)
 
     def _reference(self, datamodule: L.LightningDataModule, device: torch.device | str) -> ReferenceStatistics:
+        keep = self.kid_features if self.kid else 0
         if self.reference is not None:
-            reference = load_reference(self.reference)
-        else:
-            cached = cache_path(reference_key(datamodule, self.features), self.cache_dir).is_file()
-            if not broadcast(cached):
-                datamodule.setup("fit")
-            reference = reference_statistics(datamodule, self.features, self.cache_dir, self.batch_size, device)
+            return load_reference(self.reference, self.features.num_features, keep)
+        cached = cache_path(reference_key(datamodule, self.features), self.cache_dir).is_file()
+        if not broadcast(cached):
+            datamodule.setup("fit")
+        reference = reference_statistics(datamodule, self.features, self.cache_dir, self.batch_size, device, keep)
         if reference.mean.shape != (self.features.num_features,):
             raise ValueError(f"the reference statistics have {reference.mean.shape[0]} features, the feature "
                              f"network {self.features.num_features}; they were made with another network")
@@ -275,28 +311,44 @@ class Evaluator:
                 "logits": torch.cat(logits) if logits else None,
                 "images": torch.cat(images) if self.keep_samples else None, "nfe": nfe}
 
-    def _sample_metrics(self, store: ShardStore, reference: ReferenceStatistics) -> dict[str, Any]:
-        stats = FeatureStatistics(self.features.num_features, sync_on_compute=False)  # rank 0 reads every shard
-        logits, images_nfe, count = [], 0, 0
+    def _shards(self, store: ShardStore):
+        """Every shard in seed order, checked to hold its seeds."""
         for index in range(self.num_shards):
             shard = store.load(index)
             seeds = self.shard_seeds(index)
             if shard["seeds"] != [seeds[0], seeds[-1]] or shard["features"].shape[0] != len(seeds):
                 raise ValueError(f"{store.path(index)} does not hold seeds {seeds[0]}..{seeds[-1]}; delete it")
+            yield shard
+
+    def _sample_metrics(self, store: ShardStore, reference: ReferenceStatistics) -> dict[str, Any]:
+        stats = FeatureStatistics(self.features.num_features, sync_on_compute=False)  # rank 0 reads every shard
+        scores = [InceptionScore(self.num_samples, 1), InceptionScore(self.num_samples, self.is_splits)] \
+            if self.classifier is not None else []
+        kept, num_kept, images_nfe = [], 0, 0
+        for shard in self._shards(store):
             stats.update(shard["features"])
-            if self.classifier is not None:
-                logits.append(shard["logits"])
+            for score in scores:
+                score.update(shard["logits"])
+            if self.kid and num_kept < self.kid_features:
+                kept.append(shard["features"][:self.kid_features - num_kept])
+                num_kept += kept[-1].shape[0]
             images_nfe += sum(n * e for n, e in shard["nfe"])
-            count += len(seeds)
-        mean, cov = stats.compute()
+        mean, cov, count = stats.compute()
         n = f"{self.num_samples // 1000}k" if self.num_samples % 1000 == 0 else str(self.num_samples)
-        results: dict[str, Any] = {"complete": True, "n": n, "fid": frechet_distance(mean, cov, reference.mean, reference.cov),
-                                   "nfe": images_nfe / count}
-        if self.classifier is not None:
-            all_logits = torch.cat(logits)
-            results["inception_score"] = inception_score(all_logits, 1)[0]
-            is_mean, is_std = inception_score(all_logits, self.is_splits)
-            results[f"inception_score_{self.is_splits}_splits"] = {"mean": is_mean, "std": is_std}
+        results: dict[str, Any] = {"complete": True, "n": n,
+                                   "fid": frechet_distance(mean, cov, reference.mean, reference.cov),
+                                   "kid_mean": None, "kid_std": None, "nfe": images_nfe / count}
+        if self.kid and reference.features is not None:
+            results["kid_mean"], results["kid_std"] = kernel_inception_distance(
+                torch.cat(kept), reference.features, self.kid_subsets, self.kid_subset_size)
+        if scores:
+            results["inception_score"] = scores[0].compute()[0]
+            results["is_mean"], results["is_std"] = scores[1].compute()
+        if self.export_reference is not None:
+            features = torch.cat([s["features"] for s in self._shards(store)]) \
+                if self.reference_format == "score_sde" else None
+            save_reference(self.export_reference, mean, cov, self.reference_format, features)
+            results["exported"] = {"path": str(self.export_reference), "format": self.reference_format}
         return results
 
     def _test_dataset(self, datamodule: L.LightningDataModule):
@@ -354,6 +406,8 @@ class Evaluator:
             writer.add_scalar("eval/nfe", results["nfe"], step)
             if "inception_score" in results:
                 writer.add_scalar(f"eval/is@{n}", results["inception_score"], step)
+            if results.get("kid_mean") is not None:
+                writer.add_scalar(f"eval/kid@{n}", results["kid_mean"], step)
             if results.get("bpd"):
                 writer.add_scalar("eval/bpd", results["bpd"]["mean"], step)
             writer.add_text("eval/protocol", "```\n" + json.dumps(results["protocol"], indent=2) + "\n```", step)

@@ -19,6 +19,41 @@ def to_uint8(x: Tensor, centered: bool) -> Tensor:
     return torch.round(x.clamp(0, 1) * 255).to(torch.uint8)
 
 
+def tensor_bytes(t: Tensor) -> bytes:
+    """The raw bytes of a tensor of any dtype and rank (0-dim buffers such as BatchNorm's ``num_batches_tracked``
+    included), read on the CPU, so a hash of them is the same on every device."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def random_inception_weights(path: str | Path, seed: int = 0) -> Path:
+    """Write a state_dict of torch-fidelity's InceptionV3 with random weights (He-normal convolutions, perturbed
+    BatchNorm statistics) drawn from ``seed``, for tests and benchmarks where the published weights cannot be
+    downloaded. Its FIDs exercise the real architecture and resize but are comparable with nothing published."""
+    from unittest import mock
+
+    from torch_fidelity import feature_extractor_inceptionv3 as tfi
+
+    # torch-fidelity's constructor always loads weights: give it none, then draw our own.
+    with mock.patch.object(tfi, "load_state_dict_from_url", return_value={}), \
+            mock.patch.object(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None):
+        net = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                fan_in = module.weight[0].numel()
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * (2 / fan_in) ** 0.5)
+                if module.bias is not None:
+                    module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.1)
+            elif isinstance(module, nn.BatchNorm2d):
+                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+    return path
+
+
 def default_inception_path() -> Path:
     """Where torch-fidelity's own download lands: ``$TORCH_HOME/hub/checkpoints/``."""
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILENAME
@@ -45,7 +80,7 @@ class FeatureExtractor(nn.Module):
             digest = hashlib.sha256()
             for name, t in self.state_dict().items():
                 digest.update(name.encode())
-                digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                digest.update(tensor_bytes(t))
             self._identity = f"{type(self).__name__}-{self.num_features}-{digest.hexdigest()[:16]}"
         return self._identity
 

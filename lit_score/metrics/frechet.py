@@ -1,6 +1,8 @@
 """Frechet distance between Gaussians fitted to features (Heusel et al. 2017), with float64 statistics."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -30,10 +32,18 @@ def _psd_sqrt(sigma: Tensor) -> Tensor:
     return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
 
 
+class Moments(NamedTuple):
+    mean: Tensor  # (D,) float64
+    cov: Tensor  # (D, D) float64, unbiased
+    count: int  # feature vectors over every process
+
+
 class FeatureStatistics(Metric):
     """Mean and (unbiased) covariance of features (B, D), accumulated as float64 sums.
 
-    Sums add across processes on ``compute``, so the result does not depend on how the features are sharded.
+    Memory is constant in the number of features: only n, sum x and sum x x^T are kept. The sums add across
+    processes on ``compute``, so the result does not depend on how the features are sharded; ``compute`` returns
+    the global count with them (``self.count`` is this process's own again after it).
     """
 
     full_state_update = False
@@ -55,10 +65,10 @@ class FeatureStatistics(Metric):
         self.total += f.sum(0)
         self.outer += f.T @ f
 
-    def compute(self) -> tuple[Tensor, Tensor]:
+    def compute(self) -> Moments:
         n = self.count
         if n < 2:
             raise ValueError(f"a covariance needs at least 2 feature vectors, got {int(n)}")
         mean = self.total / n
         cov = (self.outer - n * torch.outer(mean, mean)) / (n - 1)
-        return mean, cov
+        return Moments(mean, cov, int(n))

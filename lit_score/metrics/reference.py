@@ -9,23 +9,27 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from lit_score.distributed import barrier, broadcast, rank_and_world
+from lit_score.distributed import barrier, broadcast, gather_to_all, rank_and_world
 from lit_score.metrics.features import FeatureExtractor, to_uint8
 from lit_score.metrics.frechet import FeatureStatistics
+
+if TYPE_CHECKING:
+    import lightning as L
 
 
 @dataclass
 class ReferenceStatistics:
     mean: Tensor  # (D,) float64
     cov: Tensor  # (D, D) float64
-    count: int
+    count: int  # images over every process (-1: not known, e.g. a mu/sigma file)
     key: str
+    features: Tensor | None = None  # (K, D) the first K images' features, for KID; None if none were kept
 
 
 def default_cache_dir() -> Path:
@@ -58,37 +62,52 @@ def cache_path(key: str, cache_dir: str | Path | None = None) -> Path:
 @torch.no_grad()
 def reference_statistics(datamodule: L.LightningDataModule, features: FeatureExtractor,
                          cache_dir: str | Path | None = None, batch_size: int = 250,
-                         device: torch.device | str = "cpu") -> ReferenceStatistics:
+                         device: torch.device | str = "cpu", keep_features: int = 0) -> ReferenceStatistics:
     """Statistics of every training image, un-augmented (``datamodule.full_dataset()`` where the DataModule has it,
-    else ``train_dataloader().dataset``), quantised to uint8.
+    else ``train_dataloader().dataset``), quantised to uint8, with the features of the first ``keep_features``
+    images (dataset order) for KID.
 
-    Loaded from the cache when there; otherwise computed (sharded over the processes of a distributed run, every
-    rank must call this) and written by rank 0.
+    Loaded from the cache when there (and holding enough features); otherwise computed (sharded over the processes
+    of a distributed run, every rank must call this; the count is the global one) and written by rank 0.
     """
+    if keep_features < 0:
+        raise ValueError(f"keep_features must be >= 0, got {keep_features}")
     key = reference_key(datamodule, features)
     path = cache_path(key, cache_dir)
     if broadcast(path.is_file()):
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved["key"] != key:
             raise ValueError(f"{path} holds statistics for {saved['key']!r}, not {key!r}; delete it")
-        return ReferenceStatistics(saved["mean"], saved["cov"], int(saved["count"]), key)
+        kept = saved.get("features")
+        enough = kept is not None and kept.shape[0] >= min(keep_features, int(saved["count"]))
+        if keep_features == 0 or broadcast(enough):
+            kept = kept[:keep_features] if keep_features and kept is not None else None
+            return ReferenceStatistics(saved["mean"], saved["cov"], int(saved["count"]), key, kept)
 
     centered = data_centered(datamodule)
     full = getattr(datamodule, "full_dataset", None)
     dataset = full() if callable(full) else datamodule.train_dataloader().dataset
     rank, world = rank_and_world()
-    loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=batch_size)
+    indices = range(rank, len(dataset), world)
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size)
     features = features.to(device).eval()
     stats = FeatureStatistics(features.num_features).to(device)
+    kept, done = [], 0
     for batch in loader:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        stats.update(features(to_uint8(images.to(device), centered)))
-    mean, cov = (t.cpu() for t in stats.compute())
-    count = int(stats.count)
+        f = features(to_uint8(images.to(device), centered))
+        stats.update(f)
+        rows = indices[done:done + f.shape[0]]
+        kept += [(i, v) for i, v in zip(rows, f.float().cpu()) if i < keep_features]
+        done += f.shape[0]
+    mean, cov, count = stats.compute()
+    mean, cov = mean.cpu(), cov.cpu()
+    kept_all = sorted((pair for part in gather_to_all(kept) for pair in part), key=lambda pair: pair[0])
+    first = torch.stack([v for _, v in kept_all]) if kept_all else None
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"mean": mean, "cov": cov, "count": count, "key": key}, tmp)
+        torch.save({"mean": mean, "cov": cov, "count": count, "key": key, "features": first}, tmp)
         tmp.replace(path)
     barrier()
-    return ReferenceStatistics(mean, cov, count, key)
+    return ReferenceStatistics(mean, cov, count, key, first)
