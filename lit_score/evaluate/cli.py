@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import warnings
+from pathlib import Path
 from typing import Sequence
 
 import lightning as L
@@ -29,7 +30,8 @@ class EvaluateCLI(ExperimentCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_argument("--ckpt_path", type=str, required=True,
-                            help="lit-score checkpoint to evaluate (its EMA weights unless evaluation.weights=raw)")
+                            help="lit-score checkpoint to evaluate (its EMA weights unless evaluation.weights=raw), or a "
+                                 "`lit-score export` folder (its weights)")
         parser.add_class_arguments(Evaluator, "evaluation")
 
 
@@ -53,7 +55,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
     fabric = L.Fabric(accelerator=trainer.get("accelerator") or "auto", devices=trainer.get("devices") or "auto",
                       num_nodes=trainer.get("num_nodes") or 1, strategy="auto")
     fabric.launch()
-    results = evaluator.run(cli.model, cli.datamodule, cli.config["ckpt_path"], config=" + ".join(configs) or None,
+    ckpt_path = None if Path(cli.config["ckpt_path"]).is_dir() else cli.config["ckpt_path"]  # export: loaded
+    results = evaluator.run(cli.model, cli.datamodule, ckpt_path, config=" + ".join(configs) or None,
                             device=fabric.device)
     if fabric.global_rank == 0 and not results["complete"]:
         print(f"stopped with {results['shards_left']} of {results['num_shards']} shards left (max_shards); "
