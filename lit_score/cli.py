@@ -154,6 +154,11 @@ def main() -> None:
         sys.exit(submit_main(sys.argv[2:]))
     if sys.argv[1:2] == ["export"]:
         sys.exit(export_main(sys.argv[2:]))
+    if sys.argv[1:2] in (["export-diffusers"], ["import-diffusers"]):
+        from lit_score import diffusers_interop
+
+        run = diffusers_interop.export_main if sys.argv[1] == "export-diffusers" else diffusers_interop.import_main
+        sys.exit(run(sys.argv[2:]))
     run_cli()
 
 
