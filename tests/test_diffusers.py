@@ -24,6 +24,8 @@ TINY = {  # no attention but the middle one (3 levels, 4 norm groups everywhere)
     "attention": {"nf": 128, "ch_mult": [1, 1], "num_res_blocks": 1, "attn_resolutions": [8], "image_size": 16},
 }
 SIGMAS = torch.tensor([0.01, 0.7, 25.0])
+DDPMPP = "lit_score.networks.DDPMpp"
+VP = {"class_path": "lit_score.sdes.VPSDE", "init_args": {"beta_min": 0.1, "beta_max": 20.0, "N": 1000}}
 
 
 def ncsnpp_args(**kw) -> dict:
@@ -125,15 +127,57 @@ def test_what_diffusers_cannot_express_is_named(tmp_path, one_thread):
     ckpt, _ = lit_checkpoint(tmp_path, {**ok, "num_channels": 1})
     with pytest.raises(PretrainedError, match="cannot express this network: num_channels=1"):
         export_diffusers(ckpt, tmp_path / "pipe")
-    vp = {"class_path": "lit_score.sdes.VPSDE", "init_args": {"beta_min": 0.1, "beta_max": 20.0, "N": 1000}}
-    ckpt, _ = lit_checkpoint(tmp_path, ok, sde=vp)
+    ckpt, _ = lit_checkpoint(tmp_path, ok, sde=VP)
     with pytest.raises(PretrainedError, match="cannot express this network: the SDE is lit_score.sdes.VPSDE.*VE SDE only"):
         export_diffusers(ckpt, tmp_path / "pipe")
-    ddpmpp = {**_defaults("lit_score.networks.DDPMpp"), **TINY["plain"], "num_channels": 3}
-    ckpt, _ = lit_checkpoint(tmp_path, ddpmpp, class_path="lit_score.networks.DDPMpp")
-    with pytest.raises(PretrainedError, match="the U-Net path .*DDPM\\+\\+ cannot be expressed.*embedding_type="
-                                              "'positional'.*fir=False"):
+    official_ddpmpp = {**_defaults(DDPMPP), **TINY["plain"], "num_channels": 3}
+    ckpt, _ = lit_checkpoint(tmp_path, official_ddpmpp, sde=VP, class_path=DDPMPP)
+    with pytest.raises(PretrainedError, match="resblock_type='biggan': the resampling BigGAN ResNets have a 1x1 "
+                                              "shortcut.*skip_rescale=True"):
         export_diffusers(ckpt, tmp_path / "pipe")
+    ddpm = ddpm_args()
+    assert diffusers_problems(ddpm) == []
+    plain_cases = {
+        "attention at [8]: diffusers' AttnUpBlock2D attends after every up ResNet": dict(attn_resolutions=[8]),
+        "the norm groups [4, 8]": dict(nf=16),
+        "resamp_with_conv=False": dict(resamp_with_conv=False),
+    }
+    for needle, change in plain_cases.items():
+        problems = diffusers_problems({**ddpm, **change})
+        assert len(problems) == 1 and needle in problems[0], (change, problems)
+    ckpt, _ = lit_checkpoint(tmp_path, ddpm, class_path=DDPMPP)  # with the VE SDE
+    with pytest.raises(PretrainedError, match="the SDE is lit_score.sdes.VESDE: a DDPM-type UNet2DModel goes with "
+                                              "diffusers' DDPMScheduler"):
+        export_diffusers(ckpt, tmp_path / "pipe")
+
+
+def ddpm_args(**kw) -> dict:
+    """DDPM++ with DDPM ResNets and no skip rescale (what UNet2DModel's plain blocks are), 1-channel 8x8 images."""
+    return {**_defaults(DDPMPP), "resblock_type": "ddpm", "skip_rescale": False, "attn_resolutions": [], "nf": 128,
+            "ch_mult": [1, 1], "num_res_blocks": 1, "image_size": 8, "num_channels": 1, "dropout": 0.0, **kw}
+
+
+def test_export_a_ddpm_type_vp_network_to_diffusers_and_back(tmp_path, one_thread):
+    """Property: a DDPM-type VP network exports to a DDPMPipeline whose UNet2DModel computes its noise prediction
+    (<= 1e-5 relative) at timesteps t (N - 1) and whose DDPMScheduler has the VP SDE's discrete betas; it imports
+    back as DDPMpp + VPSDE with the same weights."""
+    args = ddpm_args()
+    ckpt, net = lit_checkpoint(tmp_path, args, sde=VP, class_path=DDPMPP)
+    export_diffusers(ckpt, tmp_path / "pipe")
+    pipe = diffusers.DDPMPipeline.from_pretrained(str(tmp_path / "pipe"))
+    assert type(pipe.scheduler).__name__ == "DDPMScheduler"
+    from lit_score.sdes import VPSDE
+    torch.testing.assert_close(pipe.scheduler.betas, VPSDE(0.1, 20.0, 1000).discrete_betas.float(), rtol=1e-6, atol=0)
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([0.0, 250.5, 999.0])
+    with torch.no_grad():
+        assert relative(pipe.unet.eval()(x, t).sample, net(x, t)) <= 1e-5
+    import_diffusers(tmp_path / "pipe", tmp_path / "back")
+    back = load_pretrained(tmp_path / "back")
+    assert back.config["net"] == {"class_path": DDPMPP, "init_args": args}
+    assert back.config["sde"]["class_path"] == "lit_score.sdes.VPSDE"
+    assert back.config["sde"]["init_args"] == pytest.approx({"beta_min": 0.1, "beta_max": 20.0, "N": 1000})
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in back.net.state_dict().items())
 
 
 def test_unets_without_an_ncsnpp_form_are_refused(tmp_path):
@@ -143,10 +187,10 @@ def test_unets_without_an_ncsnpp_form_are_refused(tmp_path):
             "time_embedding_type": "positional"}
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "config.json").write_text(json.dumps(base))
-    with pytest.raises(PretrainedError, match="no NCSN\\+\\+ form: blocks .*skip blocks.*time_embedding_type"):
+    with pytest.raises(PretrainedError, match="no lit-score form: blocks .*skip blocks.*DownBlock2D / UpBlock2D"):
         import_diffusers(tmp_path, tmp_path / "out")
     skip = {**base, "down_block_types": ["SkipDownBlock2D"] * 2, "up_block_types": ["SkipUpBlock2D"] * 2,
             "time_embedding_type": "fourier", "mid_block_scale_factor": math.sqrt(2), "norm_num_groups": 4}
     (tmp_path / "unet" / "config.json").write_text(json.dumps(skip))
-    with pytest.raises(PretrainedError, match="norm_eps=1e-05 where NCSN\\+\\+ has 1e-06"):
+    with pytest.raises(PretrainedError, match="no lit-score form: .*norm_eps=1e-05 where lit-score has 1e-06"):
         import_diffusers(tmp_path, tmp_path / "out")
