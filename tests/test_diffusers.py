@@ -33,11 +33,13 @@ def ncsnpp_args(**kw) -> dict:
 
 
 def randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every weight random (NCSN++'s init zeroes the last layers, which would hide their mapping)."""
+    """Every weight random (NCSN++'s init zeroes the last layers, which would hide their mapping), matrices with
+    variance 1 / fan-in so that activations stay O(1) and float32 rounding stays at its null level."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            scale = p[0].numel() ** -0.5 if p.ndim > 1 else 0.3
+            p.copy_(scale * torch.randn(p.shape, generator=g))
             if "norm" in name.lower() and name.endswith("weight"):
                 p.add_(1.0)
     return module.eval()
