@@ -14,6 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lit_score.checkpoint_io import CorruptCheckpointError, checkpoint_problem, corrupt_message
 from lit_score.config import ConfigError, expand_config_args
+from lit_score.export import WEIGHTS_NAME, PretrainedError, check_state, export_main, load_weights, model_options
 from lit_score.module import ScoreModel
 from lit_score.preemption import Preemption
 from lit_score.resume import RandomState, resume_args
@@ -53,8 +54,15 @@ class ScoreCLI(LightningCLI):
         weights compute); every other model option (sampler, likelihood, ...) comes from the config and the
         command line, as without a checkpoint. Lightning's own rule lets the checkpoint override everything."""
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else self.config.get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_dir():  # a `lit-score export` folder: its weights go in after instantiation
+            self._pretrained, self._ckpt_model = pretrained_folder(ckpt_path)
+            section = {"model": self._ckpt_model}
+            self.config = self.parser.parse_object({subcommand: section} if subcommand else section, self.config)
+            if subcommand:  # Lightning's trainer reads only files
+                self.config[subcommand]["ckpt_path"] = None
+            return
+        if not subcommand or not ckpt_path or not Path(ckpt_path).is_file():
             return
         self._ckpt_model = checkpoint_model_config(ckpt_path)
         if self._ckpt_model:
@@ -65,6 +73,8 @@ class ScoreCLI(LightningCLI):
         saved = getattr(self, "_ckpt_model", None)
         if saved and isinstance(self.model, ScoreModel):
             check_model_matches(saved, dict(self.model.hparams))
+        if getattr(self, "_pretrained", None):
+            load_pretrained_weights(self.model, self._pretrained, getattr(self, "trainer", None))
 
     def _run_subcommand(self, subcommand: str) -> None:
         # A fit that fails before its first step leaves no run directory behind (no empty version_N).
@@ -90,6 +100,30 @@ def checkpoint_model_config(ckpt_path: str | Path) -> dict:
         sys.exit(f"lit-score: error: cannot read the checkpoint {ckpt_path}: {type(err).__name__}: {err}")
     hparams = ckpt.get("hyper_parameters") or {}
     return {key: hparams[key] for key in FROM_CHECKPOINT if key in hparams}
+
+
+def pretrained_folder(folder: str) -> tuple[str, dict]:
+    """The folder and the model options of its config.json (one-line exit when it is no lit-score export)."""
+    try:
+        return folder, model_options(folder)
+    except PretrainedError as err:
+        sys.exit(f"lit-score: error: {err}")
+
+
+def load_pretrained_weights(model: ScoreModel, folder: str, trainer: L.Trainer | None) -> None:
+    """Put an export's weights into the network; they are the (EMA) weights to sample with, so an EMA callback
+    starts from them instead of warning that it has no average."""
+    from callbacks.ema import ema_callback
+
+    try:
+        state = load_weights(folder)
+        check_state(model.net, state, str(Path(folder) / WEIGHTS_NAME))
+    except PretrainedError as err:
+        sys.exit(f"lit-score: error: {err}")
+    model.net.load_state_dict(state, strict=True)
+    ema = ema_callback(trainer) if trainer is not None else None
+    if ema is not None:
+        ema.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _differences(saved: Any, built: Any, prefix: str) -> list[str]:
@@ -146,6 +180,13 @@ def main() -> None:
     128 + the signal number after a signal stopped the run."""
     if sys.argv[1:2] == ["submit"]:
         sys.exit(submit_main(sys.argv[2:]))
+    if sys.argv[1:2] == ["export"]:
+        sys.exit(export_main(sys.argv[2:]))
+    if sys.argv[1:2] in (["export-diffusers"], ["import-diffusers"]):
+        from lit_score import diffusers_interop
+
+        run = diffusers_interop.export_main if sys.argv[1] == "export-diffusers" else diffusers_interop.import_main
+        sys.exit(run(sys.argv[2:]))
     try:
         cli = run_cli()
     except (CorruptCheckpointError, SlurmAllocationError) as err:

@@ -51,6 +51,15 @@ class ScoreModel(L.LightningModule):
         self.likelihood = likelihood or Likelihood()
         self._compiled = False
 
+    @classmethod
+    def from_pretrained(cls, folder: str, **kwargs) -> "ScoreModel":
+        """The model of a ``lit-score export`` folder (network with its weights, SDE and loss from its config.json);
+        ``kwargs``: the other ScoreModel options (sampler, likelihood, ...)."""
+        from lit_score.export import load_pretrained
+
+        pretrained = load_pretrained(folder)
+        return cls(net=pretrained.net, sde=pretrained.sde, loss=pretrained.loss, **kwargs)
+
     @property
     def score_fn(self) -> ScoreFn:
         """s_theta(x, t) with the network's current weights."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import warnings
+from pathlib import Path
 from typing import Sequence
 
 import lightning as L
@@ -30,7 +31,8 @@ class EvaluateCLI(ExperimentCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_argument("--ckpt_path", type=str, required=True,
-                            help="lit-score checkpoint to evaluate (its EMA weights unless evaluation.weights=raw)")
+                            help="lit-score checkpoint to evaluate (its EMA weights unless evaluation.weights=raw), or a "
+                                 "`lit-score export` folder (its weights)")
         parser.add_class_arguments(Evaluator, "evaluation")
 
 
@@ -54,10 +56,11 @@ def run(argv: Sequence[str] | None = None) -> dict:
     fabric = L.Fabric(accelerator=trainer.get("accelerator") or "auto", devices=trainer.get("devices") or "auto",
                       num_nodes=trainer.get("num_nodes") or 1, strategy="auto")
     fabric.launch()
+    ckpt_path = None if Path(cli.config["ckpt_path"]).is_dir() else cli.config["ckpt_path"]  # export: loaded
     try:
         with stop_at_boundaries():  # SIGINT, SIGTERM, SIGUSR1: stop after the current shard, exit 128 + signal
-            results = evaluator.run(cli.model, cli.datamodule, cli.config["ckpt_path"],
-                                    config=" + ".join(configs) or None, device=fabric.device)
+            results = evaluator.run(cli.model, cli.datamodule, ckpt_path, config=" + ".join(configs) or None,
+                                    device=fabric.device)
     except Interrupted as err:
         print(f"lit-score-eval: {err}", file=sys.stderr)
         raise

@@ -1,0 +1,168 @@
+"""`lit-score export`: a folder that rebuilds the model without YAML, for from_pretrained, predict and lit-score-eval."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lit_score.export import PretrainedError, export_checkpoint, export_main, load_pretrained
+from lit_score.module import ScoreModel
+from lit_score.networks import DDPMpp
+from test_predict import LIT_SCORE, ROOT, SAMPLERS, TINY, predict, run
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("fit")
+    run(["fit", "--trainer.max_steps", "2", "--trainer.num_sanity_val_steps", "0"], tmp)
+    return tmp / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "tiny-digits"
+    assert export_main([str(checkpoint), str(out)]) == 0
+    return out
+
+
+def outputs(net: torch.nn.Module) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1, 8, 8, generator=g)
+    labels = torch.tensor([0.0, 250.5, 999.0])  # DDPM++: the timestep t (N - 1)
+    with torch.no_grad():
+        return net.eval()(x, labels)
+
+
+def net_with(state: dict, prefix: str = "net.") -> DDPMpp:
+    """The tiny network built by hand (not from any config the export wrote), with a checkpoint's weights."""
+    net = DDPMpp(num_channels=1, image_size=8, nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                 dropout=0.0)
+    net.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    return net
+
+
+def test_export_rebuilds_the_ema_network_without_yaml(checkpoint, exported, one_thread):
+    """Property: from_pretrained builds the checkpoint's network and SDE from config.json alone, with the EMA
+    weights: its outputs equal those of the hand-built network given the checkpoint's EMA weights and differ
+    from those with its raw weights. config.json says what ran (EMA rate and updates, step, experiment)."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    model = ScoreModel.from_pretrained(str(exported))
+    assert type(model.net) is DDPMpp and type(model.sde).__name__ == "VPSDE" and model.hparams.loss == "dsm"
+    assert model.sde.beta_1 == pytest.approx(20.0) and model.sde.N == 1000
+    ours = outputs(model.net)
+    torch.testing.assert_close(ours, outputs(net_with(ckpt["ema_state_dict"])), rtol=0, atol=0)
+    assert (ours - outputs(net_with(ckpt["state_dict"]))).abs().max() > 1e-4
+    config = json.loads((exported / "config.json").read_text())
+    assert config["weights"] == "ema" and config["global_step"] == 2 and config["loss"] == "dsm"
+    assert config["ema"]["rate"] == 0.999 and config["ema"]["num_updates"] == 2
+    assert config["data"] == {"num_channels": 1, "image_size": 8, "centered": True}
+    assert config["experiment"]["name"] == "quickstart" and (exported / "experiment.yaml").is_file()
+    card = (exported / "README.md").read_text()
+    assert "ScoreModel.from_pretrained" in card and "upload_folder" in card and "step 2" in card
+
+
+def test_predict_from_the_folder_equals_predict_from_the_checkpoint(checkpoint, exported, tmp_path):
+    """Property: `lit-score predict --ckpt_path FOLDER` (no network options; the YAML's 16-channel network does
+    not fit) writes the same images, with the same seeds and sampler, as from the .ckpt's EMA weights."""
+    options, nfe = SAMPLERS["edm_heun"]
+    data = ["--data.init_args.image_size", "8", "--trainer.enable_progress_bar", "false"]
+    from_ckpt = predict(checkpoint, tmp_path, "ckpt", options)
+    from_folder = predict(exported, tmp_path, "folder", options, net=data)
+    assert from_ckpt["nfe"] == from_folder["nfe"] == nfe
+    np.testing.assert_array_equal(from_ckpt["samples"], from_folder["samples"])
+    assert from_folder["samples"].std() > 10  # images, not a constant
+
+
+EVAL = """
+evaluation:
+  num_samples: 8
+  is_splits: 2
+  batch_size: 8
+  shard_size: 8
+  sampler: {class_path: lit_score.sampling.EDMSampler, init_args: {steps: 2}}
+  features: {class_path: lit_score.metrics.RandomConvFeatures, init_args: {num_features: 16}}
+  classifier: {class_path: lit_score.metrics.RandomConvFeatures, init_args: {num_features: 10, seed: 1}}
+  bpd: false
+  cache_dir: CACHE
+"""
+
+
+def test_lit_score_eval_of_the_folder_equals_that_of_the_checkpoint(checkpoint, exported, tmp_path, one_thread):
+    """Property: lit-score-eval --ckpt_path FOLDER (the YAML's 16-channel network replaced by the export's) gives
+    the FID and IS of the .ckpt's EMA weights under the tiny network options, with the same seeds."""
+    from lit_score.evaluate.cli import run as evaluate
+
+    (tmp_path / "eval.yaml").write_text(EVAL.replace("CACHE", str(tmp_path / "cache")))
+    common = ["--config", "experiments/quickstart.yaml", "--config", str(tmp_path / "eval.yaml"),
+              "--data.init_args.image_size", "8", "--trainer.accelerator", "cpu", "--trainer.devices", "1"]
+    from_ckpt = evaluate([*common, *TINY[:6], "--ckpt_path", str(checkpoint), "--evaluation.out_dir",
+                          str(tmp_path / "ckpt")])
+    from_folder = evaluate([*common, "--ckpt_path", str(exported), "--evaluation.out_dir", str(tmp_path / "folder")])
+    assert from_ckpt["complete"] and from_folder["complete"] and from_folder["nfe"] == from_ckpt["nfe"] == 3
+    assert from_folder["fid"] == from_ckpt["fid"] and from_folder["inception_score"] == from_ckpt["inception_score"]
+
+
+def test_raw_weights_when_the_checkpoint_has_no_ema(checkpoint, tmp_path, capsys, one_thread):
+    """Property: a checkpoint without EMA weights exports its raw weights and says so."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    del ckpt["ema_state_dict"]
+    torch.save(ckpt, tmp_path / "no_ema.ckpt")
+    assert export_main([str(tmp_path / "no_ema.ckpt"), str(tmp_path / "raw")]) == 0
+    assert "no EMA weights" in capsys.readouterr().out
+    assert json.loads((tmp_path / "raw" / "config.json").read_text())["weights"] == "raw"
+    torch.testing.assert_close(outputs(load_pretrained(tmp_path / "raw").net), outputs(net_with(ckpt["state_dict"])),
+                               rtol=0, atol=0)
+    with pytest.raises(PretrainedError, match="has no EMA weights.*--weights raw"):
+        export_checkpoint(tmp_path / "no_ema.ckpt", tmp_path / "other", weights="ema")
+    with pytest.raises(PretrainedError, match="exists.*--overwrite"):
+        export_checkpoint(tmp_path / "no_ema.ckpt", tmp_path / "raw")
+
+
+def _copy(exported: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in exported.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_broken_folders_are_refused_naming_the_file_and_the_fix(exported, tmp_path, one_thread):
+    """Property: a missing config.json or weights, weights of another network (wrong shape, missing keys) and
+    a diffusers folder each stop with one line naming the file and what to do."""
+    no_config = _copy(exported, tmp_path / "no_config")
+    (no_config / "config.json").unlink()
+    with pytest.raises(PretrainedError, match=r"no_config/config.json is missing.*lit-score export"):
+        load_pretrained(no_config)
+    no_weights = _copy(exported, tmp_path / "no_weights")
+    (no_weights / "model.safetensors").unlink()
+    with pytest.raises(PretrainedError, match=r"no_weights/model.safetensors is missing"):
+        load_pretrained(no_weights)
+    wider = _copy(exported, tmp_path / "wider")
+    config = json.loads((wider / "config.json").read_text())
+    config["net"]["init_args"]["nf"] = 16
+    (wider / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PretrainedError, match=r"wider/model.safetensors: all_modules\.\d+\.\w+ has shape .* needs"):
+        load_pretrained(wider)
+    deeper = _copy(exported, tmp_path / "deeper")
+    config["net"]["init_args"].update(nf=8, num_res_blocks=2)
+    (deeper / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PretrainedError, match=r"deeper/model.safetensors does not fit .* missing key"):
+        load_pretrained(deeper)
+    diffusers = tmp_path / "diffusers"
+    diffusers.mkdir()
+    (diffusers / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    with pytest.raises(PretrainedError, match="diffusers UNet2DModel.*import-diffusers"):
+        load_pretrained(diffusers)
+
+
+def test_predict_refuses_a_folder_without_config_in_one_line(tmp_path):
+    """Property: the CLI reports a bad export folder in one line, without a traceback, before sampling."""
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([LIT_SCORE, "predict", "--config", "experiments/quickstart.yaml", *TINY,
+                           "--ckpt_path", str(tmp_path / "empty")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "empty/config.json is missing" in proc.stderr and "lit-score export" in proc.stderr
