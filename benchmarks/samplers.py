@@ -11,7 +11,6 @@ max_k |mean_i r_k(x_i) - w_k| (r_k: component responsibilities under p_0, so exa
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -22,7 +21,8 @@ import torch
 from torch import Tensor
 
 from lit_score.mixtures import GaussianMixture, energy_distance
-from lit_score.sampling import DPMSolverPP, EDMSampler, ODESampler, PCSampler, Sampler, SeededNoise, seeded_prior
+from lit_score.sampling import (IPNDM, AdaptiveSDESampler, DPMSolverPP, DPMSolverPP3M, DPMSolverPPSDE, EDMSampler,
+                                EulerSampler, ODESampler, PCSampler, Sampler, SeededNoise, UniPC, seeded_prior)
 from lit_score.sdes import SDE, VESDE, VPSDE
 
 
@@ -45,6 +45,8 @@ SOLVERS: list[Solver] = [
     Solver("PC ancestral", lambda n: PCSampler("ancestral_sampling", "none", steps=int(n)), (30, 100, 300, 1000)),
     Solver("PC rd + langevin", lambda n: PCSampler("reverse_diffusion", "langevin", steps=int(n // 2)),
            (50, 100, 300, 1000)),
+    Solver("PC rd + langevin (official)", lambda n: PCSampler("reverse_diffusion", "langevin", steps=int(n // 2),
+                                                              step_rule="official"), (50, 100, 300, 1000)),
     Solver("ALD (NCSN)", lambda n: PCSampler("none", "ald", steps=10, n_steps_each=int(n // 10), step_lr=2e-5,
                                              eps=0.0), (100, 300, 1000), sdes=("VE",)),
     Solver("ODE RK45 (rtol = atol)", lambda tol: ODESampler(rtol=tol, atol=tol), (1e-2, 1e-3, 1e-4, 1e-5)),
@@ -52,6 +54,17 @@ SOLVERS: list[Solver] = [
     Solver("EDM stochastic", lambda n: EDMSampler(steps=int(n), S_churn=0.5 * n, S_min=0.05, S_max=50.0,
                                                   S_noise=1.003), (9, 18, 40, 80)),
     Solver("DPM-Solver++(2M)", lambda n: DPMSolverPP(steps=int(n)), (5, 10, 20, 40)),
+    Solver("DPM-Solver++(3M)", lambda n: DPMSolverPP3M(steps=int(n)), (5, 10, 20, 40)),
+    Solver("DPM-Solver++(2M) SDE", lambda n: DPMSolverPPSDE(steps=int(n), order=2), (10, 20, 40, 80)),
+    Solver("DPM-Solver++(3M) SDE", lambda n: DPMSolverPPSDE(steps=int(n), order=3), (10, 20, 40, 80)),
+    Solver("UniPC bh2 (p = 2)", lambda n: UniPC(steps=int(n)), (5, 10, 20, 40)),
+    Solver("UniPC bh1 (p = 3)", lambda n: UniPC(steps=int(n), order=3, variant="bh1"), (5, 10, 20, 40)),
+    Solver("iPNDM", lambda n: IPNDM(steps=int(n)), (5, 10, 20, 40)),
+    Solver("iPNDM-v", lambda n: IPNDM(steps=int(n), variable=True), (5, 10, 20, 40)),
+    Solver("Euler (sigma view)", lambda n: EulerSampler(steps=int(n)), (10, 20, 40, 80)),
+    Solver("Adaptive SDE (GGF, per image)", lambda tol: AdaptiveSDESampler(reltol=tol), (0.2, 0.05, 0.01)),
+    Solver("Adaptive SDE (GGF, batch)", lambda tol: AdaptiveSDESampler(reltol=tol, step_control="batch"),
+           (0.2, 0.05, 0.01)),
 ]
 
 

@@ -1,8 +1,21 @@
 """Fixtures shared by test modules."""
+import importlib
+import os
+
 import pytest
 import torch
 
 from lit_score.metrics import InceptionV3, RandomConvFeatures, random_inception_weights
+
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def require(module: str):
+    """An optional test dependency (pyproject's dev extras): skipped where it is missing, a failure under CI=true."""
+    if IN_CI:
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"{module} is not installed (see pyproject's dev extras)")
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require
 
 from lit_score.diffusers_interop import (diffusers_problems, export_diffusers, import_diffusers, import_main,
                                          _defaults)
@@ -14,7 +15,7 @@ from lit_score.export import PretrainedError, load_pretrained
 from lit_score.module import ScoreModel
 from lit_score.networks import NCSNpp
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = require("diffusers")
 
 VE = {"num_channels": 3, "progressive": "output_skip", "progressive_input": "input_skip", "scale_by_sigma": True,
       "dropout": 0.0, "centered": False}
