@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
                      images_per_second(inception, args.inception_batch, 32, 2)}
 
     mib = 1 / 2 ** 20
-    print(f"| memory (per rank) | MiB |\n|---|---:|")
+    print("| memory (per rank) | MiB |\n|---|---:|")
     print(f"| float64 sums n, sum x, sum x x^T (D={d}), any N | {(1 + d + d * d) * 8 * mib:.1f} |")
     print(f"| IS accumulators, 10 splits x 1008 classes, any N | {10 * 1009 * 8 * mib:.2f} |")
     print(f"| KID: kept features, {kid_features} x {d} float32 (samples; as many reference) | "

@@ -106,7 +106,7 @@ def run_cli(tmp: Path, out: str, *extra: str, devices: int = 1, wait: bool = Tru
 
 def test_two_ddp_processes_give_the_same_samples_and_numbers_as_one(setup):
     """`python -m lit_score.evaluate --trainer.devices 2` (two gloo processes) writes bit-identical shards and gives
-    exactly the FID, KID and IS of one process; the work was split over both. Its reference statistics, computed
+    the FID, KID and IS of one process; the work was split over both. Its reference statistics, computed
     anew by the two processes (another cache_dir), count every training image once, as the one process's did."""
     tmp, experiment, one = setup
     run_cli(tmp, "two", "--evaluation.cache_dir", str(tmp / "cache2"), devices=2)
@@ -116,8 +116,11 @@ def test_two_ddp_processes_give_the_same_samples_and_numbers_as_one(setup):
     num_train = len(experiment.datamodule.train_set)  # 1617: odd, so the two processes' shares differ
     assert two["protocol"]["reference"]["count"] == one["protocol"]["reference"]["count"] == num_train
     assert len(list((tmp / "cache2").iterdir())) == 1
-    for key in ("fid", "kid_mean", "kid_std", "inception_score", "is_mean", "is_std"):
+    # Samples, features, IS and KID are bit-identical; FID up to rounding, since the reference sums of the two
+    # processes' halves of the training set are added in another order (a relative 1e-15 here).
+    for key in ("kid_mean", "kid_std", "inception_score", "is_mean", "is_std"):
         assert two[key] == one[key], key
+    assert two["fid"] == pytest.approx(one["fid"], rel=1e-12, abs=0)
     for i in range(8):
         a = torch.load(tmp / "one" / "samples" / f"shard_{i:06d}.pt", weights_only=True)
         b = torch.load(tmp / "two" / "samples" / f"shard_{i:06d}.pt", weights_only=True)
@@ -137,7 +140,7 @@ def test_protocol_is_recorded_in_json_and_tensorboard(setup):
     assert protocol["samples"]["num_samples"] == 256 and protocol["samples"]["seeds"] == [0, 255]
     assert protocol["samples"]["sampler"] == {"class_path": "lit_score.sampling.sigma.EDMSampler", "init_args": {
         "steps": 3, "schedule": "karras", "sigma_min": None, "sigma_max": None, "S_churn": 0.0, "S_min": 0.0,
-        "S_max": "inf", "S_noise": 1.0}}
+        "S_max": "inf", "S_noise": 1.0, "float64": False}}
     assert protocol["samples"]["weights"] == "ema" and protocol["checkpoint"]["global_step"] == 7
     assert protocol["reference"]["count"] > 1000 and protocol["reference"]["key"].startswith("digits-16px-gray")
     metrics = protocol["metrics"]

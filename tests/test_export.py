@@ -81,6 +81,7 @@ EVAL = """
 evaluation:
   num_samples: 8
   is_splits: 2
+  kid_subset_size: 4
   batch_size: 8
   shard_size: 8
   sampler: {class_path: lit_score.sampling.EDMSampler, init_args: {steps: 2}}
@@ -93,7 +94,7 @@ evaluation:
 
 def test_lit_score_eval_of_the_folder_equals_that_of_the_checkpoint(checkpoint, exported, tmp_path, one_thread):
     """Property: lit-score-eval --ckpt_path FOLDER (the YAML's 16-channel network replaced by the export's) gives
-    the FID and IS of the .ckpt's EMA weights under the tiny network options, with the same seeds."""
+    the FID, KID and IS of the .ckpt's EMA weights under the tiny network options, with the same seeds."""
     from lit_score.evaluate.cli import run as evaluate
 
     (tmp_path / "eval.yaml").write_text(EVAL.replace("CACHE", str(tmp_path / "cache")))
@@ -103,7 +104,8 @@ def test_lit_score_eval_of_the_folder_equals_that_of_the_checkpoint(checkpoint, 
                           str(tmp_path / "ckpt")])
     from_folder = evaluate([*common, "--ckpt_path", str(exported), "--evaluation.out_dir", str(tmp_path / "folder")])
     assert from_ckpt["complete"] and from_folder["complete"] and from_folder["nfe"] == from_ckpt["nfe"] == 3
-    assert from_folder["fid"] == from_ckpt["fid"] and from_folder["inception_score"] == from_ckpt["inception_score"]
+    for key in ("fid", "kid_mean", "inception_score"):
+        assert from_folder[key] == from_ckpt[key], key
 
 
 def test_raw_weights_when_the_checkpoint_has_no_ema(checkpoint, tmp_path, capsys, one_thread):

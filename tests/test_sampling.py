@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import null_tolerance
 
 from lit_score.mixtures import GaussianMixture, energy_distance
 from lit_score.sampling import (CORRECTORS, PREDICTORS, SCHEDULES, DPMSolverPP, EDMSampler, ODESampler, PCSampler,
@@ -23,21 +24,14 @@ SDES = {"ve": lambda: VESDE(0.01, 50.0, N=100), "vp": lambda: VPSDE(N=100), "sub
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _tolerance(mix: GaussianMixture, n: int) -> float:
-    """Three times the largest |energy distance| between 10 pairs of independent true-sample sets of size n."""
-    null = [energy_distance(mix.sample(n, torch.Generator().manual_seed(1000 + 2 * k)),
-                            mix.sample(n, torch.Generator().manual_seed(1001 + 2 * k))) for k in range(10)]
-    return 3 * max(abs(v) for v in null)
-
-
 @pytest.fixture(scope="module")
 def reference():
-    return MIX.sample(N, torch.Generator().manual_seed(1)), _tolerance(MIX, N)
+    return MIX.sample(N, torch.Generator().manual_seed(1)), null_tolerance(MIX, N)
 
 
 @pytest.fixture(scope="module")
 def reference16():
-    return MIX16.sample(500, torch.Generator().manual_seed(1)), _tolerance(MIX16, 500)
+    return MIX16.sample(500, torch.Generator().manual_seed(1)), null_tolerance(MIX16, 500)
 
 
 SAMPLERS_2D = {

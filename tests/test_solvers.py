@@ -17,7 +17,7 @@ import types
 
 import pytest
 import torch
-from conftest import IN_CI, require
+from conftest import IN_CI, null_tolerance, require
 
 from lit_score.mixtures import GaussianMixture, energy_distance
 from lit_score.sampling import (SAMPLERS, AdaptiveSDESampler, DPMSolverPP, DPMSolverPP3M, DPMSolverPPSDE, EDMSampler,
@@ -231,16 +231,9 @@ SDES = {"ve": lambda: VESDE(0.01, 50.0, N=100), "vp": lambda: VPSDE(N=100), "sub
 N = 1000
 
 
-def _tolerance(mix: GaussianMixture, n: int) -> float:
-    """Three times the largest |energy distance| between 10 pairs of independent true-sample sets of size n."""
-    null = [energy_distance(mix.sample(n, torch.Generator().manual_seed(1000 + 2 * k)),
-                            mix.sample(n, torch.Generator().manual_seed(1001 + 2 * k))) for k in range(10)]
-    return 3 * max(abs(v) for v in null)
-
-
 @pytest.fixture(scope="module")
 def reference():
-    return MIX.sample(N, torch.Generator().manual_seed(1)), _tolerance(MIX, N)
+    return MIX.sample(N, torch.Generator().manual_seed(1)), null_tolerance(MIX, N)
 
 
 SAMPLERS_2D = {
@@ -282,7 +275,7 @@ def test_adaptive_per_image_draws_a_16d_mixture(sde_name):
     sde = SDES[sde_name]()
     result = AdaptiveSDESampler().sample(M16.score_fn(sde), sde, (16,), range(500))
     ref = M16.sample(500, torch.Generator().manual_seed(1))
-    assert energy_distance(result.samples, ref) < _tolerance(M16, 500)
+    assert energy_distance(result.samples, ref) < null_tolerance(M16, 500)
 
 
 def test_adaptive_nfe_falls_as_the_tolerance_loosens():
