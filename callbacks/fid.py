@@ -1,8 +1,8 @@
 """Periodic FID of EMA samples against cached training-set statistics, logged as ``val/fid@<n>`` (and optionally
 KID as ``val/kid@<n>``).
 
-Every rank draws its share of the per-image seeds and the float64 feature sums add up across ranks, so the value
-does not depend on the number of processes. Every rank runs every step of it; nothing is rank-zero-only except
+Every rank draws its share of the per-image seeds, chunk by chunk, and every rank adds the gathered features of
+each chunk in seed order (``ordered_statistics``), so the value is the same to the bit for any number of processes. Every rank runs every step of it; nothing is rank-zero-only except
 the writing.
 """
 from __future__ import annotations
@@ -13,12 +13,12 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.logger import _flatten_dict
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
 
 from callbacks.ema import ema_weights
 from callbacks.sampling import batched, draw, due, fast_dev_run
 from lit_score.metrics.features import FeatureExtractor, to_uint8
-from lit_score.distributed import gather_to_all
-from lit_score.metrics.frechet import FeatureStatistics, frechet_distance
+from lit_score.metrics.frechet import frechet_distance, ordered_statistics
 from lit_score.metrics.kid import kernel_inception_distance
 from lit_score.metrics.reference import ReferenceStatistics, data_centered, reference_statistics
 from lit_score.sampling.base import Sampler
@@ -127,24 +127,25 @@ class FID(L.Callback):
             raise RuntimeError("FID.evaluate needs the reference statistics of on_fit_start")
         step = self._last_step = trainer.global_step
         centered = data_centered(trainer.datamodule)
-        seeds = list(range(self.first_seed, self.first_seed + self.num_samples))[trainer.global_rank::trainer.world_size]
-        stats = FeatureStatistics(self.features.num_features).to(pl_module.device)
-        kept = []
+        seeds = list(range(self.first_seed, self.first_seed + self.num_samples))
+        chunks = list(batched(seeds, self.batch_size))
+        kept: list[Tensor] = []
+
+        def features_of(k: int) -> Tensor:
+            return self.features(to_uint8(draw(pl_module, chunks[k], self.sampler, self.batch_size), centered))
+
+        def keep(k: int, f: Tensor) -> None:
+            if self.kid_subset_size is not None and k * self.batch_size < self.kid_features:
+                kept.append(f[:self.kid_features - k * self.batch_size])
+
         with ema_weights(trainer, pl_module):
-            for chunk in batched(seeds, self.batch_size):
-                samples = draw(pl_module, chunk, self.sampler, self.batch_size)
-                features = self.features(to_uint8(samples, centered))
-                stats.update(features)
-                if self.kid_subset_size is not None:
-                    kept += [(seed, f) for seed, f in zip(chunk, features.float().cpu())
-                             if seed < self.first_seed + self.kid_features]
+            stats = ordered_statistics(len(chunks), features_of, self.features.num_features, pl_module.device, keep)
         mean, cov, _ = stats.compute()
         value = frechet_distance(mean, cov, self.reference.mean, self.reference.cov)
         self.last_value = value
         metrics = {self.tag: value}
         if self.kid_subset_size is not None:
-            ordered = sorted((pair for part in gather_to_all(kept) for pair in part), key=lambda pair: pair[0])
-            self.last_kid = kernel_inception_distance(torch.stack([f for _, f in ordered]), self.reference.features,
+            self.last_kid = kernel_inception_distance(torch.cat(kept), self.reference.features,
                                                       self.kid_subsets, self.kid_subset_size)
             metrics[self.kid_tag] = self.last_kid[0]
         for tag, v in metrics.items():

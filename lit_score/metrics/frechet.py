@@ -1,11 +1,13 @@
 """Frechet distance between Gaussians fitted to features (Heusel et al. 2017), with float64 statistics."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+
+from lit_score.distributed import gather_to_all, rank_and_world
 
 
 def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> float:
@@ -72,3 +74,25 @@ class FeatureStatistics(Metric):
         mean = self.total / n
         cov = (self.outer - n * torch.outer(mean, mean)) / (n - 1)
         return Moments(mean, cov, int(n))
+
+
+def ordered_statistics(num_chunks: int, features_of: Callable[[int], Tensor], num_features: int,
+                       device: torch.device | str = "cpu",
+                       on_chunk: Callable[[int, Tensor], None] | None = None) -> FeatureStatistics:
+    """Float64 sums of the features of chunks 0, ..., num_chunks - 1, the same bits for any number of processes.
+
+    Chunk k is embedded by rank k % world (``features_of(k)``, the same computation whatever the world size); each
+    round's features are gathered and every rank adds them in chunk order, so the sums see one order everywhere.
+    Memory: one round of features. ``on_chunk(k, features)`` sees every chunk, in order, on every rank.
+    """
+    rank, world = rank_and_world()
+    stats = FeatureStatistics(num_features, sync_on_compute=False).to(device)
+    for first in range(0, num_chunks, world):
+        k = first + rank
+        local = features_of(k).detach().float().cpu() if k < num_chunks else None
+        for j, part in enumerate(gather_to_all(local)):
+            if part is not None:
+                stats.update(part.to(device))
+                if on_chunk is not None:
+                    on_chunk(first + j, part)
+    return stats

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
-from lit_score.distributed import barrier, broadcast, gather_to_all, rank_and_world
+from lit_score.distributed import barrier, broadcast, rank_and_world
 from lit_score.metrics.features import FeatureExtractor, to_uint8
-from lit_score.metrics.frechet import FeatureStatistics
+from lit_score.metrics.frechet import ordered_statistics
 
 if TYPE_CHECKING:
     import lightning as L
@@ -87,23 +87,26 @@ def reference_statistics(datamodule: L.LightningDataModule, features: FeatureExt
     centered = data_centered(datamodule)
     full = getattr(datamodule, "full_dataset", None)
     dataset = full() if callable(full) else datamodule.train_dataloader().dataset
-    rank, world = rank_and_world()
-    indices = range(rank, len(dataset), world)
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size)
     features = features.to(device).eval()
-    stats = FeatureStatistics(features.num_features).to(device)
-    kept, done = [], 0
-    for batch in loader:
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        f = features(to_uint8(images.to(device), centered))
-        stats.update(f)
-        rows = indices[done:done + f.shape[0]]
-        kept += [(i, v) for i, v in zip(rows, f.float().cpu()) if i < keep_features]
-        done += f.shape[0]
+    num_chunks = -(-len(dataset) // batch_size)
+
+    def features_of(k: int) -> Tensor:
+        rows = range(k * batch_size, min((k + 1) * batch_size, len(dataset)))
+        images = next(iter(DataLoader(Subset(dataset, rows), batch_size=len(rows))))
+        images = images[0] if isinstance(images, (list, tuple)) else images
+        return features(to_uint8(images.to(device), centered))
+
+    kept: list[Tensor] = []
+
+    def keep(k: int, f: Tensor) -> None:
+        if k * batch_size < keep_features:
+            kept.append(f[:keep_features - k * batch_size])
+
+    stats = ordered_statistics(num_chunks, features_of, features.num_features, device, keep)
     mean, cov, count = stats.compute()
     mean, cov = mean.cpu(), cov.cpu()
-    kept_all = sorted((pair for part in gather_to_all(kept) for pair in part), key=lambda pair: pair[0])
-    first = torch.stack([v for _, v in kept_all]) if kept_all else None
+    first = torch.cat(kept) if kept else None
+    rank = rank_and_world()[0]
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
