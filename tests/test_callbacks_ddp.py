@@ -104,7 +104,10 @@ def _config(tmp_path: Path, probe_dir: Path, inception_weights: Path) -> Path:
 
 
 def _fit(config: Path, save_dir: Path, *extra: str) -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    # One thread in every process, as DDP gives each of 2 CPU ranks: float32 kernels differ in the last bits
+    # with the thread count, and the 1- and 2-process runs are compared bit for bit.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
     cmd = [LIT_SCORE, "fit", "--config", str(config), "--trainer.accelerator", "cpu",
            "--trainer.logger.init_args.save_dir", str(save_dir), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

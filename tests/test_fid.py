@@ -285,9 +285,10 @@ def ddp_references(tmp_path_factory, inception_weights):
     return tmp
 
 
-def test_reference_statistics_under_ddp_count_every_image_once(ddp_references, feature_network):
+def test_reference_statistics_under_ddp_count_every_image_once(ddp_references, feature_network, one_thread):
     """Property: 2 gloo processes sharing 11 images (6 + 5) both return, and cache, the global count 11, the mean and
-    covariance of all 11 images' features and the features of images 0..4 in dataset order."""
+    covariance of all 11 images' features and the features of images 0..4 in dataset order (the direct features on
+    one thread, as the workers: float32 convolutions differ in the last bits with the thread count)."""
     features = feature_network()
     name = type(features).__name__
     images = _TinyImages(11).train_dataloader().dataset.images

@@ -43,7 +43,9 @@ TINY = {
 }
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(ROOT)]), "OMP_NUM_THREADS": "1"}
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+# One thread in-process too, as ENV gives the subprocesses: bitwise comparisons need the same reduction order.
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 class SignalAt(L.Callback):
@@ -160,7 +162,7 @@ def assert_same_curve(run_dir: Path, reference_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[dict, Path]:
+def reference(tmp_path_factory, one_thread) -> tuple[dict, Path]:
     """The final checkpoint and run directory of an uninterrupted run."""
     tmp_path = tmp_path_factory.mktemp("reference")
     trainer = fit(write_config(tmp_path, "plain"), "plain")
