@@ -2,7 +2,7 @@
 cost per step beside one evaluation of the quickstart network.
 
 Quality, for 2-D and 8-D mixtures of anisotropic, unequally weighted components (exact scores from
-lit_score.mixtures): the energy distance to exact samples of the mixture, and the mode-weight error
+lit_score.densities): the energy distance to exact samples of the mixture, and the mode-weight error
 max_k |mean_i r_k(x_i) - w_k| (r_k: component responsibilities under p_0, so exact samples give w_k on average);
 "null" rows give both statistics for a second exact sample set, the level a perfect sampler reaches.
 
@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from lit_score.mixtures import GaussianMixture, energy_distance
+from benchmarks.distances import energy_distance
+from lit_score.densities import GaussianMixture
 from lit_score.sampling import (IPNDM, AdaptiveSDESampler, DPMSolverPP, DPMSolverPP3M, DPMSolverPPSDE, EDMSampler,
                                 EulerSampler, ODESampler, PCSampler, Sampler, SeededNoise, UniPC, seeded_prior)
 from lit_score.sdes import SDE, VESDE, VPSDE

@@ -6,7 +6,6 @@ overwrites the training weights when fit ends and is not exception-safe, so this
 from __future__ import annotations
 
 import contextlib
-import sys
 from typing import Any, Iterator
 
 import lightning as L
@@ -250,8 +249,3 @@ def export_ema(checkpoint_path: str, output_path: str, prefix: str = "net.") -> 
     state = load_ema_state_dict(checkpoint_path, prefix)
     save_file({k: v.contiguous() for k, v in state.items()}, output_path, metadata={"source": str(checkpoint_path)})
 
-
-if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python -m callbacks.ema CHECKPOINT.ckpt OUTPUT.safetensors")
-    export_ema(sys.argv[1], sys.argv[2])

@@ -11,7 +11,8 @@ from data_modules.base import ScoreDataModule
 from data_modules.digits import DigitsDataModule
 from data_modules.image import ImageDataModule
 from data_modules.plugins import DATASETS, DatasetPlugin, SourceOptions, get_plugin
-from data_modules.toy2d import TOY_DENSITIES, Toy2DDataModule
+from data_modules.toy2d import Toy2DDataModule
+from lit_score.densities import TOY_DENSITIES
 
 __all__ = ["DATASETS", "TOY_DENSITIES", "DatasetPlugin", "DigitsDataModule", "ImageDataModule", "ScoreDataModule",
            "SourceOptions", "Toy2DDataModule", "get_plugin", "presets"]

@@ -3,17 +3,14 @@
 
 From the shell, on the data section of an experiment YAML (overrides as in ``lit-score``)::
 
-    python -m data_modules.sigma_max --config experiments/imagefolder_example.yaml --data.init_args.path DIR
-    python -m data_modules.sigma_max --data.class_path data_modules.ImageDataModule --data.init_args.path DIR
+    lit-score sigma-max --config experiments/imagefolder_example.yaml --data.init_args.path DIR
+    lit-score sigma-max --data.class_path data_modules.ImageDataModule --data.init_args.path DIR
 
 Distances are measured in the model's data space (after scaling to [0, 1], or [-1, 1] when centered), without
 flips or dequantisation noise. ``--max_images`` (default 10000) bounds the O(N^2) search by a random subset
 chosen by ``--seed``, which gives a lower bound; ``--max_images null`` uses every image.
 """
 from __future__ import annotations
-
-import json
-import sys
 
 import lightning as L
 import torch
@@ -73,54 +70,3 @@ def estimate_sigma_max(datamodule: L.LightningDataModule, max_images: int | None
     """The largest pairwise distance between (up to ``max_images``) training images of ``datamodule``."""
     images, _ = collect_images(datamodule, max_images, seed)
     return max_pairwise_distance(images)
-
-
-def _data_section(config: str) -> dict:
-    from omegaconf import OmegaConf
-    import yaml
-
-    from lit_score.config import compose
-
-    merged = OmegaConf.merge(*(OmegaConf.create(yaml.safe_load(doc) or {}) for doc in compose(config)))
-    if "data" not in merged:
-        raise SystemExit(f"sigma_max: error: {config} has no 'data' section")
-    try:
-        return OmegaConf.to_container(merged.data, resolve=True)
-    except Exception:
-        return OmegaConf.to_container(merged.data, resolve=False)
-
-
-def main(argv: list[str] | None = None) -> float:
-    """Print the largest pairwise distance of a data config's training images, as a VE sigma_max."""
-    from jsonargparse import ArgumentParser
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = ArgumentParser(prog="python -m data_modules.sigma_max", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=str | None, default=None,
-                        help="experiment YAML; its data section is used (defaults: are composed)")
-    parser.add_subclass_arguments(L.LightningDataModule, "data", required=True)
-    parser.add_argument("--max_images", type=int | None, default=10_000,
-                        help="search a random subset of this many images (null: all)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random subset")
-    config = None
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            config = argv[i + 1]
-        elif arg.startswith("--config="):
-            config = arg.split("=", 1)[1]
-    if config is not None:
-        argv = ["--data", json.dumps(_data_section(config))] + argv
-    cfg = parser.parse_args(argv)
-    datamodule = parser.instantiate(cfg).data
-    images, total = collect_images(datamodule, cfg.max_images, cfg.seed)
-    sigma_max = max_pairwise_distance(images)
-    scope = f"{len(images)} of {total}" if total is not None else f"{len(images)} (streamed)"
-    lo, hi = (-1, 1) if getattr(datamodule, "centered", False) else (0, 1)
-    print(f"images searched: {scope}; shape {tuple(images.shape[1:])}; data range [{lo}, {hi}]")
-    print(f"largest pairwise distance: {sigma_max:.4f}")
-    print(f"VE SDE (Song & Ermon 2020, technique 1): model.sde.init_args.sigma_max: {sigma_max:.4f}")
-    return sigma_max
-
-
-if __name__ == "__main__":
-    main()

@@ -182,6 +182,11 @@ def main() -> None:
         sys.exit(submit_main(sys.argv[2:]))
     if sys.argv[1:2] == ["export"]:
         sys.exit(export_main(sys.argv[2:]))
+    if sys.argv[1:2] in (["export-ema"], ["sigma-max"]):
+        from lit_score import tools
+
+        run = tools.export_ema_main if sys.argv[1] == "export-ema" else tools.sigma_max_main
+        sys.exit(run(sys.argv[2:]))
     if sys.argv[1:2] in (["export-diffusers"], ["import-diffusers"]):
         from lit_score import diffusers_interop
 

@@ -13,12 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from lit_score.registry import Registry
-
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
-
-SDES: Registry[type["SDE"]] = Registry("SDE")
-
 
 def _bcast(v: Tensor, x: Tensor) -> Tensor:
     """Reshape a per-sample vector (B,) so it broadcasts against x (B, ...)."""
@@ -136,7 +131,6 @@ class ReverseSDE:
         return rev_f, torch.zeros_like(G) if self.probability_flow else G
 
 
-@SDES.register("ve")
 class VESDE(SDE):
     """Variance exploding SDE, dx = sqrt(d[sigma^2(t)]/dt) dw (Song et al. 2021, eq. 9)."""
 
@@ -237,7 +231,6 @@ class _VPFamily(SDE):
         return -n / 2 * math.log(2 * math.pi) - z.flatten(1).pow(2).sum(1) / 2
 
 
-@SDES.register("vp")
 class VPSDE(_VPFamily):
     """Variance preserving SDE, dx = -beta(t)/2 x dt + sqrt(beta(t)) dw (Song et al. 2021, eq. 11)."""
 
@@ -281,7 +274,6 @@ class VPSDE(_VPFamily):
         return _bcast(torch.sqrt(alpha), x) * x - x, torch.sqrt(beta)
 
 
-@SDES.register("subvp")
 class subVPSDE(_VPFamily):
     """sub-VP SDE, dx = -beta(t)/2 x dt + sqrt(beta(t) (1 - exp(-2 int_0^t beta))) dw (Song et al. 2021, eq. 29)."""
 
@@ -298,7 +290,3 @@ class subVPSDE(_VPFamily):
     def t_from_sigma(self, sigma: Tensor) -> Tensor:
         return self.t_from_integral_beta(2 * torch.asinh(0.5 * sigma))
 
-
-def ncsn_sigmas(sigma_max: float = 1.0, sigma_min: float = 0.01, num_scales: int = 10) -> Tensor:
-    """Noise levels sigma_1 > ... > sigma_L in a geometric sequence (Song & Ermon 2019, section 4.2)."""
-    return torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), num_scales))

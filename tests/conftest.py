@@ -14,7 +14,7 @@ IN_CI = os.environ.get("CI") == "true"
 def null_tolerance(mix, n: int) -> float:
     """Three times the largest |energy distance| between 10 pairs of independent exact sample sets of size n of the
     mixture ``mix``: the level below which a sampler's energy distance to exact samples is indistinguishable."""
-    from lit_score.mixtures import energy_distance
+    from benchmarks.distances import energy_distance
 
     null = [energy_distance(mix.sample(n, torch.Generator().manual_seed(1000 + 2 * k)),
                             mix.sample(n, torch.Generator().manual_seed(1001 + 2 * k))) for k in range(10)]

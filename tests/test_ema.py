@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks.ema import EMA, export_ema, halflife_decay, load_ema_state_dict, warmup_decay
+from callbacks.ema import EMA, halflife_decay, load_ema_state_dict, warmup_decay
+from lit_score.tools import export_ema_main
 
 
 class Tiny(L.LightningModule):
@@ -117,7 +118,7 @@ def test_exception_in_validation_restores_training_weights(tmp_path):
     assert not torch.equal(model.validation_weights[0]["net.0.weight"], rec.after_step[-1]["net.0.weight"])
 
 
-def test_checkpoint_resume_continues_counter_and_shadow_and_exports(tmp_path):
+def test_checkpoint_resume_continues_counter_and_shadow_and_exports(tmp_path, capsys):
     """Property: a checkpoint holds training weights in state_dict and EMA weights in ema_state_dict; resuming
     from it continues the counter (decays of updates 4, 5, 6) and the shadow from the saved one; export writes
     exactly the EMA weights."""
@@ -144,13 +145,16 @@ def test_checkpoint_resume_continues_counter_and_shadow_and_exports(tmp_path):
         torch.testing.assert_close(resumed.shadow[k], v)
 
     out = tmp_path / "ema.safetensors"
-    export_ema(str(ckpt), str(out), prefix="net.")
+    assert export_ema_main([str(ckpt), str(out)]) == 0  # `lit-score export-ema CKPT OUT`
     exported = load_file(out)
     assert set(exported) == {k[4:] for k in saved["ema_state_dict"]}
     for k, v in exported.items():
         assert torch.equal(v, saved["ema_state_dict"]["net." + k])
     with pytest.raises(KeyError, match="prefix"):
         load_ema_state_dict(str(ckpt), prefix="nothing.")
+    with pytest.raises(SystemExit):
+        export_ema_main([str(tmp_path / "missing.ckpt"), str(out)])
+    assert "checkpoint not found" in capsys.readouterr().err
 
 
 def test_predict_from_checkpoint_uses_ema_weights(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lit_score.likelihood import Likelihood, bits_per_dim, dequantize, log_likelihood
-from lit_score.mixtures import GaussianMixture
+from lit_score.densities import GaussianMixture
 from lit_score.sdes import VESDE, VPSDE, subVPSDE
 
 MIX = GaussianMixture([0.3, 0.7], [[-2.0, -1.0], [2.0, 1.5]], [0.5, 0.8])

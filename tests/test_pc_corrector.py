@@ -9,7 +9,8 @@ from functools import lru_cache
 import pytest
 import torch
 
-from lit_score.mixtures import GaussianMixture, energy_distance
+from benchmarks.distances import energy_distance
+from lit_score.densities import GaussianMixture
 from lit_score.sampling import CORRECTORS, PCSampler
 from lit_score.sampling.base import SeededNoise
 from lit_score.sampling.pc import PCState

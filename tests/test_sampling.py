@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import null_tolerance
 
-from lit_score.mixtures import GaussianMixture, energy_distance
+from benchmarks.distances import energy_distance
+from lit_score.densities import GaussianMixture
 from lit_score.sampling import (CORRECTORS, PREDICTORS, SCHEDULES, DPMSolverPP, EDMSampler, ODESampler, PCSampler,
                                 colorize, default_sampler, dopri5, inpaint, seeded_normal)
 from lit_score.sampling.sigma import sigma_steps

@@ -19,8 +19,9 @@ import pytest
 import torch
 from conftest import IN_CI, null_tolerance, require
 
-from lit_score.mixtures import GaussianMixture, energy_distance
-from lit_score.sampling import (SAMPLERS, AdaptiveSDESampler, DPMSolverPP, DPMSolverPP3M, DPMSolverPPSDE, EDMSampler,
+from benchmarks.distances import energy_distance
+from lit_score.densities import GaussianMixture
+from lit_score.sampling import (AdaptiveSDESampler, DPMSolverPP, DPMSolverPP3M, DPMSolverPPSDE, EDMSampler,
                                 EulerSampler, IPNDM, UniPC, adaptive_sde, denoiser, dpm_solver_pp_3m,
                                 dpm_solver_pp_sde, euler, ipndm, unipc)
 from lit_score.sampling.base import SeededNoise, seeded_prior
@@ -332,11 +333,6 @@ def test_float64_steps_in_float64_and_calls_the_network_in_float32(make):
     x32 = sampler.sample(score, sde, (2,), range(200)).samples
     torch.testing.assert_close(x64, x32, rtol=1e-4, atol=1e-4)
     assert not torch.equal(x64, x32)
-
-
-def test_samplers_are_registered():
-    for name in ["euler", "dpm_solver_pp_3m", "dpm_solver_pp_sde", "unipc", "ipndm", "adaptive_sde"]:
-        assert SAMPLERS[name] is not None
 
 
 def test_bad_inputs_are_named():

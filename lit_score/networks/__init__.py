@@ -1,5 +1,5 @@
 """Score networks: NCSN++ / DDPM++ U-Nets for images and a small MLP for toy vector data."""
 from .mlp import ScoreMLP
-from .ncsnpp import DDPMpp, NCSNpp, convert_official_state_dict
+from .ncsnpp import DDPMpp, NCSNpp
 
-__all__ = ["NCSNpp", "DDPMpp", "ScoreMLP", "convert_official_state_dict"]
+__all__ = ["NCSNpp", "DDPMpp", "ScoreMLP"]

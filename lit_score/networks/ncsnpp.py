@@ -12,13 +12,12 @@ official ``state_dict`` keys (``all_modules.0.W``, ``all_modules.1.weight``, ...
 with ours, with the same shapes and the same ``parameters()`` order (so an official EMA
 ``shadow_params`` list also maps in order). The only differences: the official model also stores
 a ``sigmas`` buffer (unused by the continuous-time models; we do not keep it) and official checkpoints
-are saved from ``nn.DataParallel`` (``module.`` prefix). :func:`convert_official_state_dict`
-handles both.
+are saved from ``nn.DataParallel`` (``module.`` prefix); ``lit_score.convert`` handles both.
 """
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -353,14 +352,3 @@ class DDPMpp(NCSNpp):
             nonlinearity=nonlinearity, scale_by_sigma=scale_by_sigma, centered=centered,
         )
 
-
-def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Official score_sde NCSNpp ``state_dict`` -> ours: strip a ``module.`` (DataParallel) prefix and drop
-    the ``sigmas`` buffer; every other key and shape is already identical."""
-    out: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        key = key[len("module."):] if key.startswith("module.") else key
-        if key == "sigmas":
-            continue
-        out[key] = value
-    return out

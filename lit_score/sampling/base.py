@@ -8,11 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from lit_score.registry import Registry
 from lit_score.sdes import SDE, ScoreFn
-
-SAMPLERS: Registry[type["Sampler"]] = Registry("sampler")
-
 
 @dataclass
 class SampleResult:
@@ -120,7 +116,7 @@ def seeded_normal(seeds: Sequence[int] | Tensor, shape: tuple[int, ...], step: i
 
 
 class Sampler(abc.ABC):
-    """Base class of samplers; register subclasses in ``SAMPLERS`` so YAMLs name them."""
+    """Base class of samplers; YAMLs choose a subclass by ``class_path``."""
 
     @abc.abstractmethod
     def sample(self, score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,

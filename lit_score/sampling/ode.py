@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from lit_score.sampling.base import SAMPLERS, SampleResult, Sampler, seeded_prior, time_vector
+from lit_score.sampling.base import SampleResult, Sampler, seeded_prior, time_vector
 from lit_score.sdes import SDE, ScoreFn, _bcast
 
 # Dormand & Prince (1980) tableau: nodes C, stages A, 5th-order weights B5, 4th-order weights B4 (FSAL).
@@ -129,7 +129,6 @@ def tweedie_denoise(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor) -> Tensor
     return (x + _bcast(std**2, x) * score_fn(x, t)) / _bcast(scale, x)
 
 
-@SAMPLERS.register("ode")
 class ODESampler(Sampler):
     """Solves the probability-flow ODE from T to eps with adaptive Dormand-Prince (RK45) on the device.
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from lit_score.registry import Registry
-from lit_score.sampling.base import (SAMPLERS, CountingScore, SampleResult, Sampler, SeededNoise, seeded_prior,
+from lit_score.sampling.base import (CountingScore, SampleResult, Sampler, SeededNoise, seeded_prior,
                                      time_vector)
 from lit_score.sdes import SDE, VESDE, VPSDE, ReverseSDE, ScoreFn, _bcast
 
@@ -184,7 +184,6 @@ def no_corrector(s: PCState, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
 Projection = Callable[[Tensor, Tensor, Tensor], "tuple[Tensor, Tensor]"]
 
 
-@SAMPLERS.register("pc")
 class PCSampler(Sampler):
     """Predictor-corrector sampler on t_i = linspace(T, eps, steps) (Song et al. 2021, Algorithms 2-3).
 

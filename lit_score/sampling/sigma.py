@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from lit_score.registry import Registry
-from lit_score.sampling.base import SAMPLERS, CountingScore, SampleResult, Sampler, SeededNoise
+from lit_score.sampling.base import CountingScore, SampleResult, Sampler, SeededNoise
 from lit_score.sdes import SDE, ScoreFn, _bcast
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # D(x_hat (B, ...), sigma (B,))
@@ -134,7 +134,6 @@ class _SigmaSampler(Sampler):
         return denoiser(counted, sde), x, sigmas, noise, counted
 
 
-@SAMPLERS.register("edm")
 class EDMSampler(_SigmaSampler):
     """EDM's Heun sampler, deterministic (S_churn = 0, Algorithm 1) or stochastic (Algorithm 2), for any SDE.
 
@@ -162,7 +161,6 @@ class EDMSampler(_SigmaSampler):
         return SampleResult(x.float(), counted.nfe)  # x_hat at sigma = 0 is x_0
 
 
-@SAMPLERS.register("dpm_solver_pp")
 class DPMSolverPP(_SigmaSampler):
     """DPM-Solver++(2M), multistep second order, one evaluation per step (Lu et al. 2022), for any SDE."""
 

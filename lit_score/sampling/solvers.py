@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from lit_score.sampling.base import (SAMPLERS, CountingScore, SampleResult, Sampler, SeededNoise, seeded_prior,
+from lit_score.sampling.base import (CountingScore, SampleResult, Sampler, SeededNoise, seeded_prior,
                                      time_vector)
 from lit_score.sampling.ode import tweedie_denoise
 from lit_score.sampling.sigma import Denoiser, _SigmaSampler
@@ -280,7 +280,6 @@ class _OneEvalPerStep(_SigmaSampler):
         return SampleResult(self._solve(D, x, sigmas, noise).float(), counted.nfe)
 
 
-@SAMPLERS.register("euler")
 class EulerSampler(_OneEvalPerStep):
     __doc__ = f"""Euler's method on the sigma-view probability-flow ODE (Karras et al. 2022, eq. 3), for any SDE.
 
@@ -296,7 +295,6 @@ class EulerSampler(_OneEvalPerStep):
         return euler(D, x, sigmas)
 
 
-@SAMPLERS.register("dpm_solver_pp_3m")
 class DPMSolverPP3M(_OneEvalPerStep):
     __doc__ = f"""DPM-Solver++(3M), multistep third order, one evaluation per step (Lu et al. 2022), for any SDE.
 
@@ -312,7 +310,6 @@ class DPMSolverPP3M(_OneEvalPerStep):
         return dpm_solver_pp_3m(D, x, sigmas)
 
 
-@SAMPLERS.register("dpm_solver_pp_sde")
 class DPMSolverPPSDE(_OneEvalPerStep):
     __doc__ = f"""DPM-Solver++(2M) SDE / (3M) SDE (Lu et al. 2022, appendix; k-diffusion), each image's noise from its seed.
 
@@ -335,7 +332,6 @@ class DPMSolverPPSDE(_OneEvalPerStep):
         return dpm_solver_pp_sde(D, x, sigmas, noise, self.order, self.eta, self.s_noise, self.solver_type)
 
 
-@SAMPLERS.register("unipc")
 class UniPC(_OneEvalPerStep):
     __doc__ = f"""UniPC: UniP-p predictor with the UniC corrector at no extra evaluation (Zhao et al. 2023), for any SDE.
 
@@ -357,7 +353,6 @@ class UniPC(_OneEvalPerStep):
         return unipc(D, x, sigmas, self.order, self.variant, self.corrector)
 
 
-@SAMPLERS.register("ipndm")
 class IPNDM(_OneEvalPerStep):
     __doc__ = f"""Improved PNDM: fixed-coefficient Adams-Bashforth of order up to 4 (Zhang & Chen 2023), for any SDE.
 
@@ -378,7 +373,6 @@ class IPNDM(_OneEvalPerStep):
         return ipndm(D, x, sigmas, self.order, self.variable)
 
 
-@SAMPLERS.register("adaptive_sde")
 class AdaptiveSDESampler(Sampler):
     """The adaptive reverse-SDE solver of Jolicoeur-Martineau et al. (2021), "Gotta go fast", Algorithm 1.
 

@@ -1,4 +1,4 @@
-"""Gaussian mixtures whose SDE-perturbed densities and scores are exact, for tests, toys and benchmarks.
+"""Gaussian mixtures whose SDE-perturbed densities and scores are exact, and the 2-D toy densities built from them.
 
 If p_0 = sum_k w_k N(mu_k, diag(s_k^2)) and the SDE's kernel is N(scale(t) x_0, std(t)^2 I), then
 p_t = sum_k w_k N(scale(t) mu_k, diag(scale(t)^2 s_k^2 + std(t)^2)) (Song et al. 2021, eq. 5 with a Gaussian prior).
@@ -6,11 +6,12 @@ p_t = sum_k w_k N(scale(t) mu_k, diag(scale(t)^2 s_k^2 + std(t)^2)) (Song et al.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from lit_score.registry import Registry
 from lit_score.sdes import SDE, ScoreFn
 
 
@@ -83,21 +84,51 @@ class GaussianMixture:
         """The exact score s(x, t) of p_t under ``sde``, usable wherever a network's score is."""
         return lambda x, t: self.score(x, sde, t)
 
-    def conditional(self, index: int, value: float) -> "GaussianMixture":
-        """The mixture of the other coordinates given x[index] = value (diagonal components stay diagonal)."""
-        keep = [d for d in range(self.dim) if d != index]
-        if not keep:
-            raise ValueError("cannot condition a one-dimensional mixture")
-        m, s = self.means[:, index], self.stds[:, index]
-        logw = torch.log(self.weights) - 0.5 * ((value - m) / s) ** 2 - torch.log(s)
-        return GaussianMixture(torch.softmax(logw, 0), self.means[:, keep], self.stds[:, keep])
+
+TOY_DENSITIES: Registry[Callable[[], GaussianMixture]] = Registry("toy density")
 
 
-def energy_distance(x: Tensor, y: Tensor) -> float:
-    """Energy distance 2 E|X - Y| - E|X - X'| - E|Y - Y'| between two sample sets (rows flattened), >= 0."""
-    x, y = x.reshape(x.shape[0], -1).double(), y.reshape(y.shape[0], -1).double()
-    n, m = len(x), len(y)
-    dxy = torch.cdist(x, y).mean()
-    dxx = torch.cdist(x, x).sum() / (n * (n - 1))
-    dyy = torch.cdist(y, y).sum() / (m * (m - 1))
-    return float(2 * dxy - dxx - dyy)
+def _on_curve(points: torch.Tensor, std: float) -> GaussianMixture:
+    return GaussianMixture(torch.ones(len(points)), points, torch.full((len(points),), std))
+
+
+@TOY_DENSITIES.register("two_gaussians")
+def two_gaussians() -> GaussianMixture:
+    """The talk's mixture: weights 0.2 / 0.8 at (-2, -2) and (2, 2), std 0.6 (unequal weights Langevin misses)."""
+    return GaussianMixture([0.2, 0.8], [[-2.0, -2.0], [2.0, 2.0]], [0.6, 0.6])
+
+
+@TOY_DENSITIES.register("eight_gaussians")
+def eight_gaussians() -> GaussianMixture:
+    a = torch.arange(8) * 2 * math.pi / 8
+    return _on_curve(3 * torch.stack([a.cos(), a.sin()], 1), 0.25)
+
+
+@TOY_DENSITIES.register("rings")
+def rings() -> GaussianMixture:
+    """Two concentric rings of radii 1.5 and 3, each a chain of 48 small Gaussians."""
+    a = torch.arange(48) * 2 * math.pi / 48
+    circle = torch.stack([a.cos(), a.sin()], 1)
+    return _on_curve(torch.cat([1.5 * circle, 3.0 * circle]), 0.12)
+
+
+@TOY_DENSITIES.register("moons")
+def moons() -> GaussianMixture:
+    """Two interleaved half circles (scikit-learn's make_moons shape, scaled by 2), 32 Gaussians each."""
+    a = torch.linspace(0, math.pi, 32)
+    upper = torch.stack([a.cos(), a.sin()], 1)
+    lower = torch.stack([1 - a.cos(), 0.5 - a.sin()], 1)
+    return _on_curve(2 * (torch.cat([upper, lower]) - torch.tensor([0.5, 0.25])), 0.1)
+
+
+@TOY_DENSITIES.register("checkerboard")
+def checkerboard() -> GaussianMixture:
+    """The black squares of a 4 x 4 board on [-4, 4]^2, each filled by 4 x 4 Gaussians."""
+    centres = []
+    for i in range(4):
+        for j in range(4):
+            if (i + j) % 2 == 0:
+                for u in range(4):
+                    for v in range(4):
+                        centres.append([-4 + 2 * i + 0.25 + 0.5 * u, -4 + 2 * j + 0.25 + 0.5 * v])
+    return _on_curve(torch.tensor(centres), 0.2)

@@ -1,18 +1,101 @@
-"""The score-based modelling talk's picture for a 2-D toy density: the learned score field over the density
-contours beside the exact score, and samples from Langevin dynamics, annealed Langevin dynamics and the reverse SDE."""
+"""Command-line tools beside training: ``lit-score export-ema`` and ``lit-score sigma-max``, and the toy 2-D figure
+of the score-based modelling talk (the ``Toy2DFigure`` callback of experiments/toy2d.yaml).
+
+    lit-score export-ema CHECKPOINT.ckpt OUTPUT.safetensors
+    lit-score sigma-max --config experiments/imagefolder_example.yaml --data.init_args.path DIR
+"""
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from pathlib import Path
+from typing import Sequence
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lit_score.mixtures import GaussianMixture
+from lit_score.densities import GaussianMixture
 from lit_score.sampling.base import SeededNoise
 from lit_score.sampling.pc import PCSampler
 from lit_score.sdes import SDE, ScoreFn
+
+SIGMA_MAX_HELP = ("sigma_max for a VE SDE: the largest pairwise Euclidean distance between the training images of a "
+                  "data config (Song & Ermon 2020, technique 1), in the model's data space, without flips or "
+                  "dequantisation; --max_images (default 10000) searches a random subset chosen by --seed, which "
+                  "gives a lower bound; --max_images null searches every image")
+
+
+def export_ema_main(argv: Sequence[str] | None = None) -> int:
+    """``lit-score export-ema CKPT OUT``: a checkpoint's EMA network weights to a safetensors file."""
+    from callbacks.ema import export_ema
+
+    parser = argparse.ArgumentParser(prog="lit-score export-ema",
+                                     description="write a checkpoint's EMA network weights to a safetensors file")
+    parser.add_argument("checkpoint", help="a lit-score .ckpt trained with the EMA callback")
+    parser.add_argument("output", help="the .safetensors file to write")
+    parser.add_argument("--prefix", default="net.", help="keep the weights under this prefix, stripped (default net.)")
+    args = parser.parse_args(argv)
+    if not Path(args.checkpoint).is_file():
+        parser.error(f"checkpoint not found: {args.checkpoint}")
+    try:
+        export_ema(args.checkpoint, args.output, args.prefix)
+    except KeyError as err:
+        parser.error(str(err.args[0]))
+    print(f"wrote the EMA weights of {args.checkpoint} to {args.output}")
+    return 0
+
+
+def _data_section(config: str) -> dict:
+    from omegaconf import OmegaConf
+    import yaml
+
+    from lit_score.config import compose
+
+    merged = OmegaConf.merge(*(OmegaConf.create(yaml.safe_load(doc) or {}) for doc in compose(config)))
+    if "data" not in merged:
+        raise SystemExit(f"lit-score sigma-max: error: {config} has no 'data' section")
+    try:
+        return OmegaConf.to_container(merged.data, resolve=True)
+    except Exception:
+        return OmegaConf.to_container(merged.data, resolve=False)
+
+
+def sigma_max_main(argv: Sequence[str] | None = None) -> int:
+    """``lit-score sigma-max``: print the largest pairwise distance of a data config's training images, as a VE
+    sigma_max."""
+    from jsonargparse import ArgumentParser
+
+    from data_modules.sigma_max import collect_images, max_pairwise_distance
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = ArgumentParser(prog="lit-score sigma-max", description=SIGMA_MAX_HELP)
+    parser.add_argument("--config", type=str | None, default=None,
+                        help="experiment YAML; its data section is used (defaults: are composed)")
+    parser.add_subclass_arguments(L.LightningDataModule, "data", required=True)
+    parser.add_argument("--max_images", type=int | None, default=10_000,
+                        help="search a random subset of this many images (null: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random subset")
+    config = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            config = argv[i + 1]
+        elif arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+    if config is not None:
+        argv = ["--data", json.dumps(_data_section(config))] + argv
+    cfg = parser.parse_args(argv)
+    datamodule = parser.instantiate(cfg).data
+    images, total = collect_images(datamodule, cfg.max_images, cfg.seed)
+    sigma_max = max_pairwise_distance(images)
+    scope = f"{len(images)} of {total}" if total is not None else f"{len(images)} (streamed)"
+    lo, hi = (-1, 1) if getattr(datamodule, "centered", False) else (0, 1)
+    print(f"images searched: {scope}; shape {tuple(images.shape[1:])}; data range [{lo}, {hi}]")
+    print(f"largest pairwise distance: {sigma_max:.4f}")
+    print(f"VE SDE (Song & Ermon 2020, technique 1): model.sde.init_args.sigma_max: {sigma_max:.4f}")
+    return 0
 
 
 def langevin_dynamics(score_fn: ScoreFn, x: Tensor, t: float, step: float, n_steps: int,
