@@ -17,17 +17,11 @@ from torch import Tensor
 
 from callbacks.ema import ema_weights
 from callbacks.sampling import batched, draw, due, fast_dev_run
-from lit_score.metrics.features import FeatureExtractor, to_uint8
-from lit_score.metrics.frechet import frechet_distance, ordered_statistics
+from lit_score.metrics.features import FeatureExtractor
+from lit_score.metrics.frechet import frechet_distance, metric_tag, ordered_statistics
 from lit_score.metrics.kid import kernel_inception_distance
-from lit_score.metrics.reference import ReferenceStatistics, data_centered, reference_statistics
+from lit_score.metrics.reference import ReferenceStatistics, reference_statistics
 from lit_score.sampling.base import Sampler
-
-
-def fid_tag(num_samples: int) -> str:
-    """``val/fid@50k`` for 50000 samples, ``val/fid@300`` for 300."""
-    n = f"{num_samples // 1000}k" if num_samples % 1000 == 0 else str(num_samples)
-    return f"val/fid@{n}"
 
 
 def log_hparams_with_metric(logger: TensorBoardLogger, tag: str) -> None:
@@ -82,16 +76,15 @@ class FID(L.Callback):
 
     @property
     def tag(self) -> str:
-        return fid_tag(self.num_samples)
+        return metric_tag("fid", self.num_samples)
 
     @property
     def kid_tag(self) -> str:
-        return self.tag.replace("val/fid@", "val/kid@")
+        return metric_tag("kid", self.num_samples)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and not fast_dev_run(trainer):
             self.features.prepare()
-            data_centered(trainer.datamodule)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if fast_dev_run(trainer):
@@ -99,7 +92,7 @@ class FID(L.Callback):
         self.features.to(pl_module.device)
         keep = self.kid_features if self.kid_subset_size is not None else 0
         self.reference = reference_statistics(trainer.datamodule, self.features, self.cache_dir, self.batch_size,
-                                              pl_module.device, keep)
+                                              pl_module.device, keep, pl_module.data_space)
         if trainer.is_global_zero:
             note = (f"{self.num_samples} samples, seeds {self.first_seed}..{self.first_seed + self.num_samples - 1}, "
                     f"EMA weights, against {self.reference.count} training images; key {self.reference.key}")
@@ -126,13 +119,12 @@ class FID(L.Callback):
         if self.reference is None:
             raise RuntimeError("FID.evaluate needs the reference statistics of on_fit_start")
         step = self._last_step = trainer.global_step
-        centered = data_centered(trainer.datamodule)
         seeds = list(range(self.first_seed, self.first_seed + self.num_samples))
         chunks = list(batched(seeds, self.batch_size))
         kept: list[Tensor] = []
 
         def features_of(k: int) -> Tensor:
-            return self.features(to_uint8(draw(pl_module, chunks[k], self.sampler, self.batch_size), centered))
+            return self.features(pl_module.data_space.to_uint8(draw(pl_module, chunks[k], self.sampler, self.batch_size)))
 
         def keep(k: int, f: Tensor) -> None:
             if self.kid_subset_size is not None and k * self.batch_size < self.kid_features:

@@ -11,8 +11,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from callbacks.ema import ema_weights
-from lit_score.metrics.features import to_uint8
-from lit_score.metrics.reference import data_centered
 from lit_score.sampling.base import Sampler
 
 
@@ -82,9 +80,6 @@ class SampleGrid(L.Callback):
     def seeds(self) -> list[int]:
         return list(range(self.first_seed, self.first_seed + self.num_samples))
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        data_centered(trainer.datamodule)
-
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at_start and not fast_dev_run(trainer):
             self.log_grid(trainer, pl_module)
@@ -101,7 +96,7 @@ class SampleGrid(L.Callback):
         step = self._last_step = trainer.global_step
         with ema_weights(trainer, pl_module):
             samples = draw_all(trainer, pl_module, self.seeds, self.sampler, self.batch_size)
-        images = to_uint8(samples, data_centered(trainer.datamodule)).cpu()
+        images = pl_module.data_space.to_uint8(samples).cpu()
         grid = make_grid(images, nrow=self.nrow, padding=1)
         run_dir = trainer.log_dir or trainer.default_root_dir  # a collective: every rank asks
         if trainer.is_global_zero:

@@ -5,6 +5,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lit_score.data_space import DataSpace
+
 
 class SeedDataset(Dataset):
     """Seeds first_seed, first_seed + 1, ...: one per image to sample."""
@@ -25,7 +27,7 @@ class ScoreDataModule(L.LightningDataModule):
     """A DataModule whose batches are tensors (B, C, H, W) (or (B, D) for vector data).
 
     Subclasses set ``num_channels``, ``image_size`` and ``centered`` (data in [-1, 1] rather than [0, 1]);
-    the CLI passes them to the network.
+    the CLI passes them to the network, and ``data_space`` (``lit_score.data_space.DataSpace``) to the model.
     ``predict_dataloader`` yields seeds for sampling: ``num_samples`` images from ``first_seed`` on.
     ``cache_key()`` names the dataset and its deterministic preprocessing.
     """
@@ -33,6 +35,11 @@ class ScoreDataModule(L.LightningDataModule):
     num_channels: int
     image_size: int
     centered: bool = True
+
+    @property
+    def data_space(self) -> DataSpace:
+        """Images (num_channels, image_size, image_size) of 256 levels in [0, 1], or [-1, 1] when centered."""
+        return DataSpace.image(self.num_channels, self.image_size, bool(self.centered))
 
     def __init__(self, num_samples: int = 64, sample_batch_size: int = 64, first_seed: int = 0) -> None:
         super().__init__()

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from data_modules.base import ScoreDataModule
 from data_modules.plugins import DatasetPlugin, Images, SourceOptions, get_plugin, with_overrides
 from data_modules.transforms import ImageTransform, channels_of
+from lit_score.distributed import rank_and_world
 from lit_score.resume import ResumableDataLoader
 
 
@@ -143,14 +144,6 @@ def _held_out(n: int, val_size: int | float) -> int:
     if count >= n:
         raise ValueError(f"val_size={val_size} holds out {count} of {n} images, leaving none to train on")
     return count
-
-
-def _rank_and_world(trainer: Any) -> tuple[int, int]:
-    if trainer is not None:
-        return trainer.global_rank, trainer.world_size
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class ImageDataModule(ScoreDataModule):
@@ -288,7 +281,7 @@ class ImageDataModule(ScoreDataModule):
     def _setup_stream(self, stream: datasets.IterableDataset, column: str, name: str) -> None:
         from datasets.distributed import split_dataset_by_node
 
-        rank, world = _rank_and_world(getattr(self, "trainer", None))
+        rank, world = rank_and_world()
         if world > 1:
             stream = split_dataset_by_node(stream, rank=rank, world_size=world)
         n_val = int(self.val_size)

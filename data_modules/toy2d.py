@@ -5,6 +5,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from data_modules.base import ScoreDataModule
+from lit_score.data_space import DataSpace
 from lit_score.densities import TOY_DENSITIES
 from lit_score.resume import ResumableDataLoader
 
@@ -18,6 +19,11 @@ class Toy2DDataModule(ScoreDataModule):
     num_channels = 2
     image_size = 1
     centered = None
+
+    @property
+    def data_space(self) -> DataSpace:
+        """Continuous 2-D vectors: no quantisation, so bits/dim without dequantisation or offset."""
+        return DataSpace((2,), centered=False, num_levels=None)
 
     def __init__(self, density: str = "two_gaussians", num_train: int = 20000, num_val: int = 2000,
                  batch_size: int = 512, seed: int = 0, num_samples: int = 1000, sample_batch_size: int = 1000,

@@ -14,6 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lit_score.checkpoint_io import CorruptCheckpointError, checkpoint_problem, corrupt_message
 from lit_score.config import ConfigError, expand_config_args
+from lit_score.data_space import data_space_of
 from lit_score.export import WEIGHTS_NAME, PretrainedError, check_state, export_main, load_weights, model_options
 from lit_score.module import ScoreModel
 from lit_score.preemption import Preemption
@@ -39,6 +40,8 @@ class ScoreCLI(LightningCLI):
         # The data decide the network's input shape and range; nobody sets them twice.
         for key in ("num_channels", "image_size", "centered"):
             parser.link_arguments(f"data.{key}", f"model.net.init_args.{key}", apply_on="instantiate")
+        # ... and the model carries the data space (shape, range, quantisation) that its consumers read.
+        parser.link_arguments("data", "model.data_space", compute_fn=_data_space_dict, apply_on="instantiate")
         # Interpolated by the EMA callback of experiments/base/trainer.yaml, so an architecture's YAML sets it.
         parser.add_argument("--ema_rate", type=float, default=0.9999,
                             help="EMA rate of the experiment (score_sde: 0.999 for NCSN++, 0.9999 for DDPM++)")
@@ -90,6 +93,10 @@ class ScoreCLI(LightningCLI):
 
 
 FROM_CHECKPOINT = ("net", "sde", "loss")
+
+
+def _data_space_dict(datamodule: L.LightningDataModule) -> dict:
+    return data_space_of(datamodule).to_dict()
 
 
 def checkpoint_model_config(ckpt_path: str | Path) -> dict:

@@ -35,3 +35,13 @@ def gather_to_all(value: Any) -> list[Any]:
     values: list[Any] = [None] * world
     dist.all_gather_object(values, value)
     return values
+
+
+def gather_to_zero(value: Any) -> list[Any] | None:
+    """Every rank's ``value``, in rank order, on rank 0 only (None elsewhere); picklable objects, CPU tensors."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return [value]
+    values: list[Any] | None = [None] * world if rank == 0 else None
+    dist.gather_object(value, values, dst=0)
+    return values

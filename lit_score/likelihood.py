@@ -12,6 +12,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
+from lit_score.data_space import DataSpace
 from lit_score.sampling.base import seeded_normal
 from lit_score.sampling.ode import dopri5
 from lit_score.sdes import SDE, ScoreFn
@@ -75,19 +76,6 @@ def log_likelihood(score_fn: ScoreFn, sde: SDE, x: Tensor, seeds: Sequence[int] 
     return LikelihoodResult(logp.detach(), z.detach(), int(sol.nfe.max()))
 
 
-def dequantize(x: Tensor, seeds: Sequence[int] | Tensor, centered: bool, num_levels: int = 256) -> Tensor:
-    """Uniform dequantisation: k = round(x01 (L - 1)) in {0, ..., L-1}, y = (k + u) / L, u ~ U[0, 1)^D per image seed,
-    where x01 is x in [0, 1] (x itself, or (x + 1) / 2 for centered data); returned in x's data space."""
-    x01 = (x + 1) / 2 if centered else x
-    if x01.min() < -1e-6 or x01.max() > 1 + 1e-6:
-        raise ValueError(f"data must lie in {'[-1, 1]' if centered else '[0, 1]'} to be dequantised, "
-                         f"got values in [{float(x.min()):.3g}, {float(x.max()):.3g}]")
-    k = torch.round(x01.clamp(0, 1) * (num_levels - 1))
-    u = torch.special.ndtr(seeded_normal(seeds, tuple(x.shape[1:]), step=2**21, device=x.device, dtype=torch.float64))
-    y = ((k + u.to(x.dtype)) / num_levels).clamp(max=1 - 1e-7)
-    return 2 * y - 1 if centered else y
-
-
 def bits_per_dim(logp: Tensor, num_dims: int, centered: bool, num_levels: int | None = 256) -> Tensor:
     """bpd = -log p(x) / (D ln 2) + log2(L) - [centered], an upper bound on the discrete model's bits/dim.
 
@@ -104,30 +92,26 @@ def bits_per_dim(logp: Tensor, num_dims: int, centered: bool, num_levels: int | 
 
 
 class Likelihood:
-    """How ``ScoreModel.test_step`` measures test-set bits/dim (``lit-score test``).
+    """How ``ScoreModel.test_step`` measures test-set bits/dim (``lit-score test``); the data's range and quantisation
+    come from the model's data space.
 
     Args:
         probe: Hutchinson probe distribution, ``rademacher`` or ``gaussian``, or ``exact`` (D VJPs per step).
         rtol, atol: dopri5 tolerances.
         eps: the time at which the data density is evaluated (log p_eps ~ log p_0).
-        num_levels: quantisation levels of the data (256 for 8-bit images; None: continuous data, no dequantisation).
-        centered: data in [-1, 1] rather than [0, 1]; None reads the DataModule's ``centered`` (False if absent).
     """
 
-    def __init__(self, probe: Probe = "rademacher", rtol: float = 1e-5, atol: float = 1e-5, eps: float = 1e-5,
-                 num_levels: int | None = 256, centered: bool | None = None) -> None:
+    def __init__(self, probe: Probe = "rademacher", rtol: float = 1e-5, atol: float = 1e-5, eps: float = 1e-5) -> None:
         if probe not in PROBES:
             raise ValueError(f"probe must be one of {', '.join(PROBES)}; got {probe!r}")
-        if num_levels is not None and num_levels < 2:
-            raise ValueError(f"num_levels must be >= 2 or None, got {num_levels}")
         self.probe, self.rtol, self.atol, self.eps = probe, rtol, atol, eps
-        self.num_levels, self.centered = num_levels, centered
 
     def bits_per_dim(self, score_fn: ScoreFn, sde: SDE, x: Tensor, seeds: Sequence[int] | Tensor,
-                     centered: bool = False) -> tuple[Tensor, int]:
-        """Per-image bits/dim of the data x (dequantised first if ``num_levels``) and the NFE."""
-        centered = self.centered if self.centered is not None else centered
-        if self.num_levels is not None:
-            x = dequantize(x, seeds, centered, self.num_levels)
+                     space: DataSpace) -> tuple[Tensor, int]:
+        """Per-image bits/dim of the data x in ``space`` (dequantised first when quantised), probed and dequantised
+        with each image's seed, and the NFE."""
+        if tuple(x.shape[1:]) != space.shape:
+            raise ValueError(f"bits/dim of data of shape {tuple(x.shape[1:])} in a data space of shape {space.shape}")
+        x = space.dequantize(x, seeds)
         result = log_likelihood(score_fn, sde, x, seeds, self.probe, self.rtol, self.atol, self.eps)
-        return bits_per_dim(result.logp, x[0].numel(), centered, self.num_levels), result.nfe
+        return bits_per_dim(result.logp, space.num_dims, space.centered, space.num_levels), result.nfe

@@ -7,7 +7,10 @@ from typing import Literal
 import lightning as L
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DistributedSampler, SequentialSampler
 
+from lit_score.data_space import DataSpace
+from lit_score.distributed import gather_to_all
 from lit_score.likelihood import Likelihood
 from lit_score.losses import ddpm_loss, dsm_loss, smld_loss
 from lit_score.sampling.base import SampleResult, Sampler
@@ -34,22 +37,30 @@ class ScoreModel(L.LightningModule):
         compile: compile the network with ``torch.compile``.
         sampler: how ``sample`` / ``lit-score predict`` draw images (default: the PC sampler).
         likelihood: how ``lit-score test`` measures bits/dim (``lit_score.likelihood.Likelihood``; default settings).
+        data_space: shape, range and quantisation of the data (``lit_score.data_space.DataSpace`` or its dict); the
+            CLI passes the DataModule's. Saved in the hyperparameters, so checkpoints carry it; without it, it is
+            inferred from the network (its ``data_shape`` and ``centered``; 8-bit levels for images).
     """
 
     def __init__(self, net: nn.Module, sde: SDE, loss: LossName = "dsm", reduce_mean: bool = True,
                  likelihood_weighting: bool = False, eps: float = 1e-5, lr: float = 2e-4,
                  betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8, weight_decay: float = 0.0,
                  warmup: int = 5000, channels_last: bool = False, compile: bool = False,
-                 sampler: Sampler | None = None, likelihood: Likelihood | None = None) -> None:
+                 sampler: Sampler | None = None, likelihood: Likelihood | None = None,
+                 data_space: DataSpace | dict | None = None) -> None:
         super().__init__()
         if loss not in ("dsm", "smld", "ddpm"):
             raise ValueError(f"unknown loss {loss!r}; known: dsm, smld, ddpm")
         with warnings.catch_warnings():  # `lit-score` saves the network's config here, so checkpoints reload alone
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
-            self.save_hyperparameters()
+            self.save_hyperparameters(ignore=["data_space"])
         self.net, self.sde, self.sampler = net, sde, sampler
         self.likelihood = likelihood or Likelihood()
+        self.data_space = data_space_from(data_space, net)
+        self.hparams["data_space"] = self.data_space.to_dict()  # plain values: checkpoints load with weights_only
         self._compiled = False
+        self._test_batches: list[list[int]] | None = None
+        self._test_bpd: list[tuple[int, float, int]] = []
 
     @classmethod
     def from_pretrained(cls, folder: str, **kwargs) -> "ScoreModel":
@@ -67,8 +78,8 @@ class ScoreModel(L.LightningModule):
 
     @property
     def data_shape(self) -> tuple[int, ...]:
-        """Shape of one sample, as the network declares it."""
-        return tuple(self.net.data_shape)
+        """Shape of one sample, as the data space declares it."""
+        return self.data_space.shape
 
     @torch.no_grad()
     def sample(self, seeds: Tensor | list[int], sampler: Sampler | None = None) -> SampleResult:
@@ -82,15 +93,49 @@ class ScoreModel(L.LightningModule):
         result = self.sample(batch)
         return {"seeds": batch, "samples": result.samples, "nfe": result.nfe}
 
-    def test_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        """Test-set bits/dim through the probability-flow ODE (Song et al. 2021, appendix D.2), logged as test/bpd."""
+    def test_step(self, batch: Tensor, batch_idx: int) -> None:
+        """Test-set bits/dim through the probability-flow ODE (Song et al. 2021, appendix D.2): image i of the test
+        set is dequantised and probed with seed i, so every image's value is the same for any number of processes
+        and batch size; ``on_test_epoch_end`` logs their mean over the test set as test/bpd."""
         x = self._prepare(batch)
-        seeds = torch.arange(x.shape[0]) + batch_idx * x.shape[0] + self.global_rank * 2**31
-        centered = bool(getattr(self.trainer.datamodule, "centered", False))
-        bpd, nfe = self.likelihood.bits_per_dim(self.score_fn, self.sde, x, seeds, centered)
-        self.log("test/bpd", bpd.mean(), sync_dist=True, batch_size=x.shape[0])
-        self.log("test/nfe", float(nfe), sync_dist=True, reduce_fx="max", batch_size=x.shape[0])
-        return bpd.mean()
+        indices = self._test_indices(batch_idx, x.shape[0])
+        bpd, nfe = self.likelihood.bits_per_dim(self.score_fn, self.sde, x, indices, self.data_space)
+        self._test_bpd += [(i, float(b), int(nfe)) for i, b in zip(indices, bpd.double().tolist())]
+
+    def on_test_epoch_start(self) -> None:
+        self._test_batches, self._test_bpd = None, []
+
+    def on_test_epoch_end(self) -> None:
+        """Mean bits/dim over every test image once (DDP's padding repeats dropped), summed in image order."""
+        by_index: dict[int, tuple[float, int]] = {}
+        for part in gather_to_all(self._test_bpd):
+            for index, bpd, nfe in part:
+                by_index.setdefault(index, (bpd, nfe))
+        if not by_index:
+            return
+        values = torch.tensor([by_index[i][0] for i in sorted(by_index)], dtype=torch.float64)
+        for key, value in (("bpd", values.mean()), ("nfe", max(nfe for _, nfe in by_index.values())),
+                           ("num_images", len(values))):  # the same on every rank: max keeps it exact
+            self.log(f"test/{key}", float(value), sync_dist=True, reduce_fx="max")
+        self.test_bpd = values
+
+    def _test_indices(self, batch_idx: int, size: int) -> list[int]:
+        """The test-set indices of this process's batch ``batch_idx``, from the test dataloader's batch sampler."""
+        if self._test_batches is None:
+            loaders = self.trainer.test_dataloaders
+            loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+            sampler = getattr(loader, "sampler", None)
+            ordered = isinstance(sampler, SequentialSampler) or (
+                isinstance(sampler, DistributedSampler) and not sampler.shuffle)
+            if not ordered or getattr(loader, "batch_sampler", None) is None:
+                raise ValueError("test-set bits/dim seed each image by its index, so the test dataloader must serve a "
+                                 "map-style dataset in order (no shuffle, no IterableDataset); got sampler "
+                                 f"{type(sampler).__name__}")
+            self._test_batches = [list(b) for b in loader.batch_sampler]
+        indices = self._test_batches[batch_idx]
+        if len(indices) != size:
+            raise RuntimeError(f"test batch {batch_idx} has {size} images but its sampler gave {len(indices)} indices")
+        return [int(i) for i in indices]
 
     def configure_model(self) -> None:
         if self.hparams.channels_last:
@@ -139,3 +184,23 @@ class ScoreModel(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min((step + 1) / warmup, 1.0) if warmup else 1.0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def data_space_from(data_space: DataSpace | dict | None, net: nn.Module) -> DataSpace:
+    """The given data space, or for models saved before they carried one, the network's: its ``data_shape`` and
+    ``centered`` (8-bit images; continuous vectors)."""
+    if isinstance(data_space, DataSpace):
+        space = data_space
+    elif isinstance(data_space, dict):
+        space = DataSpace.from_dict(data_space)
+    else:
+        shape, centered = getattr(net, "data_shape", None), getattr(net, "centered", None)
+        if shape is None or not isinstance(centered, bool):
+            raise ValueError(f"the model has no data_space and its network ({type(net).__name__}) does not say its "
+                             "data shape and range (data_shape, centered): pass data_space=DataSpace(shape, centered)")
+        shape = tuple(shape)
+        space = DataSpace(shape, centered, 256 if len(shape) == 3 else None)
+    if tuple(getattr(net, "data_shape", space.shape)) != space.shape:
+        raise ValueError(f"the network takes samples of shape {tuple(net.data_shape)} but the data space is "
+                         f"{space.shape}; set the data options (image_size, num_channels) to the network's")
+    return space

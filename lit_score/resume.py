@@ -16,15 +16,10 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
+from lit_score.distributed import gather_to_all, rank_and_world
 
 
 def _collect_rng_states() -> dict[str, Any]:
@@ -93,13 +88,7 @@ class RandomState(L.Callback):
                            checkpoint: dict[str, Any]) -> None:
         current = self._state_batch is not None and self._state_batch == self._batches_done(trainer)
         state = self._state if current else _collect_rng_states()
-        world_size, _ = _world()
-        states: list[Any] = [None] * world_size
-        if world_size > 1:
-            dist.all_gather_object(states, state)
-        else:
-            states = [state]
-        checkpoint["random_state"] = states
+        checkpoint["random_state"] = gather_to_all(state)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -123,7 +112,7 @@ class ResumableSampler(DistributedSampler):
 
     def __init__(self, dataset: Dataset, shuffle: bool = True, seed: int = 0, num_replicas: int | None = None,
                  rank: int | None = None) -> None:
-        world_size, global_rank = _world()
+        global_rank, world_size = rank_and_world()
         super().__init__(dataset, num_replicas=world_size if num_replicas is None else num_replicas,
                          rank=global_rank if rank is None else rank, shuffle=shuffle, seed=seed)
         self.start = 0

@@ -7,6 +7,7 @@ That "sigma view" (Karras et al. 2022, eq. 4) is what the fast samplers use.
 from __future__ import annotations
 
 import abc
+import copy
 import math
 from typing import Callable
 
@@ -25,6 +26,18 @@ class SDE(abc.ABC):
 
     def __init__(self, N: int = 1000) -> None:
         self.N = N
+
+    def _discretise(self) -> None:
+        """Build the tables of the N-step discretisation (SMLD sigmas, DDPM betas); none by default."""
+
+    def with_steps(self, N: int) -> "SDE":
+        """A copy of this SDE whose discretisation has N steps (its continuous-time coefficients are unchanged)."""
+        if N < 1:
+            raise ValueError(f"the number of discretisation steps must be >= 1, got {N}")
+        new = copy.copy(self)
+        new.N = N
+        new._discretise()
+        return new
 
     @property
     def T(self) -> float:
@@ -139,7 +152,15 @@ class VESDE(SDE):
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"VESDE needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
         self._sigma_min, self._sigma_max = float(sigma_min), float(sigma_max)
-        self.discrete_sigmas = torch.exp(torch.linspace(math.log(sigma_min), math.log(sigma_max), N))
+        self._discretise()
+
+    def _discretise(self) -> None:
+        self.discrete_sigmas = torch.exp(torch.linspace(math.log(self._sigma_min), math.log(self._sigma_max), self.N))
+
+    def adjacent_sigma(self, i: Tensor) -> Tensor:
+        """sigma_{i-1} of the SMLD levels, with sigma_{-1} = 0 (Song et al. 2021, eq. 45)."""
+        sigmas = self.discrete_sigmas.to(i.device)
+        return torch.where(i == 0, torch.zeros_like(sigmas[i]), sigmas[(i - 1).clamp(min=0)])
 
     @property
     def sigma_min(self) -> float:
@@ -177,9 +198,7 @@ class VESDE(SDE):
     def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """SMLD discretisation: x_i = x_{i-1} + sqrt(sigma_i^2 - sigma_{i-1}^2) z (Song et al. 2021, eq. 45)."""
         i = self.timestep(t)
-        sigmas = self.discrete_sigmas.to(t.device)
-        sigma = sigmas[i]
-        adjacent = torch.where(i == 0, torch.zeros_like(sigma), sigmas[(i - 1).clamp(min=0)])
+        sigma, adjacent = self.discrete_sigmas.to(t.device)[i], self.adjacent_sigma(i)
         return torch.zeros_like(x), torch.sqrt(sigma**2 - adjacent**2)
 
     def noise_label(self, t: Tensor, discrete: bool = False) -> Tensor:
@@ -236,7 +255,11 @@ class VPSDE(_VPFamily):
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000) -> None:
         super().__init__(beta_min, beta_max, N)
-        self.discrete_betas = torch.linspace(beta_min / N, beta_max / N, N)
+        self._discretise()
+
+    def _discretise(self) -> None:
+        """The DDPM chain of N steps: beta_i = beta(i / (N - 1)) / N, alpha_bar_i = prod_j<=i (1 - beta_j)."""
+        self.discrete_betas = torch.linspace(self.beta_0 / self.N, self.beta_1 / self.N, self.N)
         self.alphas = 1.0 - self.discrete_betas
         self.alphas_cumprod = torch.cumprod(self.alphas, 0)
         self.sqrt_alphas_cumprod = torch.sqrt(self.alphas_cumprod)

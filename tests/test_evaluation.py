@@ -214,7 +214,7 @@ def test_test_set_bits_per_dim_are_the_likelihood_of_the_first_test_images(setup
     results = ev.run(experiment.model, experiment.datamodule, tmp / "tiny.ckpt")
     model, data = experiment.model, experiment.datamodule
     x = torch.stack([data.test_dataloader().dataset[i] for i in range(2)])
-    expected = torch.cat([likelihood.bits_per_dim(model.score_fn, model.sde, x[i:i + 1], [i], data.centered)[0]
+    expected = torch.cat([likelihood.bits_per_dim(model.score_fn, model.sde, x[i:i + 1], [i], model.data_space)[0]
                           for i in (0, 1)])
     assert results["bpd"]["num_images"] == 2
     assert results["bpd"]["mean"] == pytest.approx(float(expected.double().mean()), rel=1e-9)
@@ -356,14 +356,14 @@ def test_inception_evaluation_under_one_and_two_processes(setup, inception_weigh
     """`lit-score-eval` with InceptionV3 (random-weight file; IS from its logits) against a score_sde-format
     reference of 12 training images' pool3 features writes FID, KID and IS, identical from 1 and 2 gloo processes,
     and records n, the network with its weights hash, the reference and the sampler."""
-    from lit_score.metrics import InceptionV3, to_uint8
+    from lit_score.metrics import InceptionV3
 
     tmp, experiment, one = setup
     features = InceptionV3(str(inception_weights))
     experiment.datamodule.setup("fit")
     images = torch.stack([experiment.datamodule.train_set[i] for i in range(12)])
     save_reference(tmp / "pool3.npz", torch.zeros(2048), torch.eye(2048), "score_sde",
-                   features(to_uint8(images, experiment.datamodule.centered)))
+                   features(experiment.model.data_space.to_uint8(images)))
     (tmp / "inception.yaml").write_text(INCEPTION_EVAL.format(weights=inception_weights, reference=tmp / "pool3.npz"))
     results = []
     for devices in (1, 2):

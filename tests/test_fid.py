@@ -10,6 +10,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.metric_fid import fid_statistics_to_metric
 
 import lightning as L
+from lit_score.data_space import DataSpace
 from lit_score.metrics import (FeatureStatistics, InceptionV3, RandomConvFeatures, frechet_distance,
                                reference_statistics, to_uint8)
 from lit_score.metrics.reference import cache_path, reference_key
@@ -219,7 +220,7 @@ def test_inception_identity_hashes_every_tensor_including_0_dim_buffers(inceptio
 
 
 class _TinyImages(L.LightningDataModule):
-    centered = True
+    data_space = DataSpace((1, 8, 8), centered=True)
 
     def __init__(self, n=40, fail=False):
         super().__init__()

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from lit_score.likelihood import Likelihood, bits_per_dim, dequantize, log_likelihood
+from lit_score.data_space import DataSpace, dequantize
+from lit_score.likelihood import Likelihood, bits_per_dim, log_likelihood
 from lit_score.densities import GaussianMixture
 from lit_score.sdes import VESDE, VPSDE, subVPSDE
 
@@ -62,7 +63,7 @@ def test_bits_per_dim_of_quantised_gaussian_data():
     entropy = float(-(p * torch.log2(p.clamp_min(1e-300))).sum())  # bits per dim of the quantised data
     sde = VPSDE()
     mixture, score = _gaussian_score(mu, s, sde)
-    bpd, nfe = Likelihood(probe="exact").bits_per_dim(score, sde, x, range(n), centered=False)
+    bpd, nfe = Likelihood(probe="exact").bits_per_dim(score, sde, x, range(n), DataSpace((D,), centered=False))
     assert nfe > 0
     y = dequantize(x, range(n), centered=False)
     closed_form = -mixture.log_prob(y, sde, 1e-5) / (D * math.log(2)) + 8
@@ -80,8 +81,8 @@ def test_centered_and_uncentered_data_give_the_same_bits_per_dim():
     _, score01 = _gaussian_score(mu, s, sde)
     _, score11 = _gaussian_score(0.0, 2 * s, sde)
     like = Likelihood(probe="exact")
-    bpd01, _ = like.bits_per_dim(score01, sde, x, range(n), centered=False)
-    bpd11, _ = like.bits_per_dim(score11, sde, 2 * x - 1, range(n), centered=True)
+    bpd01, _ = like.bits_per_dim(score01, sde, x, range(n), DataSpace((D,), centered=False))
+    bpd11, _ = like.bits_per_dim(score11, sde, 2 * x - 1, range(n), DataSpace((D,), centered=True))
     torch.testing.assert_close(bpd01, bpd11, atol=1e-2, rtol=0)  # a wrong offset would differ by 1 bit
 
 

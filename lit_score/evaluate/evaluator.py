@@ -30,11 +30,11 @@ from lit_score.evaluate.inception_score import InceptionScore, InceptionV3Logits
 from lit_score.evaluate.reference_file import FORMATS, ReferenceFormat, load_reference, save_reference
 from lit_score.evaluate.shards import ShardStore
 from lit_score.likelihood import Likelihood
-from lit_score.metrics.features import FeatureExtractor, InceptionV3, tensor_bytes, to_uint8
-from lit_score.metrics.frechet import FeatureStatistics, frechet_distance
+from lit_score.data_space import DataSpace
+from lit_score.metrics.features import FeatureExtractor, InceptionV3, tensor_bytes
+from lit_score.metrics.frechet import FeatureStatistics, frechet_distance, metric_tag, sample_count
 from lit_score.metrics.kid import kernel_inception_distance
-from lit_score.metrics.reference import (ReferenceStatistics, cache_path, data_centered, reference_key,
-                                         reference_statistics)
+from lit_score.metrics.reference import ReferenceStatistics, cache_path, reference_key, reference_statistics
 from lit_score.module import ScoreModel
 from lit_score.sampling.base import Sampler
 
@@ -180,7 +180,7 @@ class Evaluator:
         samples = {
             "num_samples": self.num_samples, "seeds": [self.first_seed, self.first_seed + self.num_samples - 1],
             "batch_size": self.batch_size, "shard_size": self.shard_size, "sampler": describe(self._sampler(model)),
-            "sde": describe(model.sde), "data_shape": list(model.data_shape), "weights": self.weights,
+            "sde": describe(model.sde), "data_space": model.data_space.to_dict(), "weights": self.weights,
             "checkpoint_sha256": checkpoint["sha256"], "features": self.features.identity,
             "classifier": self.classifier.identity if self.classifier is not None else None,
             "keep_samples": self.keep_samples,
@@ -253,7 +253,7 @@ class Evaluator:
         if problem:
             raise ValueError(problem)
 
-        reference = self._reference(datamodule, device)
+        reference = self._reference(datamodule, model.data_space, device)
         protocol["reference"] = {"key": reference.key, "count": reference.count,
                                  "source": self.reference or "training set of the DataModule (cached)",
                                  "kid_features": None if reference.features is None else reference.features.shape[0]}
@@ -261,10 +261,9 @@ class Evaluator:
         store = ShardStore(self.out_dir / "samples", self.fingerprint(protocol["samples"]))
         pending = broadcast(store.pending(self.num_shards) if rank == 0 else None)
         barrier()
-        centered = data_centered(datamodule)
         sampler = self._sampler(model)
         for index in pending[rank::world][:self.max_shards]:
-            store.save(index, self._sample_shard(model, sampler, index, centered, device))
+            store.save(index, self._sample_shard(model, sampler, index, device))
         barrier()
         left = broadcast(len(store.pending(self.num_shards)) if rank == 0 else None)
         if left:
@@ -281,27 +280,29 @@ class Evaluator:
             self._write(results, checkpoint["global_step"])
         return broadcast(results)
 
-    def _reference(self, datamodule: L.LightningDataModule, device: torch.device | str) -> ReferenceStatistics:
+    def _reference(self, datamodule: L.LightningDataModule, space: DataSpace,
+                   device: torch.device | str) -> ReferenceStatistics:
         keep = self.kid_features if self.kid else 0
         if self.reference is not None:
             return load_reference(self.reference, self.features.num_features, keep)
         cached = cache_path(reference_key(datamodule, self.features), self.cache_dir).is_file()
         if not broadcast(cached):
             datamodule.setup("fit")
-        reference = reference_statistics(datamodule, self.features, self.cache_dir, self.batch_size, device, keep)
+        reference = reference_statistics(datamodule, self.features, self.cache_dir, self.batch_size, device, keep,
+                                         space)
         if reference.mean.shape != (self.features.num_features,):
             raise ValueError(f"the reference statistics have {reference.mean.shape[0]} features, the feature "
                              f"network {self.features.num_features}; they were made with another network")
         return reference
 
-    def _sample_shard(self, model: ScoreModel, sampler: Sampler, index: int, centered: bool,
+    def _sample_shard(self, model: ScoreModel, sampler: Sampler, index: int,
                       device: torch.device | str) -> dict[str, Any]:
         seeds = self.shard_seeds(index)
         images, features, logits, nfe = [], [], [], []
         for start in range(0, len(seeds), self.batch_size):
             chunk = seeds[start:start + self.batch_size]
             result = sampler.sample(model.score_fn, model.sde, model.data_shape, chunk, device)
-            x = to_uint8(result.samples, centered)
+            x = model.data_space.to_uint8(result.samples)
             images.append(x.cpu())
             features.append(self.features(x).double().cpu())
             if self.classifier is not None:
@@ -334,8 +335,7 @@ class Evaluator:
                 num_kept += kept[-1].shape[0]
             images_nfe += sum(n * e for n, e in shard["nfe"])
         mean, cov, count = stats.compute()
-        n = f"{self.num_samples // 1000}k" if self.num_samples % 1000 == 0 else str(self.num_samples)
-        results: dict[str, Any] = {"complete": True, "n": n,
+        results: dict[str, Any] = {"complete": True, "n": sample_count(self.num_samples),
                                    "fid": frechet_distance(mean, cov, reference.mean, reference.cov),
                                    "kid_mean": None, "kid_std": None, "nfe": images_nfe / count}
         if self.kid and reference.features is not None:
@@ -370,13 +370,12 @@ class Evaluator:
         store = ShardStore(self.out_dir / "bpd", self.fingerprint(self.protocol_bpd_part(total, checkpoint_sha256)))
         pending = broadcast(store.pending(num_shards) if rank == 0 else None)
         barrier()
-        centered = data_centered(datamodule)
         for index in pending[rank::world]:
             rows = list(range(index * self.bpd_batch_size, min((index + 1) * self.bpd_batch_size, total)))
             batch = next(iter(DataLoader(Subset(dataset, rows), batch_size=len(rows))))
             x = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device)
             seeds = [self.bpd_first_seed + i for i in rows]
-            bpd, nfe = self.likelihood.bits_per_dim(model.score_fn, model.sde, x, seeds, centered)
+            bpd, nfe = self.likelihood.bits_per_dim(model.score_fn, model.sde, x, seeds, model.data_space)
             store.save(index, {"rows": [rows[0], rows[-1]], "bpd": bpd.double().cpu(), "nfe": int(nfe)})
         barrier()
         if rank != 0:
@@ -401,13 +400,13 @@ class Evaluator:
 
         writer = SummaryWriter(str(self.out_dir / "tensorboard"))
         try:
-            n = results["n"]
-            writer.add_scalar(f"eval/fid@{n}", results["fid"], step)
+            n = self.num_samples
+            writer.add_scalar(metric_tag("fid", n, "eval"), results["fid"], step)
             writer.add_scalar("eval/nfe", results["nfe"], step)
             if "inception_score" in results:
-                writer.add_scalar(f"eval/is@{n}", results["inception_score"], step)
+                writer.add_scalar(metric_tag("is", n, "eval"), results["inception_score"], step)
             if results.get("kid_mean") is not None:
-                writer.add_scalar(f"eval/kid@{n}", results["kid_mean"], step)
+                writer.add_scalar(metric_tag("kid", n, "eval"), results["kid_mean"], step)
             if results.get("bpd"):
                 writer.add_scalar("eval/bpd", results["bpd"]["mean"], step)
             writer.add_text("eval/protocol", "```\n" + json.dumps(results["protocol"], indent=2) + "\n```", step)

@@ -12,13 +12,6 @@ INCEPTION_URL = (
 INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 
 
-def to_uint8(x: Tensor, centered: bool) -> Tensor:
-    """Quantise images in data space ([-1, 1] if centered, else [0, 1]) to uint8 as real images are stored."""
-    if centered:
-        x = (x + 1) / 2
-    return torch.round(x.clamp(0, 1) * 255).to(torch.uint8)
-
-
 def tensor_bytes(t: Tensor) -> bytes:
     """The raw bytes of a tensor of any dtype and rank (0-dim buffers such as BatchNorm's ``num_batches_tracked``
     included), read on the CPU, so a hash of them is the same on every device."""

@@ -10,6 +10,16 @@ from torchmetrics import Metric
 from lit_score.distributed import gather_to_all, rank_and_world
 
 
+def sample_count(num_samples: int) -> str:
+    """How a metric names its number of samples: ``50k`` for 50000, ``300`` for 300."""
+    return f"{num_samples // 1000}k" if num_samples % 1000 == 0 else str(num_samples)
+
+
+def metric_tag(metric: str, num_samples: int, prefix: str = "val") -> str:
+    """``val/fid@50k``: the metric with its sample count, so that FID@10k is never mistaken for a 50k figure."""
+    return f"{prefix}/{metric}@{sample_count(num_samples)}"
+
+
 def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> float:
     """||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2)), in float64.
 

@@ -16,7 +16,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
 from lit_score.distributed import barrier, broadcast, rank_and_world
-from lit_score.metrics.features import FeatureExtractor, to_uint8
+from lit_score.data_space import DataSpace, data_space_of
+from lit_score.metrics.features import FeatureExtractor
 from lit_score.metrics.frechet import ordered_statistics
 
 if TYPE_CHECKING:
@@ -45,15 +46,6 @@ def reference_key(datamodule: L.LightningDataModule, features: FeatureExtractor)
     return f"{datamodule.cache_key()}__{features.identity}"
 
 
-def data_centered(datamodule: L.LightningDataModule) -> bool:
-    """Whether the DataModule's images are in [-1, 1] (else [0, 1])."""
-    centered = getattr(datamodule, "centered", None)
-    if not isinstance(centered, bool):
-        raise TypeError(f"{type(datamodule).__name__} must say where its images lie with a boolean `centered` "
-                        f"attribute (True: [-1, 1], False: [0, 1]); got {centered!r}")
-    return centered
-
-
 def cache_path(key: str, cache_dir: str | Path | None = None) -> Path:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", key)[:100]
     return Path(cache_dir or default_cache_dir()) / f"{slug}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
@@ -62,10 +54,12 @@ def cache_path(key: str, cache_dir: str | Path | None = None) -> Path:
 @torch.no_grad()
 def reference_statistics(datamodule: L.LightningDataModule, features: FeatureExtractor,
                          cache_dir: str | Path | None = None, batch_size: int = 250,
-                         device: torch.device | str = "cpu", keep_features: int = 0) -> ReferenceStatistics:
+                         device: torch.device | str = "cpu", keep_features: int = 0,
+                         space: DataSpace | None = None) -> ReferenceStatistics:
     """Statistics of every training image, un-augmented (``datamodule.full_dataset()`` where the DataModule has it,
-    else ``train_dataloader().dataset``), quantised to uint8, with the features of the first ``keep_features``
-    images (dataset order) for KID.
+    else ``train_dataloader().dataset``), quantised to uint8 from ``space`` (default: the DataModule's
+    ``data_space``; the model's, when a model is there), with the features of the first ``keep_features`` images
+    (dataset order) for KID.
 
     Loaded from the cache when there (and holding enough features); otherwise computed (sharded over the processes
     of a distributed run, every rank must call this; the count is the global one) and written by rank 0.
@@ -84,7 +78,7 @@ def reference_statistics(datamodule: L.LightningDataModule, features: FeatureExt
             kept = kept[:keep_features] if keep_features and kept is not None else None
             return ReferenceStatistics(saved["mean"], saved["cov"], int(saved["count"]), key, kept)
 
-    centered = data_centered(datamodule)
+    space = space if space is not None else data_space_of(datamodule)
     full = getattr(datamodule, "full_dataset", None)
     dataset = full() if callable(full) else datamodule.train_dataloader().dataset
     features = features.to(device).eval()
@@ -94,7 +88,7 @@ def reference_statistics(datamodule: L.LightningDataModule, features: FeatureExt
         rows = range(k * batch_size, min((k + 1) * batch_size, len(dataset)))
         images = next(iter(DataLoader(Subset(dataset, rows), batch_size=len(rows))))
         images = images[0] if isinstance(images, (list, tuple)) else images
-        return features(to_uint8(images.to(device), centered))
+        return features(space.to_uint8(images.to(device)))
 
     kept: list[Tensor] = []
 

@@ -6,7 +6,6 @@ Both are plain functions ``(state, x, t) -> (x, x_mean)`` in the registries ``PR
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
@@ -41,23 +40,11 @@ CORRECTORS: Registry[Step] = Registry("corrector")
 
 
 def rediscretize(sde: SDE, N: int) -> SDE:
-    """A copy of ``sde`` whose discretisation (N, SMLD sigmas, DDPM betas) has N steps; its network
-    conditioning is irrelevant because samplers keep the model's own score function."""
+    """``sde`` with an N-step discretisation; its network conditioning is irrelevant because samplers keep the
+    model's own score function."""
     if N < 1:
         raise ValueError(f"the number of sampling steps must be >= 1, got {N}")
-    if N == sde.N:
-        return sde
-    new = copy.copy(sde)
-    new.N = N
-    if isinstance(sde, VESDE):
-        new.discrete_sigmas = torch.exp(torch.linspace(math.log(sde.sigma_min), math.log(sde.sigma_max), N))
-    if isinstance(sde, VPSDE):
-        new.discrete_betas = torch.linspace(sde.beta_0 / N, sde.beta_1 / N, N)
-        new.alphas = 1.0 - new.discrete_betas
-        new.alphas_cumprod = torch.cumprod(new.alphas, 0)
-        new.sqrt_alphas_cumprod = torch.sqrt(new.alphas_cumprod)
-        new.sqrt_1m_alphas_cumprod = torch.sqrt(1.0 - new.alphas_cumprod)
-    return new
+    return sde if N == sde.N else sde.with_steps(N)
 
 
 @PREDICTORS.register("euler_maruyama")
@@ -85,9 +72,8 @@ def ancestral_sampling(s: PCState, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor
     """Ancestral sampling of the SMLD (eq. 47) or DDPM (eq. 45) Markov chain, for VE and VP SDEs."""
     i = s.sde.timestep(t)
     if isinstance(s.sde, VESDE):
-        sigmas = s.sde.discrete_sigmas.to(x.device, x.dtype)
-        sigma = sigmas[i]
-        adjacent = torch.where(i == 0, torch.zeros_like(sigma), sigmas[(i - 1).clamp(min=0)])
+        sigma = s.sde.discrete_sigmas.to(x.device, x.dtype)[i]
+        adjacent = s.sde.adjacent_sigma(i).to(x.dtype)
         x_mean = x + s.score_fn(x, t) * _bcast(sigma**2 - adjacent**2, x)
         std = torch.sqrt(adjacent**2 * (sigma**2 - adjacent**2) / sigma**2)
         return x_mean + _bcast(std, x) * s.noise(), x_mean
