@@ -32,6 +32,7 @@ import hashlib
 import io
 import os
 import re
+from dataclasses import replace
 from typing import Any, Iterator
 
 import datasets
@@ -226,7 +227,9 @@ class ImageDataModule(ScoreDataModule):
         return size, channels
 
     def _first_image(self) -> Image.Image:
-        images, column = self.load()
+        """The first image alone, streamed: construction runs on every process (the CLI reads the data's shape
+        before anything else), so it reads no more than that; the tables are read in prepare_data and setup."""
+        images, column = self.load(streaming=True)
         example = next(iter(images), None) if isinstance(images, datasets.IterableDataset) else (
             images[0] if len(images) else None)
         if example is None:
@@ -239,10 +242,13 @@ class ImageDataModule(ScoreDataModule):
         where = p.path or self.dataset_name
         return f"{where} (split {p.split!r})" if p.path else f"dataset {where!r} (split {p.split!r})"
 
-    def load(self, split: str | None = None) -> tuple[Images, str]:
-        """The plugin's table (of ``split``, default the configured one) with only the image column, left
-        undecoded, and that column's name."""
-        images = self.plugin.load(self._split_options(split))
+    def load(self, split: str | None = None, streaming: bool | None = None) -> tuple[Images, str]:
+        """The plugin's table (of ``split``, default the configured one; streamed with ``streaming``, default the
+        configured mode) with only the image column, left undecoded, and that column's name."""
+        options = self._split_options(split)
+        if streaming is not None:
+            options = replace(options, streaming=streaming)
+        images = self.plugin.load(options)
         if not isinstance(images, (datasets.Dataset, datasets.IterableDataset)):
             raise TypeError(f"dataset plugin {self.dataset_name!r} returned a {type(images).__name__}; it must "
                             f"return a datasets.Dataset or datasets.IterableDataset")

@@ -188,18 +188,20 @@ class ScoreModel(L.LightningModule):
 
 def data_space_from(data_space: DataSpace | dict | None, net: nn.Module) -> DataSpace:
     """The given data space, or for models saved before they carried one, the network's: its ``data_shape`` and
-    ``centered`` (8-bit images; continuous vectors)."""
+    ``centered`` for 8-bit images; continuous data for vectors."""
     if isinstance(data_space, DataSpace):
         space = data_space
     elif isinstance(data_space, dict):
         space = DataSpace.from_dict(data_space)
     else:
         shape, centered = getattr(net, "data_shape", None), getattr(net, "centered", None)
-        if shape is None or not isinstance(centered, bool):
+        if shape is not None and len(shape) != 3:  # vectors: continuous, their range is the data's own
+            space = DataSpace(tuple(shape), False, None)
+        elif shape is None or not isinstance(centered, bool):
             raise ValueError(f"the model has no data_space and its network ({type(net).__name__}) does not say its "
                              "data shape and range (data_shape, centered): pass data_space=DataSpace(shape, centered)")
-        shape = tuple(shape)
-        space = DataSpace(shape, centered, 256 if len(shape) == 3 else None)
+        else:
+            space = DataSpace(tuple(shape), centered)
     if tuple(getattr(net, "data_shape", space.shape)) != space.shape:
         raise ValueError(f"the network takes samples of shape {tuple(net.data_shape)} but the data space is "
                          f"{space.shape}; set the data options (image_size, num_channels) to the network's")
