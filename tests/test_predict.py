@@ -131,3 +131,11 @@ def test_lit_score_test_logs_bits_per_dim(checkpoint, tmp_path):
     events.Reload()
     bpd = [e.value for e in events.Scalars("test/bpd")]
     assert len(bpd) == 1 and 0 < bpd[0] < 100
+
+
+def test_checkpoint_carries_the_data_space_of_the_data(checkpoint):
+    """The CLI links the DataModule's data space into the model: the quickstart digits at 8 px in [-1, 1], 8-bit."""
+    import torch
+
+    hparams = torch.load(checkpoint, weights_only=True, map_location="cpu")["hyper_parameters"]
+    assert hparams["data_space"] == {"shape": [1, 8, 8], "centered": True, "num_levels": 256}
