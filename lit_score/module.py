@@ -56,8 +56,8 @@ class ScoreModel(L.LightningModule):
             self.save_hyperparameters(ignore=["data_space"])
         self.net, self.sde, self.sampler = net, sde, sampler
         self.likelihood = likelihood or Likelihood()
-        self.data_space = data_space_from(data_space, net)
-        self.hparams["data_space"] = self.data_space.to_dict()  # plain values: checkpoints load with weights_only
+        self._data_space = data_space_from(data_space, net)
+        self.hparams["data_space"] = self._data_space and self._data_space.to_dict()  # plain: weights_only loads
         self._compiled = False
         self._test_batches: list[list[int]] | None = None
         self._test_bpd: list[tuple[int, float, int]] = []
@@ -77,9 +77,18 @@ class ScoreModel(L.LightningModule):
         return get_score_fn(self.sde, self.net, discrete=self.hparams.loss != "dsm")
 
     @property
+    def data_space(self) -> DataSpace:
+        """Shape, range and quantisation of the model's data (given, saved, or the network's)."""
+        if self._data_space is None:
+            raise ValueError(f"the model has no data_space and its network ({type(self.net).__name__}) does not say "
+                             "its data shape and range (data_shape, centered): pass data_space=DataSpace(shape, "
+                             "centered), or use a DataModule with a data_space through lit-score")
+        return self._data_space
+
+    @property
     def data_shape(self) -> tuple[int, ...]:
-        """Shape of one sample, as the data space declares it."""
-        return self.data_space.shape
+        """Shape of one sample, as the data space (or else the network) declares it."""
+        return self._data_space.shape if self._data_space is not None else tuple(self.net.data_shape)
 
     @torch.no_grad()
     def sample(self, seeds: Tensor | list[int], sampler: Sampler | None = None) -> SampleResult:
@@ -186,9 +195,9 @@ class ScoreModel(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-def data_space_from(data_space: DataSpace | dict | None, net: nn.Module) -> DataSpace:
+def data_space_from(data_space: DataSpace | dict | None, net: nn.Module) -> DataSpace | None:
     """The given data space, or for models saved before they carried one, the network's: its ``data_shape`` and
-    ``centered`` for 8-bit images; continuous data for vectors."""
+    ``centered`` for 8-bit images, continuous data for vectors; None for a network that says neither."""
     if isinstance(data_space, DataSpace):
         space = data_space
     elif isinstance(data_space, dict):
@@ -198,8 +207,7 @@ def data_space_from(data_space: DataSpace | dict | None, net: nn.Module) -> Data
         if shape is not None and len(shape) != 3:  # vectors: continuous, their range is the data's own
             space = DataSpace(tuple(shape), False, None)
         elif shape is None or not isinstance(centered, bool):
-            raise ValueError(f"the model has no data_space and its network ({type(net).__name__}) does not say its "
-                             "data shape and range (data_shape, centered): pass data_space=DataSpace(shape, centered)")
+            return None
         else:
             space = DataSpace(tuple(shape), centered)
     if tuple(getattr(net, "data_shape", space.shape)) != space.shape:

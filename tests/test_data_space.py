@@ -55,5 +55,8 @@ def test_checkpoint_carries_the_space_and_old_checkpoints_infer_it(tmp_path):
     old = ScoreModel(DDPMpp(**TINY, centered=True), VPSDE())
     assert old.data_space == DataSpace((1, 8, 8), centered=True, num_levels=256)
     assert ScoreModel(ScoreMLP(num_channels=3), VPSDE()).data_space == DataSpace((3,), False, None)
+    bare = ScoreModel(torch.nn.Linear(3, 3), VPSDE())  # a network that declares nothing: an error when asked
+    with pytest.raises(ValueError, match="pass data_space=DataSpace"):
+        bare.data_space
     with pytest.raises(ValueError, match="network takes samples of shape"):
         ScoreModel(DDPMpp(**TINY), VPSDE(), data_space=DataSpace((3, 8, 8)))
