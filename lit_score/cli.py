@@ -189,6 +189,10 @@ def main() -> None:
         sys.exit(submit_main(sys.argv[2:]))
     if sys.argv[1:2] == ["export"]:
         sys.exit(export_main(sys.argv[2:]))
+    if sys.argv[1:2] == ["posthoc-ema"]:
+        from lit_score import posthoc_ema
+
+        sys.exit(posthoc_ema.main(sys.argv[2:]))
     if sys.argv[1:2] in (["export-diffusers"], ["import-diffusers"]):
         from lit_score import diffusers_interop
 
