@@ -59,7 +59,7 @@ def consumed_images_per_second(batch_size: int, steps: int) -> float:
     from lit_score.networks import NCSNpp
     from lit_score.sdes import VESDE
 
-    model = ScoreModel(NCSNpp(), VESDE(sigma_max=50.0), loss="dsm")
+    model = ScoreModel(NCSNpp(), VESDE(sigma_max=50.0))
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
     x = torch.rand(batch_size, 3, 32, 32)
 

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.report import Stat
-from lit_score.losses import dsm_loss
+from lit_score.losses import DSMLoss, dsm_loss
 from lit_score.networks import DDPMpp, NCSNpp
 from lit_score.networks.layers import AttnBlockpp
 from lit_score.networks.resblocks import ResnetBlockBigGANpp, ResnetBlockDDPMpp
@@ -235,7 +235,7 @@ def make_framework(config: NetConfig, device: torch.device, batch: int, steps: i
     quiet_lightning()
     torch.manual_seed(seed)
     net, sde, reduce_mean = config.build()
-    model = ScoreModel(net, sde, loss="dsm", reduce_mean=reduce_mean, eps=EPS, lr=LR, warmup=WARMUP)
+    model = ScoreModel(net, sde, loss=DSMLoss(EPS, reduce_mean), lr=LR, warmup=WARMUP)
     first, last = callbacks[:1], callbacks[1:]
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=steps, logger=False,

@@ -16,6 +16,7 @@ from lit_score.checkpoint_io import CorruptCheckpointError, checkpoint_problem, 
 from lit_score.config import ConfigError, expand_config_args
 from lit_score.data_space import data_space_of
 from lit_score.export import WEIGHTS_NAME, PretrainedError, check_state, export_main, load_weights, model_options
+from lit_score.losses import loss_config
 from lit_score.module import ScoreModel
 from lit_score.preemption import Preemption
 from lit_score.resume import RandomState, resume_args
@@ -106,7 +107,13 @@ def checkpoint_model_config(ckpt_path: str | Path) -> dict:
     except Exception as err:  # noqa: BLE001 - reported as a one-line CLI error
         sys.exit(f"lit-score: error: cannot read the checkpoint {ckpt_path}: {type(err).__name__}: {err}")
     hparams = ckpt.get("hyper_parameters") or {}
-    return {key: hparams[key] for key in FROM_CHECKPOINT if key in hparams}
+    saved = {key: hparams[key] for key in FROM_CHECKPOINT if key in hparams}
+    if "net" in saved:  # a checkpoint from before losses were objects names its loss (or none: dsm)
+        try:
+            saved["loss"] = loss_config(saved.get("loss"), hparams)
+        except ValueError as err:
+            sys.exit(f"lit-score: error: the checkpoint {ckpt_path}: {err}")
+    return saved
 
 
 def pretrained_folder(folder: str) -> tuple[str, dict]:
@@ -194,6 +201,10 @@ def main() -> None:
 
         run = tools.export_ema_main if sys.argv[1] == "export-ema" else tools.sigma_max_main
         sys.exit(run(sys.argv[2:]))
+    if sys.argv[1:2] == ["posthoc-ema"]:
+        from lit_score import posthoc_ema
+
+        sys.exit(posthoc_ema.main(sys.argv[2:]))
     if sys.argv[1:2] in (["export-diffusers"], ["import-diffusers"]):
         from lit_score import diffusers_interop
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from lit_score.export import (CARD_NAME, CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME, PretrainedError,
                               load_pretrained, lit_score_version, model_card)
+from lit_score.losses import DSMLoss, loss_config
 
 NCSNPP, DDPMPP = "lit_score.networks.NCSNpp", "lit_score.networks.DDPMpp"
 VESDE, VPSDE = "lit_score.sdes.VESDE", "lit_score.sdes.VPSDE"
@@ -399,6 +400,9 @@ def export_diffusers(source: str | Path, out_dir: str | Path) -> Path:
             pretrained = load_pretrained(Path(tmp) / "export")
     else:
         pretrained = load_pretrained(source)
+    if not isinstance(pretrained.loss, DSMLoss) or pretrained.loss.precond is not None:
+        raise PretrainedError(f"the model was trained with {pretrained.loss!r}; diffusers' score-SDE and DDPM "
+                              "schedulers read only the SDE's own parametrisation (DSMLoss without precond)")
     args, sde = _net_and_sde(pretrained.config)
     diffusers = _diffusers()
     unet = diffusers.UNet2DModel(**unet_config(args))
@@ -507,7 +511,7 @@ def import_diffusers(folder: str | Path, out_dir: str | Path, **sde: float | int
     pretrained = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "lit_score_version": lit_score_version(),
         "net": {"class_path": class_path, "init_args": args}, "sde": sde_config,
-        "loss": "dsm", "data": {k: args[k] for k in ("num_channels", "image_size", "centered")},
+        "loss": loss_config("dsm"), "data": {k: args[k] for k in ("num_channels", "image_size", "centered")},
         "weights": "diffusers", "ema": None, "global_step": 0, "epoch": 0,
         "experiment": {"name": None, "imported_from": str(folder)},
     }

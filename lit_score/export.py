@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from lit_score.losses import Loss, loss_config
 from lit_score.sdes import SDE
 
 FORMAT = "lit-score"
@@ -37,7 +38,7 @@ class PretrainedError(ValueError):
 class Pretrained:
     net: nn.Module
     sde: SDE
-    loss: str
+    loss: Loss
     config: dict[str, Any]
 
 
@@ -114,7 +115,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, weights: str =
     init_args = net.get("init_args") or {}
     config = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "lit_score_version": lit_score_version(),
-        "net": net, "sde": hparams["sde"], "loss": hparams.get("loss", "dsm"),
+        "net": net, "sde": hparams["sde"], "loss": loss_config(hparams.get("loss"), hparams),
         "data": {k: init_args.get(k) for k in ("num_channels", "image_size", "centered")},
         "weights": weights, "ema": _ema_settings(checkpoint) if weights == "ema" else None,
         "global_step": int(checkpoint.get("global_step", 0)), "epoch": int(checkpoint.get("epoch", 0)),
@@ -146,7 +147,7 @@ tags: [score-based, diffusion, sde]
 # {name}
 
 A score-based generative model (Song et al. 2021) trained with lit-score {config['lit_score_version']}:
-`{net['class_path']}` under `{sde['class_path']}` {json.dumps(sde.get('init_args') or {})}, loss `{config['loss']}`,
+`{net['class_path']}` under `{sde['class_path']}` {json.dumps(sde.get('init_args') or {})}, loss `{_loss_name(config['loss'])}`,
 {data.get('num_channels')}x{data.get('image_size')}x{data.get('image_size')} images in {centered}.
 `{WEIGHTS_NAME}` holds the {weights}{ema_line} at training step {config['global_step']}{source};
 `{CONFIG_NAME}` holds the network's and the SDE's arguments.
@@ -201,20 +202,26 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     return config
 
 
-def build(config: dict[str, Any]) -> tuple[nn.Module, SDE]:
-    """The network and the SDE of a config's class_path/init_args, with fresh weights."""
+def _loss_name(loss: Any) -> str:
+    return loss.get("class_path", "?") if isinstance(loss, dict) else str(loss)
+
+
+def build(config: dict[str, Any]) -> tuple[nn.Module, SDE, Loss]:
+    """The network, the SDE and the loss of a config's class_path/init_args, with fresh weights."""
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--net", type=nn.Module)
     parser.add_argument("--sde", type=SDE)
+    parser.add_argument("--loss", type=Loss)
     try:
-        parsed = parser.parse_object({"net": config["net"], "sde": config["sde"]})
+        loss = loss_config(config.get("loss"))
+        parsed = parser.parse_object({"net": config["net"], "sde": config["sde"], "loss": loss})
         built = parser.instantiate(parsed)
     except Exception as err:  # noqa: BLE001 - jsonargparse's message, in one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PretrainedError(f"cannot build the network and SDE of {CONFIG_NAME}: {first}")
-    return built.net, built.sde
+        raise PretrainedError(f"cannot build the network, SDE and loss of {CONFIG_NAME}: {first}")
+    return built.net, built.sde, built.loss
 
 
 def check_state(net: nn.Module, state: dict[str, Tensor], source: str) -> None:
@@ -248,16 +255,20 @@ def load_pretrained(folder: str | Path) -> Pretrained:
     """The network (with its exported weights), SDE, loss and config of an export folder."""
     config = read_config(folder)
     state = load_weights(folder)
-    net, sde = build(config)
+    net, sde, loss = build(config)
     check_state(net, state, str(Path(folder) / WEIGHTS_NAME))
     net.load_state_dict(state, strict=True)
-    return Pretrained(net=net, sde=sde, loss=config.get("loss", "dsm"), config=config)
+    return Pretrained(net=net, sde=sde, loss=loss, config=config)
 
 
 def model_options(folder: str | Path) -> dict[str, Any]:
     """The model options an export fixes (network, SDE, loss), as ``--ckpt_path`` takes them from a checkpoint."""
     config = read_config(folder)
-    return {"net": config["net"], "sde": config["sde"], "loss": config.get("loss", "dsm")}
+    try:
+        loss = loss_config(config.get("loss"))
+    except ValueError as err:
+        raise PretrainedError(f"{Path(folder) / CONFIG_NAME}: {err}")
+    return {"net": config["net"], "sde": config["sde"], "loss": loss}
 
 
 # -- command line ---------------------------------------------------------------------------------------------------

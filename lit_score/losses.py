@@ -1,11 +1,17 @@
-"""Denoising score-matching objectives: continuous (Song et al. 2021, eq. 7) and the discrete SMLD / DDPM ones."""
+"""Denoising score-matching objectives: continuous (Song et al. 2021, eq. 7), the discrete SMLD / DDPM ones and
+EDM's (Karras et al. 2022), as functions and as the ``Loss`` objects a YAML names by class_path."""
 from __future__ import annotations
 
-from typing import Callable
+import abc
+from typing import Any, Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from lit_score.preconditioning import (EDMPrecond, Preconditioning, edm_weighting, lognormal_sigma,
+                                       preconditioned_denoiser, score_from_denoiser)
+from lit_score.registry import Registry
+from lit_score.score import get_score_fn
 from lit_score.sdes import SDE, VESDE, VPSDE, ScoreFn, _bcast
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
@@ -75,3 +81,155 @@ def ddpm_loss(model_fn: ModelFn, sde: VPSDE, x: Tensor, reduce_mean: bool = True
     noise = _randn(x, generator)
     out = model_fn(_bcast(a, x) * x + _bcast(s, x) * noise, idx.to(x.dtype))
     return _reduce(torch.square(out - noise), reduce_mean).mean()
+
+
+def edm_loss(D: Callable[[Tensor, Tensor], Tensor], x: Tensor, P_mean: float = -1.2, P_std: float = 1.2,
+             sigma_data: float = 0.5, reduce_mean: bool = True, generator: torch.Generator | None = None) -> Tensor:
+    """E_sigma,n[lambda(sigma) |D(x + sigma n; sigma) - x|^2] with ln sigma ~ N(P_mean, P_std^2) and
+    lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (Karras et al. 2022, eq. 2 and Table 1)."""
+    sigma = lognormal_sigma(x.shape[0], P_mean, P_std, x, generator)
+    n = _randn(x, generator)
+    out = D(x + _bcast(sigma, x) * n, sigma)
+    return (_reduce(torch.square(out - x), reduce_mean) * edm_weighting(sigma, sigma_data)).mean()
+
+
+LOSSES: Registry[type["Loss"]] = Registry("loss")
+
+
+class Loss(abc.ABC):
+    """A training objective together with the parametrisation it trains: how the network's output is the score.
+
+    ``ScoreModel`` calls ``loss(net, sde, x)`` to train and ``loss.score_fn(net, sde)`` to sample and to measure
+    likelihoods, so a model trained with any loss exposes the score s(x, t) every sampler uses.
+    """
+
+    def __init__(self, reduce_mean: bool = True) -> None:
+        self.reduce_mean = bool(reduce_mean)
+
+    def check(self, net: nn.Module, sde: SDE) -> None:
+        """Raise when the loss cannot train ``net`` under ``sde``."""
+
+    def score_fn(self, net: nn.Module, sde: SDE) -> ScoreFn:
+        """s_theta(x, t) of the network this loss trains (default: the SDE's own parametrisation)."""
+        return get_score_fn(sde, net)
+
+    @abc.abstractmethod
+    def __call__(self, net: nn.Module, sde: SDE, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The batch's mean loss."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+@LOSSES.register("dsm")
+class DSMLoss(Loss):
+    """Continuous denoising score matching, t ~ U(eps, T) (Song et al. 2021, eq. 7).
+
+    Args:
+        eps: smallest time sampled.
+        reduce_mean: average over the data dimensions (else half-sum them, as the official code).
+        likelihood_weighting: weight by g(t)^2 instead of std(t)^2.
+        precond: parametrise the network through a preconditioning (``lit_score.preconditioning``); default: the
+            SDE's own (score_sde's: noise prediction for VP-type SDEs, the score itself for VE).
+    """
+
+    def __init__(self, eps: float = 1e-5, reduce_mean: bool = True, likelihood_weighting: bool = False,
+                 precond: Preconditioning | None = None) -> None:
+        super().__init__(reduce_mean)
+        if not 0 <= eps < 1:
+            raise ValueError(f"DSMLoss eps must be in [0, 1), got {eps}")
+        self.eps, self.likelihood_weighting, self.precond = float(eps), bool(likelihood_weighting), precond
+
+    def score_fn(self, net: nn.Module, sde: SDE) -> ScoreFn:
+        if self.precond is None:
+            return get_score_fn(sde, net)
+        return score_from_denoiser(preconditioned_denoiser(net, self.precond), sde)
+
+    def __call__(self, net, sde, x, generator=None):
+        return dsm_loss(self.score_fn(net, sde), sde, x, self.eps, self.reduce_mean, self.likelihood_weighting,
+                        generator)
+
+
+class _DiscreteLoss(Loss):
+    sde_type: type[SDE] = SDE
+
+    def check(self, net: nn.Module, sde: SDE) -> None:
+        if not isinstance(sde, self.sde_type):
+            raise TypeError(f"{type(self).__name__} needs a {self.sde_type.__name__}, got {type(sde).__name__}; "
+                            f"use lit_score.losses.DSMLoss for other SDEs")
+
+    def score_fn(self, net: nn.Module, sde: SDE) -> ScoreFn:
+        return get_score_fn(sde, net, discrete=True)
+
+
+@LOSSES.register("smld")
+class SMLDLoss(_DiscreteLoss):
+    """The discrete NCSN objective over a VE SDE's N geometric noise levels (Song & Ermon 2019, eq. 5-6)."""
+    sde_type = VESDE
+
+    def __init__(self, reduce_mean: bool = False) -> None:
+        super().__init__(reduce_mean)
+
+    def __call__(self, net, sde, x, generator=None):
+        return smld_loss(net, sde, x, self.reduce_mean, generator)
+
+
+@LOSSES.register("ddpm")
+class DDPMLoss(_DiscreteLoss):
+    """The discrete DDPM noise-prediction objective over a VP SDE's N steps (Ho et al. 2020, eq. 14)."""
+    sde_type = VPSDE
+
+    def __call__(self, net, sde, x, generator=None):
+        return ddpm_loss(net, sde, x, self.reduce_mean, generator)
+
+
+@LOSSES.register("edm")
+class EDMLoss(Loss):
+    """EDM's objective: ln sigma ~ N(P_mean, P_std^2), weight (sigma^2 + sigma_data^2) / (sigma sigma_data)^2, on the
+    preconditioned denoiser (Karras et al. 2022, section 5, Table 1). The SDE plays no part in training; it gives
+    the samplers their time variable, prior and sigma range (EDM's: ``VESDE`` with sigma 0.002 to 80).
+
+    Args:
+        P_mean, P_std: the log-normal distribution of training noise levels.
+        sigma_data: the data's standard deviation (0.5 for images in [-1, 1]).
+        reduce_mean: average over the data dimensions (else half-sum them).
+        precond: default ``EDMPrecond(sigma_data)``; ``VPPrecond`` / ``VEPrecond`` for EDM's ablations.
+    """
+
+    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5, reduce_mean: bool = True,
+                 precond: Preconditioning | None = None) -> None:
+        super().__init__(reduce_mean)
+        if P_std <= 0 or sigma_data <= 0:
+            raise ValueError(f"EDMLoss needs P_std > 0 and sigma_data > 0, got {P_std}, {sigma_data}")
+        self.P_mean, self.P_std, self.sigma_data = float(P_mean), float(P_std), float(sigma_data)
+        self.precond = precond if precond is not None else EDMPrecond(sigma_data)
+
+    def denoiser(self, net: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+        return preconditioned_denoiser(net, self.precond)
+
+    def check(self, net: nn.Module, sde: SDE) -> None:
+        preconditioned_denoiser(net, self.precond)
+
+    def score_fn(self, net: nn.Module, sde: SDE) -> ScoreFn:
+        return score_from_denoiser(self.denoiser(net), sde)
+
+    def __call__(self, net, sde, x, generator=None):
+        return edm_loss(self.denoiser(net), x, self.P_mean, self.P_std, self.sigma_data, self.reduce_mean, generator)
+
+
+def loss_config(loss: Any, hparams: dict[str, Any] | None = None) -> Any:
+    """A loss as class_path/init_args. Checkpoints and exports from before losses were objects name it by string
+    (``dsm``, ``smld``, ``ddpm``) with its options beside it in ``hparams`` (reduce_mean, eps, likelihood_weighting);
+    anything else is returned unchanged."""
+    if loss is None:
+        loss = "dsm"
+    if not isinstance(loss, str):
+        return loss
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; known: {', '.join(LOSSES.names())} (or a class_path)")
+    cls = LOSSES[loss]
+    hparams = hparams or {}
+    keys = ("eps", "reduce_mean", "likelihood_weighting") if cls is DSMLoss else ("reduce_mean",)
+    init_args = {k: hparams[k] for k in keys if k in hparams}
+    return {"class_path": f"{cls.__module__}.{cls.__name__}", "init_args": init_args}

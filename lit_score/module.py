@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import warnings
-from typing import Literal
 
 import lightning as L
 import torch
@@ -12,25 +11,20 @@ from torch.utils.data import DistributedSampler, SequentialSampler
 from lit_score.data_space import DataSpace
 from lit_score.distributed import gather_to_all
 from lit_score.likelihood import Likelihood
-from lit_score.losses import ddpm_loss, dsm_loss, smld_loss
+from lit_score.losses import DSMLoss, Loss
 from lit_score.sampling.base import SampleResult, Sampler
-from lit_score.score import get_score_fn
 from lit_score.sdes import SDE, ScoreFn
-
-LossName = Literal["dsm", "smld", "ddpm"]
 
 
 class ScoreModel(L.LightningModule):
-    """Trains ``net`` with denoising score matching under ``sde``.
+    """Trains ``net`` with a denoising score-matching ``loss`` under ``sde``.
 
     Args:
         net: noise-conditional network, ``net(x, noise_label)``; its data shape comes from the DataModule.
         sde: forward SDE (VESDE, VPSDE, subVPSDE or a subclass of ``lit_score.sdes.SDE``).
-        loss: ``dsm`` (continuous, Song et al. 2021), ``smld`` (discrete NCSN, needs a VESDE) or
-            ``ddpm`` (discrete, needs a VPSDE).
-        reduce_mean: average the per-sample loss over dimensions instead of half-summing it.
-        likelihood_weighting: weight the continuous loss by g(t)^2.
-        eps: smallest time sampled by the continuous loss.
+        loss: the objective and the parametrisation it trains (``lit_score.losses``): ``DSMLoss`` (continuous,
+            Song et al. 2021; the default), ``SMLDLoss`` (discrete NCSN, needs a VESDE), ``DDPMLoss`` (discrete,
+            needs a VPSDE) or ``EDMLoss`` (Karras et al. 2022, preconditioned).
         lr, betas, adam_eps, weight_decay: Adam settings.
         warmup: steps of linear learning-rate warm-up.
         channels_last: keep images and the network in channels-last memory format.
@@ -42,19 +36,21 @@ class ScoreModel(L.LightningModule):
             inferred from the network (its ``data_shape`` and ``centered``; 8-bit levels for images).
     """
 
-    def __init__(self, net: nn.Module, sde: SDE, loss: LossName = "dsm", reduce_mean: bool = True,
-                 likelihood_weighting: bool = False, eps: float = 1e-5, lr: float = 2e-4,
+    def __init__(self, net: nn.Module, sde: SDE, loss: Loss | None = None, lr: float = 2e-4,
                  betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8, weight_decay: float = 0.0,
                  warmup: int = 5000, channels_last: bool = False, compile: bool = False,
                  sampler: Sampler | None = None, likelihood: Likelihood | None = None,
                  data_space: DataSpace | dict | None = None) -> None:
         super().__init__()
-        if loss not in ("dsm", "smld", "ddpm"):
-            raise ValueError(f"unknown loss {loss!r}; known: dsm, smld, ddpm")
+        if isinstance(loss, str):
+            raise TypeError(f"loss is an object now, not a name: instead of {loss!r} give e.g. "
+                            "lit_score.losses.DSMLoss() (in a YAML: loss: {class_path: lit_score.losses.DSMLoss})")
+        loss = DSMLoss() if loss is None else loss
+        loss.check(net, sde)
         with warnings.catch_warnings():  # `lit-score` saves the network's config here, so checkpoints reload alone
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
             self.save_hyperparameters(ignore=["data_space"])
-        self.net, self.sde, self.sampler = net, sde, sampler
+        self.net, self.sde, self.sampler, self.loss = net, sde, sampler, loss
         self.likelihood = likelihood or Likelihood()
         self._data_space = data_space_from(data_space, net)
         self.hparams["data_space"] = self._data_space and self._data_space.to_dict()  # plain: weights_only loads
@@ -74,7 +70,7 @@ class ScoreModel(L.LightningModule):
     @property
     def score_fn(self) -> ScoreFn:
         """s_theta(x, t) with the network's current weights."""
-        return get_score_fn(self.sde, self.net, discrete=self.hparams.loss != "dsm")
+        return self.loss.score_fn(self.net, self.sde)
 
     @property
     def data_space(self) -> DataSpace:
@@ -160,12 +156,7 @@ class ScoreModel(L.LightningModule):
         return x
 
     def compute_loss(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        hp = self.hparams
-        if hp.loss == "smld":
-            return smld_loss(self.net, self.sde, x, hp.reduce_mean, generator)
-        if hp.loss == "ddpm":
-            return ddpm_loss(self.net, self.sde, x, hp.reduce_mean, generator)
-        return dsm_loss(self.score_fn, self.sde, x, hp.eps, hp.reduce_mean, hp.likelihood_weighting, generator)
+        return self.loss(self.net, self.sde, x, generator)
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         loss = self.compute_loss(self._prepare(batch))

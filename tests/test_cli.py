@@ -96,3 +96,35 @@ def test_missing_config_file_is_named(capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli(["fit", "--config", "experiments/does_not_exist.yaml"])
     assert "does_not_exist.yaml" in str(exit_info.value.code)
+
+
+@pytest.mark.parametrize("experiment", ["edm_cifar10_ddpmpp", "edm_cifar10_ncsnpp", "quickstart_edm"])
+def test_edm_experiments_build_with_edm_settings(experiment, tmp_path):
+    """EDM's experiments build with its objective and CIFAR-10 settings (NVlabs edm train.py: batch 512, lr 1e-3 over a
+    10 Mimg ramp-up, dropout 0.13, EMA half-life 500 kimg, 200 Mimg, Heun with 18 levels), and score a batch."""
+    import torch
+
+    from callbacks.ema import EMA
+    from lit_score.losses import EDMLoss
+    from lit_score.preconditioning import EDMPrecond
+    from lit_score.sampling import EDMSampler
+
+    cli = instantiate(ROOT / "experiments" / f"{experiment}.yaml", tmp_path)
+    model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    loss = model.loss
+    assert type(loss) is EDMLoss and type(loss.precond) is EDMPrecond and loss.precond.sigma_data == 0.5
+    assert (loss.P_mean, loss.P_std, loss.sigma_data) == (-1.2, 1.2, 0.5)
+    assert isinstance(model.sampler, EDMSampler) and model.sampler.steps == 18 and model.sampler.S_churn == 0
+    assert (model.sde.sigma_min, model.sde.sigma_max) == (0.002, 80.0)
+    assert not getattr(model.net, "scale_by_sigma", False)
+    if experiment.startswith("edm_cifar10"):
+        ema = next(cb for cb in trainer.callbacks if isinstance(cb, EMA))
+        assert (ema.halflife_kimg, ema.rampup_ratio) == (500, 0.05)
+        assert data.batch_size == 512 and trainer.max_steps * 512 >= 200_000_000 > (trainer.max_steps - 1) * 512
+        assert model.hparams.lr == 1e-3 and model.hparams.warmup * 512 == pytest.approx(10_000_000, rel=1e-4)
+        assert trainer.gradient_clip_val is None and model.net.data_shape == (3, 32, 32)
+        assert all(m.p == 0.13 for m in model.net.modules() if isinstance(m, torch.nn.Dropout))
+        print(f"{experiment}: {sum(p.numel() for p in model.net.parameters()):,} parameters")
+    x = torch.zeros(1, *model.net.data_shape)
+    with torch.no_grad():
+        assert model.score_fn(x, torch.tensor([0.5])).shape == x.shape

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lit_score.export import PretrainedError, export_checkpoint, export_main, load_pretrained
+from lit_score.losses import DSMLoss
 from lit_score.module import ScoreModel
 from lit_score.networks import DDPMpp
 from test_predict import LIT_SCORE, ROOT, SAMPLERS, TINY, predict, run
@@ -51,13 +52,13 @@ def test_export_rebuilds_the_ema_network_without_yaml(checkpoint, exported, one_
     from those with its raw weights. config.json says what ran (EMA rate and updates, step, experiment)."""
     ckpt = torch.load(checkpoint, weights_only=True)
     model = ScoreModel.from_pretrained(str(exported))
-    assert type(model.net) is DDPMpp and type(model.sde).__name__ == "VPSDE" and model.hparams.loss == "dsm"
+    assert type(model.net) is DDPMpp and type(model.sde).__name__ == "VPSDE" and type(model.loss) is DSMLoss
     assert model.sde.beta_1 == pytest.approx(20.0) and model.sde.N == 1000
     ours = outputs(model.net)
     torch.testing.assert_close(ours, outputs(net_with(ckpt["ema_state_dict"])), rtol=0, atol=0)
     assert (ours - outputs(net_with(ckpt["state_dict"]))).abs().max() > 1e-4
     config = json.loads((exported / "config.json").read_text())
-    assert config["weights"] == "ema" and config["global_step"] == 2 and config["loss"] == "dsm"
+    assert config["weights"] == "ema" and config["global_step"] == 2 and config["loss"]["class_path"] == "lit_score.losses.DSMLoss"
     assert config["ema"]["rate"] == 0.999 and config["ema"]["num_updates"] == 2
     assert config["data"] == {"num_channels": 1, "image_size": 8, "centered": True}
     assert config["experiment"]["name"] == "quickstart" and (exported / "experiment.yaml").is_file()

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import lit_score.sampling.pc as pc
+from lit_score.losses import DDPMLoss, DSMLoss, SMLDLoss
 from lit_score.module import ScoreModel
 from lit_score.sampling import PCSampler, default_sampler
 from lit_score.sdes import VESDE, VPSDE, subVPSDE
@@ -88,7 +89,7 @@ def test_ddpm_trained_score_uses_the_discrete_std():
     of the DDPM marginal at step i, which needs std sqrt(1 - ab_i), not the continuous std (20% off at i = 1)."""
     sde = VPSDE(0.1, 20.0, N=N)
     net = LabelNet(sde, 0.5)
-    model = ScoreModel(net, sde, loss="ddpm")
+    model = ScoreModel(net, sde, loss=DDPMLoss())
     i = torch.tensor([1, 10, 500, 998])
     t = (i.double() + 0.25) / (N - 1)
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -102,7 +103,7 @@ def test_continuous_vp_label_is_999_t():
     for sde in (VPSDE(N=100), subVPSDE(N=100)):
         net = LabelNet(VPSDE(N=1000), 0.5)
         t = torch.tensor([0.25, 1.0], dtype=torch.float64)
-        ScoreModel(net, sde, loss="dsm").score_fn(torch.zeros(2, 3, dtype=torch.float64), t)
+        ScoreModel(net, sde, loss=DSMLoss()).score_fn(torch.zeros(2, 3, dtype=torch.float64), t)
         torch.testing.assert_close(net.labels[-1], 999 * t)
 
 
@@ -118,7 +119,7 @@ class SigmaNet(nn.Module):
         return torch.zeros_like(x)
 
 
-@pytest.mark.parametrize("loss", ["smld", "dsm"])
+@pytest.mark.parametrize("loss", [SMLDLoss(), DSMLoss()], ids=["smld", "dsm"])
 def test_smld_trained_network_sees_the_discrete_sigmas(loss):
     """Property: an SMLD-loss model (trained on the N discrete sigmas) is conditioned on the discrete sigma of level
     round((1 - t)(N - 1)) counted from sigma_max down, as the official discrete VE score (continuous=False); a
@@ -126,7 +127,7 @@ def test_smld_trained_network_sees_the_discrete_sigmas(loss):
     net = SigmaNet()
     t = torch.tensor([1.0, 0.5004, 0.3, 1e-5], dtype=torch.float64)
     ScoreModel(net, VESDE(0.01, 50.0, N=N), loss=loss).score_fn(torch.zeros(4, 2, dtype=torch.float64), t)
-    if loss == "smld":
+    if isinstance(loss, SMLDLoss):
         expected = _smld_sigmas(0.01, 50.0, N)[::-1][np.round((1 - t.numpy()) * (N - 1)).astype(int)]
     else:
         expected = 0.01 * 5000.0 ** t.numpy()
