@@ -17,7 +17,8 @@ SAMPLERS: Registry[type["Sampler"]] = Registry("sampler")
 @dataclass
 class SampleResult:
     samples: Tensor  # (B, *shape)
-    nfe: int  # score-network evaluations per image
+    nfe: int  # score-network evaluations per image (the largest, where images differ)
+    nfe_mean: float | None = None  # the mean over images, where images differ (adaptive solvers)
 
 
 _MASK32 = 0xFFFFFFFF
