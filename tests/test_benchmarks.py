@@ -72,3 +72,24 @@ def test_sampler_benchmark_quick_prints_every_solver_and_the_costs():
     assert "one seeded noise draw" in proc.stdout and "% of it" in proc.stdout
     cost_rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and line.rstrip().endswith("% |")]
     assert len(cost_rows) == len(SOLVERS)
+
+
+def test_data_benchmark_rows_give_served_over_consumed():
+    """Every source, the cached uint8 one included, with the ratio to a given step time's consumption."""
+    from benchmarks.data import data_rows, format_rows
+
+    rows = data_rows(num_images=64, batch_size=16, num_workers=0, step_ms=100.0)
+    assert [r["source"] for r in rows][-1] == "cached uint8, augmented on cpu" and len(rows) == 3
+    for r in rows:
+        assert r["consumed"] == 160.0 and r["delivered"] > 0 and r["ratio"] == r["delivered"] / 160.0
+    assert "served / consumed" in format_rows(rows)
+
+
+def test_ode_nfe_benchmark_rows():
+    """Shared step at scipy's NFE, per-image max and mean reported, for VP and VE."""
+    from benchmarks.ode_nfe import ode_rows
+
+    rows = ode_rows(dim=8, batch=8, tol=1e-4)
+    assert [r["sde"] for r in rows] == ["VP", "VE"]
+    for r in rows:
+        assert r["shared"] == r["official"] and r["image_max"] >= r["image_mean"] > 0
