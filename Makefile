@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup quickstart test test-slow bench clean
+.PHONY: setup quickstart test test-slow bench bench-gpu bench-gpu-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
+
+# The GPU suite (at most 8 minutes on one GPU), and the same code on tiny sizes on CPU (about a minute; CI).
+bench-gpu: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu --json gpu_benchmark.json
+
+bench-gpu-quick: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.gpu --device cpu --quick --json gpu_benchmark_quick.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

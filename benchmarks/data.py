@@ -3,7 +3,9 @@
 Writes a synthetic CIFAR-10-sized dataset (32x32 RGB PNGs) as an image folder and as a ``save_to_disk`` Arrow
 dataset, measures the images/s ``ImageDataModule``'s training DataLoader delivers from each (decoding, flips and
 scaling in worker processes), and the images/s the default NCSN++ (the CIFAR-10 NCSN++ cont. network) consumes
-in a training step (forward + backward of the VE SDE denoising score-matching loss) on this machine's CPU.
+in a training step (forward + backward of the VE SDE denoising score-matching loss) on this machine's CPU, or the
+images/s a step of ``--step_ms`` milliseconds consumes (e.g. a GPU's). ``CachedImageDataModule`` (uint8 tensor, indices
+from the DataLoader, flips and scaling on the device) is measured beside the worker pipeline.
 """
 from __future__ import annotations
 
@@ -36,20 +38,32 @@ def write_arrow(folder: Path, target: Path) -> Path:
     return target
 
 
-def delivered_images_per_second(path: Path, batch_size: int, num_workers: int, epochs: int = 2) -> float:
-    """Images/s of the training DataLoader over ``epochs`` epochs after a warm-up epoch (worker start-up)."""
-    from data_modules import ImageDataModule
+def delivered_images_per_second(path: Path, batch_size: int, num_workers: int, epochs: int = 2,
+                                cached: bool = False, device: str = "cpu") -> float:
+    """Images/s of the training DataLoader over ``epochs`` epochs after a warm-up epoch (worker start-up); with
+    ``cached``, of CachedImageDataModule, its batches augmented on ``device`` as a Trainer would."""
+    from data_modules import CachedImageDataModule, ImageDataModule
 
-    datamodule = ImageDataModule(path=str(path), batch_size=batch_size, num_workers=num_workers, val_size=0,
-                                 random_flip=True, centered=True)
+    kind = CachedImageDataModule if cached else ImageDataModule
+    datamodule = kind(path=str(path), batch_size=batch_size, num_workers=num_workers, val_size=0,
+                      random_flip=True, centered=True, **({"cache": False} if cached else {}))
     datamodule.setup("fit")
     loader = datamodule.train_dataloader()
-    for _ in loader:
-        pass
-    count, start = 0, time.perf_counter()
-    for _ in range(epochs):
+
+    def epoch(index: int) -> int:
+        count = 0
         for batch in loader:
+            if cached:
+                batch = datamodule.serve(batch.to(device, non_blocking=True), index)
             count += len(batch)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return count
+
+    epoch(0)
+    count, start = 0, time.perf_counter()
+    for e in range(epochs):
+        count += epoch(e + 1)
     return count / (time.perf_counter() - start)
 
 
@@ -82,21 +96,44 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--train_batch_size", type=int, default=8, help="batch of the timed NCSN++ step")
     parser.add_argument("--train_steps", type=int, default=2)
+    parser.add_argument("--step_ms", type=float, default=None,
+                        help="consumption = batch_size images per step of this many ms (e.g. a GPU step; default: "
+                             "measure the NCSN++ step here)")
+    parser.add_argument("--device", default="cpu", help="where CachedImageDataModule augments")
     args = parser.parse_args(argv)
+    print(format_rows(data_rows(args.num_images, args.batch_size, args.num_workers, args.train_batch_size,
+                                args.train_steps, args.step_ms, args.device)))
+
+
+def data_rows(num_images: int = 4096, batch_size: int = 128, num_workers: int = 2, train_batch_size: int = 8,
+              train_steps: int = 2, step_ms: float | None = None, device: str = "cpu") -> list[dict]:
+    """Delivered images/s of each source, the images/s a step consumes, and their ratio."""
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_png_folder(Path(tmp) / "png", args.num_images)
+        folder = write_png_folder(Path(tmp) / "png", num_images)
         arrow = write_arrow(folder, Path(tmp) / "arrow")
         delivered = {
-            "PNG folder": delivered_images_per_second(folder, args.batch_size, args.num_workers),
-            "Arrow (save_to_disk)": delivered_images_per_second(arrow, args.batch_size, args.num_workers),
+            "PNG folder, workers": delivered_images_per_second(folder, batch_size, num_workers),
+            "Arrow (save_to_disk), workers": delivered_images_per_second(arrow, batch_size, num_workers),
+            f"cached uint8, augmented on {device}": delivered_images_per_second(arrow, batch_size, num_workers,
+                                                                              cached=True, device=device),
         }
-    consumed = consumed_images_per_second(args.train_batch_size, args.train_steps)
-    print(f"\n{args.num_images} images 32x32 RGB, DataLoader batch {args.batch_size}, {args.num_workers} workers; "
-          f"NCSN++ step batch {args.train_batch_size}, {torch.get_num_threads()} threads, CPU")
-    print(f"{'source':<22}{'delivered img/s':>17}{'consumed img/s':>16}{'ratio':>9}")
-    for name, rate in delivered.items():
-        print(f"{name:<22}{rate:>17.0f}{consumed:>16.1f}{rate / consumed:>8.0f}x")
+    if step_ms is None:
+        consumed, step = consumed_images_per_second(train_batch_size, train_steps), "NCSN++ step on this CPU"
+    else:
+        consumed, step = batch_size / (step_ms / 1e3), f"{batch_size} images per {step_ms:g} ms step"
+    return [{"source": name, "delivered": rate, "consumed": consumed, "ratio": rate / consumed, "step": step,
+             "num_images": num_images, "batch_size": batch_size, "num_workers": num_workers,
+             "threads": torch.get_num_threads()} for name, rate in delivered.items()]
+
+
+def format_rows(rows: list[dict]) -> str:
+    r0 = rows[0]
+    lines = [f"{r0['num_images']} images 32x32 RGB, DataLoader batch {r0['batch_size']}, {r0['num_workers']} workers, "
+             f"{r0['threads']} threads; consumption: {r0['step']}",
+             "| source | delivered img/s | consumed img/s | served / consumed |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['source']} | {r['delivered']:.0f} | {r['consumed']:.1f} | {r['ratio']:.1f}x |" for r in rows]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

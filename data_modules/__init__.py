@@ -3,16 +3,18 @@
 - ``ImageDataModule``: any image dataset (presets cifar10, celeba64, celebahq256, ffhq256, lsun_bedroom,
   lsun_church; ``huggingface`` for hub ids, image folders and save_to_disk directories; the embedded ``digits``;
   third-party plugins by entry point or dotted path), batches (B, C, H, W).
+- ``CachedImageDataModule``: the same for small datasets, decoded once to a uint8 tensor and augmented on the device.
 - ``DigitsDataModule``: the quickstart's embedded digits, upsampled on tensors.
 - ``Toy2DDataModule``: the embedded 2-D toy densities (``TOY_DENSITIES``), batches (B, 2).
 """
 from data_modules import presets
 from data_modules.base import ScoreDataModule
+from data_modules.cached import CachedImageDataModule
 from data_modules.digits import DigitsDataModule
 from data_modules.image import ImageDataModule
 from data_modules.plugins import DATASETS, DatasetPlugin, SourceOptions, get_plugin
 from data_modules.toy2d import Toy2DDataModule
 from lit_score.densities import TOY_DENSITIES
 
-__all__ = ["DATASETS", "TOY_DENSITIES", "DatasetPlugin", "DigitsDataModule", "ImageDataModule", "ScoreDataModule",
+__all__ = ["CachedImageDataModule", "DATASETS", "TOY_DENSITIES", "DatasetPlugin", "DigitsDataModule", "ImageDataModule", "ScoreDataModule",
            "SourceOptions", "Toy2DDataModule", "get_plugin", "presets"]

@@ -21,6 +21,7 @@ from lit_score.module import ScoreModel
 from lit_score.preemption import Preemption
 from lit_score.resume import RandomState, resume_args
 from lit_score.slurm import SlurmAllocationError, check_allocation, submit_main
+from lit_score.threads import configure_threads, pop_threads_arg
 
 
 class ScoreCLI(LightningCLI):
@@ -191,7 +192,13 @@ def run_cli(argv: list[str] | None = None) -> ScoreCLI:
 
 def main() -> None:
     """Console script ``lit-score``: exits 2 on a bad checkpoint or allocation (not worth a retry), and with
-    128 + the signal number after a signal stopped the run."""
+    128 + the signal number after a signal stopped the run. ``--threads N`` anywhere sets the CPU threads
+    (default: the CPUs the process may use, see lit_score.threads)."""
+    try:
+        sys.argv[1:], threads = pop_threads_arg(sys.argv[1:])
+    except ValueError as err:
+        sys.exit(f"lit-score: error: {err}")
+    configure_threads(threads)
     if sys.argv[1:2] == ["submit"]:
         sys.exit(submit_main(sys.argv[2:]))
     if sys.argv[1:2] == ["export"]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import copy
 import math
+import weakref
 from typing import Callable
 
 import torch
@@ -19,6 +20,24 @@ ScoreFn = Callable[[Tensor, Tensor], Tensor]
 def _bcast(v: Tensor, x: Tensor) -> Tensor:
     """Reshape a per-sample vector (B,) so it broadcasts against x (B, ...)."""
     return v.reshape(v.shape + (1,) * (x.dim() - v.dim()))
+
+
+_TABLE_COPIES: dict[int, dict] = {}  # id(table) -> {(device, dtype): copy}, dropped with the table
+
+
+def table_on(table: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """``table.to(device, dtype)``, copied once per (table, device, dtype): a discretisation table indexed at
+    every sampling step costs no host-to-device copy (a synchronisation on CUDA) after the first."""
+    dtype = table.dtype if dtype is None else dtype
+    if table.device == torch.device(device) and table.dtype == dtype:
+        return table
+    if id(table) not in _TABLE_COPIES:
+        _TABLE_COPIES[id(table)] = {}
+        weakref.finalize(table, _TABLE_COPIES.pop, id(table), None)
+    copies, key = _TABLE_COPIES[id(table)], (str(device), dtype)
+    if key not in copies:
+        copies[key] = table.to(device, dtype)
+    return copies[key]
 
 
 class SDE(abc.ABC):
@@ -159,7 +178,7 @@ class VESDE(SDE):
 
     def adjacent_sigma(self, i: Tensor) -> Tensor:
         """sigma_{i-1} of the SMLD levels, with sigma_{-1} = 0 (Song et al. 2021, eq. 45)."""
-        sigmas = self.discrete_sigmas.to(i.device)
+        sigmas = table_on(self.discrete_sigmas, i.device)
         return torch.where(i == 0, torch.zeros_like(sigmas[i]), sigmas[(i - 1).clamp(min=0)])
 
     @property
@@ -198,7 +217,7 @@ class VESDE(SDE):
     def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """SMLD discretisation: x_i = x_{i-1} + sqrt(sigma_i^2 - sigma_{i-1}^2) z (Song et al. 2021, eq. 45)."""
         i = self.timestep(t)
-        sigma, adjacent = self.discrete_sigmas.to(t.device)[i], self.adjacent_sigma(i)
+        sigma, adjacent = table_on(self.discrete_sigmas, t.device)[i], self.adjacent_sigma(i)
         return torch.zeros_like(x), torch.sqrt(sigma**2 - adjacent**2)
 
     def noise_label(self, t: Tensor, discrete: bool = False) -> Tensor:
@@ -207,7 +226,7 @@ class VESDE(SDE):
         if not discrete:
             return self.sigma(t)
         level = torch.round((self.T - t) * (self.N - 1) / self.T).long()
-        return self.discrete_sigmas.to(t.device, t.dtype)[self.N - 1 - level]
+        return table_on(self.discrete_sigmas, t.device, t.dtype)[self.N - 1 - level]
 
     def score_from_output(self, output: Tensor, t: Tensor, discrete: bool = False) -> Tensor:
         return output
@@ -286,14 +305,14 @@ class VPSDE(_VPFamily):
         """-eps / std with std(t), or sqrt(1 - alpha_bar_i) at the step index i for DDPM-trained networks."""
         if not discrete:
             return super().score_from_output(output, t)
-        std = self.sqrt_1m_alphas_cumprod.to(t.device, output.dtype)[self.timestep(t)]
+        std = table_on(self.sqrt_1m_alphas_cumprod, t.device, output.dtype)[self.timestep(t)]
         return -output / _bcast(std, output)
 
     def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """DDPM discretisation: x_i = sqrt(1 - beta_i) x_{i-1} + sqrt(beta_i) z (Song et al. 2021, eq. 46)."""
         i = self.timestep(t)
-        beta = self.discrete_betas.to(t.device)[i]
-        alpha = self.alphas.to(t.device)[i]
+        beta = table_on(self.discrete_betas, t.device)[i]
+        alpha = table_on(self.alphas, t.device)[i]
         return _bcast(torch.sqrt(alpha), x) * x - x, torch.sqrt(beta)
 
 

@@ -72,3 +72,54 @@ def test_sampler_benchmark_quick_prints_every_solver_and_the_costs():
     assert "one seeded noise draw" in proc.stdout and "% of it" in proc.stdout
     cost_rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and line.rstrip().endswith("% |")]
     assert len(cost_rows) == len(SOLVERS)
+
+
+def test_data_benchmark_rows_give_served_over_consumed():
+    """Every source, the cached uint8 one included, with the ratio to a given step time's consumption."""
+    from benchmarks.data import data_rows, format_rows
+
+    rows = data_rows(num_images=64, batch_size=16, num_workers=0, step_ms=100.0)
+    assert [r["source"] for r in rows][-1] == "cached uint8, augmented on cpu" and len(rows) == 3
+    for r in rows:
+        assert r["consumed"] == 160.0 and r["delivered"] > 0 and r["ratio"] == r["delivered"] / 160.0
+    assert "served / consumed" in format_rows(rows)
+
+
+def test_ode_nfe_benchmark_rows():
+    """Shared step at scipy's NFE, per-image max and mean reported, for VP and VE."""
+    from benchmarks.ode_nfe import ode_rows
+
+    rows = ode_rows(dim=8, batch=8, tol=1e-4)
+    assert [r["sde"] for r in rows] == ["VP", "VE"]
+    for r in rows:
+        assert r["shared"] == r["official"] and r["image_max"] >= r["image_mean"] > 0
+
+
+def test_gpu_suite_sections_run_on_cpu():
+    """Each section of `python -m benchmarks.gpu` (tiny sizes, CPU): the rows it reports, with what ran (NFE, steps,
+    the networks and settings), and a failing section recorded as an error that fails the run."""
+    from benchmarks import gpu
+
+    sizes = gpu.Sizes(tiny=True, train_batch=2, train_steps=1, sample_batch=2, pc_batch=2, edm_steps=2, fid_batch=1,
+                      ode_dim=(1, 4, 4), ode_batch=4, run_seconds=2.0, run_batch=8, compile_nets=())
+    suite = gpu.Suite(torch.device("cpu"), sizes, budget=600.0, peak_tflops=100.0)
+    suite.run("train step", 1, lambda: gpu.train_step(suite, "ddpmpp", "bf16 + channels_last"))
+    suite.run("sampling", 1, lambda: gpu.sampling(suite))
+    suite.run("ode", 1, lambda: gpu.ode(suite))
+    suite.run("fid features", 1, lambda: gpu.fid_features(suite))
+    suite.run("training run", 1, lambda: gpu.training_run(suite))
+    suite.run("never", 10_000, lambda: [])
+    suite.run("broken", 1, lambda: 1 / 0)
+    rows = suite.rows
+    train = rows[0]
+    assert train["setting"] == "bf16 + channels_last" and train["images_per_s"] > 0 and train["batch"] == 2
+    assert train["mfu"] == train["tflops"] / 100.0 > 0
+    assert [r["nfe"] for r in rows if r["section"] == "sampling"] == [3, 3, 2]  # EDM 2 levels: 2N - 1; PC: 2 per step
+    ode = [r for r in rows if r["section"] == "ode"]
+    assert [r["setting"].split(", ")[1] for r in ode] == ["batch step", "image step"] and all(r["nfe"] > 6 for r in ode)
+    assert next(r for r in rows if r["section"] == "fid features")["detail"] == "2048 features"
+    run = next(r for r in rows if r["section"] == "training run")
+    assert run["steps"] >= 1 and run["network"] == "ddpmpp"
+    assert "budget" in rows[-2]["skipped"] and "ZeroDivisionError" in rows[-1]["error"]
+    assert gpu.failures(rows)[0] == f"broken failed: {rows[-1]['error']}"
+    assert "| train step | ddpmpp | bf16 + channels_last | 2 |" in gpu.table(rows)

@@ -13,7 +13,8 @@ from lit_score.sdes import SDE, ScoreFn
 @dataclass
 class SampleResult:
     samples: Tensor  # (B, *shape)
-    nfe: int  # score-network evaluations per image
+    nfe: int  # score-network evaluations per image (the largest, where images differ)
+    nfe_mean: float | None = None  # the mean over images, where images differ (adaptive solvers)
 
 
 _MASK32 = 0xFFFFFFFF
@@ -33,11 +34,17 @@ def philox_round_keys(k0: Tensor, k1: Tensor, rounds: int = PHILOX_ROUNDS) -> Te
     return torch.stack(keys)
 
 
-def philox4x32_words(x: Tensor, y: Tensor, round_keys: Tensor) -> tuple[Tensor, Tensor]:
+def philox_multipliers(device: torch.device | str) -> list[Tensor]:
+    """The round multipliers (2, 1) in both pair orders, made once per generator (a host-to-device copy)."""
+    return [torch.tensor(m, dtype=torch.long, device=device)[:, None] for m in (PHILOX_M, PHILOX_M[::-1])]
+
+
+def philox4x32_words(x: Tensor, y: Tensor, round_keys: Tensor,
+                     mults: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Philox4x32 rounds (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3") on int64 tensors
     holding 32-bit words: x = counter words (0, 2) and y = words (3, 1) stacked on dim -2; returns the output words
     in the same layout. The pairs alternate their order each round, so a round is seven batched integer ops."""
-    mults = [torch.tensor(m, dtype=torch.long, device=x.device)[:, None] for m in (PHILOX_M, PHILOX_M[::-1])]
+    mults = philox_multipliers(x.device) if mults is None else mults
     for r in range(round_keys.shape[0]):
         p = x * mults[r % 2]  # 32 x 32 -> 64 bits; int64 wraps, its bit pattern is the unsigned product
         x, y = ((p >> 32) & _MASK32) ^ y ^ round_keys[r], (p & _MASK32).roll(1, -2)
@@ -88,13 +95,15 @@ class _Philox:
         self.round_keys = philox_round_keys((s & _MASK32)[:, None], ((s >> 32) & _MASK32)[:, None])  # (R, B, 2, 1)
         self.shape, self.dtype, self.numel, self.batch = tuple(shape), dtype, _numel(shape), len(s)
         self.counter = torch.arange((self.numel + 3) // 4, dtype=torch.long, device=s.device)
+        self.mults = philox_multipliers(s.device)
 
     def draw(self, step: int, stream: int = NOISE_STREAM) -> Tensor:
+        """Draw ``step`` of every seed; device-side only (no host-to-device copy, no synchronisation)."""
         if not 0 <= step < 2**64:
             raise ValueError(f"the noise step must be in [0, 2^64), got {step}")
         x = torch.stack([self.counter, torch.full_like(self.counter, step >> 32)])  # words (0, 2)
-        y = torch.tensor([[stream], [step & _MASK32]], dtype=torch.long, device=self.counter.device)  # words (3, 1)
-        x, y = philox4x32_words(x, y, self.round_keys)
+        y = torch.stack([self.counter.new_full((1,), stream), self.counter.new_full((1,), step & _MASK32)])  # (3, 1)
+        x, y = philox4x32_words(x, y, self.round_keys, self.mults)
         # u = (2k + 1) 2^-24, k the top 23 bits: exact in float32, never 0 or 1; the angle from the top 24 bits
         u = ((x >> 8) | 1).to(torch.float32) * 2.0**-24
         theta = (y.roll(1, -2) >> 8).to(torch.float32) * (2 * torch.pi * 2.0**-24)

@@ -16,7 +16,7 @@ from torch import Tensor
 from lit_score.registry import Registry
 from lit_score.sampling.base import (CountingScore, SampleResult, Sampler, SeededNoise, seeded_prior,
                                      time_vector)
-from lit_score.sdes import SDE, VESDE, VPSDE, ReverseSDE, ScoreFn, _bcast
+from lit_score.sdes import SDE, VESDE, VPSDE, ReverseSDE, ScoreFn, _bcast, table_on
 
 
 @dataclass
@@ -72,16 +72,16 @@ def ancestral_sampling(s: PCState, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor
     """Ancestral sampling of the SMLD (eq. 47) or DDPM (eq. 45) Markov chain, for VE and VP SDEs."""
     i = s.sde.timestep(t)
     if isinstance(s.sde, VESDE):
-        sigma = s.sde.discrete_sigmas.to(x.device, x.dtype)[i]
+        sigma = table_on(s.sde.discrete_sigmas, x.device, x.dtype)[i]
         adjacent = s.sde.adjacent_sigma(i).to(x.dtype)
         x_mean = x + s.score_fn(x, t) * _bcast(sigma**2 - adjacent**2, x)
         std = torch.sqrt(adjacent**2 * (sigma**2 - adjacent**2) / sigma**2)
         return x_mean + _bcast(std, x) * s.noise(), x_mean
     if isinstance(s.sde, VPSDE):
-        beta = s.sde.discrete_betas.to(x.device, x.dtype)[i]
-        if (beta >= 1).any():
+        if float(s.sde.discrete_betas.max()) >= 1:  # a host-side table: no device synchronisation
             raise ValueError(f"ancestral sampling of a VPSDE needs discrete betas < 1, i.e. more than "
                              f"beta_max = {s.sde.beta_1} steps; got {s.sde.N}")
+        beta = table_on(s.sde.discrete_betas, x.device, x.dtype)[i]
         x_mean = (x + _bcast(beta, x) * s.score_fn(x, t)) / _bcast(torch.sqrt(1.0 - beta), x)
         return x_mean + _bcast(torch.sqrt(beta), x) * s.noise(), x_mean
     raise TypeError(f"ancestral sampling exists for VESDE and VPSDE only, not {type(s.sde).__name__}")
@@ -99,7 +99,7 @@ def _norm(v: Tensor) -> Tensor:
 def _alpha(s: PCState, x: Tensor, t: Tensor) -> Tensor:
     """alpha_i = 1 - beta_i of the DDPM chain for a VPSDE, 1 otherwise (the official correctors' factor)."""
     if isinstance(s.sde, VPSDE):
-        return s.sde.alphas.to(x.device, x.dtype)[s.sde.timestep(t)]
+        return table_on(s.sde.alphas, x.device, x.dtype)[s.sde.timestep(t)]
     return torch.ones_like(t)
 
 
@@ -226,8 +226,9 @@ class PCSampler(Sampler):
         noise = SeededNoise(seeds, shape, device)
         x = seeded_prior(sde, seeds, shape, device) if x_init is None else x_init
         eps = default_eps(sde) if self.eps is None else self.eps
-        timesteps = torch.linspace(sde.T, eps, sde.N, device=device, dtype=torch.float64).to(x.dtype)
-        std_last = float(sde.marginal_prob(torch.zeros(1), timesteps[-1:].cpu())[1])
+        grid = torch.linspace(sde.T, eps, sde.N, dtype=torch.float64)
+        timesteps = grid.to(device, x.dtype)  # one copy to the device; the steps index it there
+        std_last = float(sde.marginal_prob(torch.zeros(1), grid[-1:].to(x.dtype))[1])
         if self.corrector_name == "ald" and std_last <= 0:
             raise ValueError("annealed Langevin needs a positive noise level at the last time; raise eps")
         state = PCState(sde, sde.reverse(counted), counted, noise, self.snr, self.n_steps_each, self.step_lr,
