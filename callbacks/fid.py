@@ -130,15 +130,19 @@ class FID(L.Callback):
         seeds = list(range(self.first_seed, self.first_seed + self.num_samples))
         chunks = list(batched(seeds, self.batch_size))
         kept: list[Tensor] = []
+        world, rank = trainer.world_size, trainer.global_rank
+        mine = sum(len(c) for c in chunks[rank::world])  # chunk k is drawn by rank k % world
+        progress = pl_module.sampling_progress(f"{self.tag} at step {step}", mine, self.sampler)
 
         def features_of(k: int) -> Tensor:
-            return self.features(to_uint8(draw(pl_module, chunks[k], self.sampler, self.batch_size), centered))
+            return self.features(to_uint8(draw(pl_module, chunks[k], self.sampler, self.batch_size, progress),
+                                          centered))
 
         def keep(k: int, f: Tensor) -> None:
             if self.kid_subset_size is not None and k * self.batch_size < self.kid_features:
                 kept.append(f[:self.kid_features - k * self.batch_size])
 
-        with ema_weights(trainer, pl_module):
+        with ema_weights(trainer, pl_module), progress:
             stats = ordered_statistics(len(chunks), features_of, self.features.num_features, pl_module.device, keep)
         mean, cov, _ = stats.compute()
         value = frechet_distance(mean, cov, self.reference.mean, self.reference.cov)

@@ -13,6 +13,7 @@ from torch import Tensor
 from callbacks.ema import ema_weights
 from lit_score.metrics.features import to_uint8
 from lit_score.metrics.reference import data_centered
+from lit_score.progress import Progress
 from lit_score.sampling.base import Sampler
 
 
@@ -22,12 +23,14 @@ def batched(seeds: Sequence[int], batch_size: int) -> Iterator[list[int]]:
 
 
 @torch.no_grad()
-def draw(pl_module: L.LightningModule, seeds: Sequence[int], sampler: Sampler | None, batch_size: int) -> Tensor:
-    """Samples for ``seeds`` in batches, in eval mode (the module's train/eval mode is restored after)."""
+def draw(pl_module: L.LightningModule, seeds: Sequence[int], sampler: Sampler | None, batch_size: int,
+         progress: Progress | None = None) -> Tensor:
+    """Samples for ``seeds`` in batches, in eval mode (the module's train/eval mode is restored after), counted
+    into ``progress`` if given."""
     was_training = pl_module.training
     pl_module.eval()
     try:
-        chunks = [pl_module.sample(chunk, sampler).samples for chunk in batched(seeds, batch_size)]
+        chunks = [pl_module.sample(chunk, sampler, progress).samples for chunk in batched(seeds, batch_size)]
     finally:
         pl_module.train(was_training)
     if not chunks:
@@ -36,12 +39,13 @@ def draw(pl_module: L.LightningModule, seeds: Sequence[int], sampler: Sampler | 
 
 
 def draw_all(trainer: L.Trainer, pl_module: L.LightningModule, seeds: Sequence[int], sampler: Sampler | None,
-             batch_size: int) -> Tensor:
+             batch_size: int, desc: str = "samples") -> Tensor:
     """Samples for every seed, in order, on every rank: each rank draws a contiguous share, then all gather."""
     world, rank = trainer.world_size, trainer.global_rank
     share = math.ceil(len(seeds) / world)
     padded = list(seeds) + [seeds[-1] + 1 + i for i in range(share * world - len(seeds))]
-    local = draw(pl_module, padded[rank * share:(rank + 1) * share], sampler, batch_size)
+    with pl_module.sampling_progress(desc, share, sampler) as progress:
+        local = draw(pl_module, padded[rank * share:(rank + 1) * share], sampler, batch_size, progress)
     if world == 1:
         return local
     gathered = trainer.strategy.all_gather(local)  # (world, share, ...)
@@ -100,7 +104,8 @@ class SampleGrid(L.Callback):
 
         step = self._last_step = trainer.global_step
         with ema_weights(trainer, pl_module):
-            samples = draw_all(trainer, pl_module, self.seeds, self.sampler, self.batch_size)
+            samples = draw_all(trainer, pl_module, self.seeds, self.sampler, self.batch_size,
+                               f"sample grid at step {step}")
         images = to_uint8(samples, data_centered(trainer.datamodule)).cpu()
         grid = make_grid(images, nrow=self.nrow, padding=1)
         run_dir = trainer.log_dir or trainer.default_root_dir  # a collective: every rank asks
