@@ -11,7 +11,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.logger import _flatten_dict
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
@@ -28,18 +27,6 @@ def fid_tag(num_samples: int) -> str:
     """``val/fid@50k`` for 50000 samples, ``val/fid@300`` for 300."""
     n = f"{num_samples // 1000}k" if num_samples % 1000 == 0 else str(num_samples)
     return f"val/fid@{n}"
-
-
-def log_hparams_with_metric(logger: TensorBoardLogger, tag: str) -> None:
-    """Show the run's hyper-parameters in TensorBoard's HParams tab with ``tag`` as their metric (Lightning writes
-    them there only with a placeholder ``hp_metric``)."""
-    from torch.utils.tensorboard.summary import hparams
-
-    params = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
-              for k, v in _flatten_dict(dict(logger.hparams)).items()}
-    writer = logger.experiment._get_file_writer()
-    for summary in hparams(params, {tag: 0.0}):
-        writer.add_summary(summary)
 
 
 class FID(L.Callback):
@@ -108,10 +95,7 @@ class FID(L.Callback):
                     logger.experiment.add_text(self.tag, note, trainer.global_step)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    log_hparams_with_metric(logger, self.tag)
+        # the HParams tab, with this FID as metric, is callbacks.dashboard.Dashboard's
         if self.at_start and not fast_dev_run(trainer):
             self.evaluate(trainer, pl_module)
 

@@ -7,7 +7,7 @@ from typing import Any, Iterator, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger
 from torch import Tensor
 
 from callbacks.ema import ema_weights
@@ -117,7 +117,23 @@ class SampleGrid(L.Callback):
         from PIL import Image
 
         directory.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(directory / f"step_{step:08d}.png")
+        image = Image.fromarray(grid.permute(1, 2, 0).squeeze(-1).numpy())
+        image.save(directory / f"step_{step:08d}.png")
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("samples", grid, step)
+            log_image(logger, "samples", grid, image, step)
+
+
+def log_image(logger: Logger, tag: str, grid: Tensor, image: Any, step: int) -> bool:
+    """Give the uint8 ``grid`` (C, H, W), also as a PIL ``image``, to ``logger`` if it takes images: TensorBoard's
+    add_image, MLflow's log_image, or a ``log_image(key, images, step)`` method (Weights & Biases, Comet, Neptune,
+    ...). Returns whether it took it (CSVLogger does not)."""
+    if isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_image(tag, grid, step)
+        return True
+    if isinstance(logger, MLFlowLogger):
+        logger.experiment.log_image(logger.run_id, image, f"{tag}/step_{step:08d}.png")
+        return True
+    if callable(getattr(logger, "log_image", None)):
+        logger.log_image(key=tag, images=[image], step=step)
+        return True
+    return False

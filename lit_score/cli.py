@@ -12,6 +12,7 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from omegaconf.errors import OmegaConfBaseException
 
+from callbacks.dashboard import Dashboard
 from lit_score.checkpoint_io import CorruptCheckpointError, checkpoint_problem, corrupt_message
 from lit_score.config import ConfigError, expand_config_args
 from lit_score.export import WEIGHTS_NAME, PretrainedError, check_state, export_main, load_weights, model_options
@@ -45,6 +46,8 @@ class ScoreCLI(LightningCLI):
         # Every fit can be pre-empted and resumed exactly: see lit_score.preemption and lit_score.resume.
         parser.add_lightning_class_args(RandomState, "random_state")
         parser.add_lightning_class_args(Preemption, "preemption")
+        # TensorBoard's custom-scalars layout and HParams tab: see callbacks.dashboard.
+        parser.add_lightning_class_args(Dashboard, "dashboard")
 
     def before_fit(self) -> None:
         check_allocation(self.trainer)

@@ -190,4 +190,5 @@ class ScoreModel(L.LightningModule):
         warmup = max(int(hp.warmup), 0)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min((step + 1) / warmup, 1.0) if warmup else 1.0)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "train/lr"}}
