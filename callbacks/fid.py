@@ -11,7 +11,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.logger import _flatten_dict
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
@@ -22,18 +21,6 @@ from lit_score.metrics.frechet import frechet_distance, metric_tag, ordered_stat
 from lit_score.metrics.kid import kernel_inception_distance
 from lit_score.metrics.reference import ReferenceStatistics, reference_statistics
 from lit_score.sampling.base import Sampler
-
-
-def log_hparams_with_metric(logger: TensorBoardLogger, tag: str) -> None:
-    """Show the run's hyper-parameters in TensorBoard's HParams tab with ``tag`` as their metric (Lightning writes
-    them there only with a placeholder ``hp_metric``)."""
-    from torch.utils.tensorboard.summary import hparams
-
-    params = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
-              for k, v in _flatten_dict(dict(logger.hparams)).items()}
-    writer = logger.experiment._get_file_writer()
-    for summary in hparams(params, {tag: 0.0}):
-        writer.add_summary(summary)
 
 
 class FID(L.Callback):
@@ -101,10 +88,7 @@ class FID(L.Callback):
                     logger.experiment.add_text(self.tag, note, trainer.global_step)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    log_hparams_with_metric(logger, self.tag)
+        # the HParams tab, with this FID as metric, is callbacks.dashboard.Dashboard's
         if self.at_start and not fast_dev_run(trainer):
             self.evaluate(trainer, pl_module)
 
@@ -122,15 +106,19 @@ class FID(L.Callback):
         seeds = list(range(self.first_seed, self.first_seed + self.num_samples))
         chunks = list(batched(seeds, self.batch_size))
         kept: list[Tensor] = []
+        world, rank = trainer.world_size, trainer.global_rank
+        mine = sum(len(c) for c in chunks[rank::world])  # chunk k is drawn by rank k % world
+        progress = pl_module.sampling_progress(f"{self.tag} at step {step}", mine, self.sampler)
 
         def features_of(k: int) -> Tensor:
-            return self.features(pl_module.data_space.to_uint8(draw(pl_module, chunks[k], self.sampler, self.batch_size)))
+            return self.features(pl_module.data_space.to_uint8(
+                draw(pl_module, chunks[k], self.sampler, self.batch_size, progress)))
 
         def keep(k: int, f: Tensor) -> None:
             if self.kid_subset_size is not None and k * self.batch_size < self.kid_features:
                 kept.append(f[:self.kid_features - k * self.batch_size])
 
-        with ema_weights(trainer, pl_module):
+        with ema_weights(trainer, pl_module), progress:
             stats = ordered_statistics(len(chunks), features_of, self.features.num_features, pl_module.device, keep)
         mean, cov, _ = stats.compute()
         value = frechet_distance(mean, cov, self.reference.mean, self.reference.cov)

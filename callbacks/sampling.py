@@ -7,10 +7,11 @@ from typing import Any, Iterator, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger
 from torch import Tensor
 
 from callbacks.ema import ema_weights
+from lit_score.progress import Progress
 from lit_score.sampling.base import Sampler
 
 
@@ -20,12 +21,14 @@ def batched(seeds: Sequence[int], batch_size: int) -> Iterator[list[int]]:
 
 
 @torch.no_grad()
-def draw(pl_module: L.LightningModule, seeds: Sequence[int], sampler: Sampler | None, batch_size: int) -> Tensor:
-    """Samples for ``seeds`` in batches, in eval mode (the module's train/eval mode is restored after)."""
+def draw(pl_module: L.LightningModule, seeds: Sequence[int], sampler: Sampler | None, batch_size: int,
+         progress: Progress | None = None) -> Tensor:
+    """Samples for ``seeds`` in batches, in eval mode (the module's train/eval mode is restored after), counted
+    into ``progress`` if given."""
     was_training = pl_module.training
     pl_module.eval()
     try:
-        chunks = [pl_module.sample(chunk, sampler).samples for chunk in batched(seeds, batch_size)]
+        chunks = [pl_module.sample(chunk, sampler, progress).samples for chunk in batched(seeds, batch_size)]
     finally:
         pl_module.train(was_training)
     if not chunks:
@@ -34,12 +37,13 @@ def draw(pl_module: L.LightningModule, seeds: Sequence[int], sampler: Sampler | 
 
 
 def draw_all(trainer: L.Trainer, pl_module: L.LightningModule, seeds: Sequence[int], sampler: Sampler | None,
-             batch_size: int) -> Tensor:
+             batch_size: int, desc: str = "samples") -> Tensor:
     """Samples for every seed, in order, on every rank: each rank draws a contiguous share, then all gather."""
     world, rank = trainer.world_size, trainer.global_rank
     share = math.ceil(len(seeds) / world)
     padded = list(seeds) + [seeds[-1] + 1 + i for i in range(share * world - len(seeds))]
-    local = draw(pl_module, padded[rank * share:(rank + 1) * share], sampler, batch_size)
+    with pl_module.sampling_progress(desc, share, sampler) as progress:
+        local = draw(pl_module, padded[rank * share:(rank + 1) * share], sampler, batch_size, progress)
     if world == 1:
         return local
     gathered = trainer.strategy.all_gather(local)  # (world, share, ...)
@@ -95,7 +99,8 @@ class SampleGrid(L.Callback):
 
         step = self._last_step = trainer.global_step
         with ema_weights(trainer, pl_module):
-            samples = draw_all(trainer, pl_module, self.seeds, self.sampler, self.batch_size)
+            samples = draw_all(trainer, pl_module, self.seeds, self.sampler, self.batch_size,
+                               f"sample grid at step {step}")
         images = pl_module.data_space.to_uint8(samples).cpu()
         grid = make_grid(images, nrow=self.nrow, padding=1)
         run_dir = trainer.log_dir or trainer.default_root_dir  # a collective: every rank asks
@@ -107,7 +112,23 @@ class SampleGrid(L.Callback):
         from PIL import Image
 
         directory.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(directory / f"step_{step:08d}.png")
+        image = Image.fromarray(grid.permute(1, 2, 0).squeeze(-1).numpy())
+        image.save(directory / f"step_{step:08d}.png")
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("samples", grid, step)
+            log_image(logger, "samples", grid, image, step)
+
+
+def log_image(logger: Logger, tag: str, grid: Tensor, image: Any, step: int) -> bool:
+    """Give the uint8 ``grid`` (C, H, W), also as a PIL ``image``, to ``logger`` if it takes images: TensorBoard's
+    add_image, MLflow's log_image, or a ``log_image(key, images, step)`` method (Weights & Biases, Comet, Neptune,
+    ...). Returns whether it took it (CSVLogger does not)."""
+    if isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_image(tag, grid, step)
+        return True
+    if isinstance(logger, MLFlowLogger):
+        logger.experiment.log_image(logger.run_id, image, f"{tag}/step_{step:08d}.png")
+        return True
+    if callable(getattr(logger, "log_image", None)):
+        logger.log_image(key=tag, images=[image], step=step)
+        return True
+    return False

@@ -38,6 +38,7 @@ from typing import Any, Iterator
 import datasets
 import numpy as np
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
@@ -98,6 +99,37 @@ def read_image(cell: Any, where: str, transform: ImageTransform | None = None) -
         name = _cell_name(cell)
         place = f"{name!r} ({where})" if name else where
         raise ImageReadError(f"cannot read image {place}: {type(err).__name__}: {err}") from err
+
+
+def conversion_counts(images: datasets.Dataset, column: str, size: int, channels: int,
+                      limit: int = 10_000) -> dict[str, Any]:
+    """Of the first ``limit`` images (headers only): how many have a shorter side other than ``size`` (resized),
+    and how many have another channel count than ``channels`` (converted), with an example of each."""
+    counts: dict[str, Any] = {"checked": 0, "resized": 0, "converted": 0, "example_size": None, "example_mode": None}
+    for start in range(0, min(len(images), limit), 1000):
+        for cell in images[start:min(start + 1000, len(images), limit)][column]:
+            try:
+                with _open_lazily(cell) as image:
+                    shape, mode = image.size, image.mode
+            except Exception:  # noqa: BLE001 - unreadable images are reported by name when they are read
+                continue
+            counts["checked"] += 1
+            if min(shape) != size:
+                counts["resized"] += 1
+                counts["example_size"] = counts["example_size"] or f"{shape[0]}x{shape[1]}"
+            if channels_of(mode) != channels:
+                counts["converted"] += 1
+                counts["example_mode"] = counts["example_mode"] or mode
+    return counts
+
+
+def _open_lazily(cell: Any) -> Image.Image:
+    """The image of a cell, opened without decoding its pixels (size and mode come from the header)."""
+    if isinstance(cell, Image.Image):
+        return cell
+    if isinstance(cell, dict):
+        cell = cell.get("bytes") if cell.get("bytes") is not None else cell.get("path")
+    return Image.open(io.BytesIO(cell) if isinstance(cell, (bytes, bytearray)) else cell)
 
 
 class ArrowImages(Dataset):
@@ -281,8 +313,28 @@ class ImageDataModule(ScoreDataModule):
         if len(train_rows) < self.batch_size:
             raise ValueError(f"{name} leaves {len(train_rows)} training images, fewer than batch_size="
                              f"{self.batch_size}")
+        self._warn_conversions(images, column)
         self.train_set = ArrowImages(images, column, train_rows, self.transform(augment=True), name)
         self.val_set = ArrowImages(images, column, val_rows, self.transform(augment=False), name) if n_val else None
+
+    def _warn_conversions(self, images: datasets.Dataset, column: str) -> None:
+        """Once: how many images the shape read from the first image makes the transform resize or convert."""
+        check_size, check_channels = self.plugin.image_size is None, self.plugin.num_channels is None
+        if not (check_size or check_channels):
+            return
+        counts = conversion_counts(images, column, self.crop or self.image_size, self.num_channels)
+        notes = []
+        if check_size and counts["resized"]:
+            notes.append(f"{counts['resized']} have a shorter side other than {self.crop or self.image_size} px "
+                         f"(e.g. {counts['example_size']}) and are resized")
+        if check_channels and counts["converted"]:
+            kind = "grayscale" if self.num_channels == 1 else "RGB"
+            notes.append(f"{counts['converted']} are not {kind} (e.g. mode {counts['example_mode']}) and are "
+                         f"converted to {kind}")
+        if notes:
+            rank_zero_warn(f"{self.source_name}: of the first {counts['checked']} images, {'; '.join(notes)}: "
+                           f"image_size {self.image_size} and num_channels {self.num_channels} come from the first "
+                           "image; set data.init_args.image_size / num_channels to choose them", category=UserWarning)
 
     def _setup_stream(self, stream: datasets.IterableDataset, column: str, name: str) -> None:
         from datasets.distributed import split_dataset_by_node

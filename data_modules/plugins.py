@@ -14,12 +14,15 @@ finds a plugin by name, in this order:
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import socket
+import threading
 from dataclasses import dataclass, replace
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Iterator, Union
 
 import datasets
 
@@ -135,8 +138,50 @@ def _load_local(path: Path, options: SourceOptions) -> Images:
         raise FileNotFoundError(f"folder {path} contains no images (looked for {', '.join(IMAGE_SUFFIXES)})")
     builder = "imagefolder" if has_images else str(path)
     kwargs = {"data_dir": str(path)} if has_images else {}
-    return datasets.load_dataset(builder, options.config_name, split=options.split, streaming=options.streaming,
-                                 **kwargs)
+    with quiet_progress_bars():  # datasets says "Downloading data" while it reads local files
+        return datasets.load_dataset(builder, options.config_name, split=options.split, streaming=options.streaming,
+                                     **kwargs)
+
+
+@contextlib.contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """datasets' progress bars off inside the block (as they were after)."""
+    enabled = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.utils.logging.enable_progress_bar()
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face hub (``HF_ENDPOINT``) opens within ``timeout`` seconds."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    opened: list[bool] = []
+
+    def probe() -> None:  # in a thread: name resolution has no timeout of its own
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                     timeout).close()
+            opened.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(opened)
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE or HF_DATASETS_OFFLINE set: the hub is not asked, the local cache is used."""
+    return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 def load_huggingface(options: SourceOptions) -> Images:
@@ -147,6 +192,10 @@ def load_huggingface(options: SourceOptions) -> Images:
     if _looks_local(options.path):
         return _load_local(Path(options.path).expanduser(), options)
     try:
+        if not hub_offline() and not hub_reachable():  # else datasets retries for minutes before failing
+            from huggingface_hub import constants
+
+            raise ConnectionError(f"the hub ({constants.ENDPOINT}) cannot be reached")
         return datasets.load_dataset(options.path, options.config_name, split=options.split,
                                      streaming=options.streaming)
     except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as err:

@@ -1,6 +1,7 @@
 """``lit-score``: LightningCLI over ScoreModel and any LightningDataModule, configured by experiment YAMLs."""
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -8,10 +9,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from jsonargparse import set_parsing_settings
+from jsonargparse import Namespace, set_parsing_settings
+from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from omegaconf.errors import OmegaConfBaseException
 
+from callbacks.dashboard import Dashboard
 from lit_score.checkpoint_io import CorruptCheckpointError, checkpoint_problem, corrupt_message
 from lit_score.config import ConfigError, expand_config_args
 from lit_score.data_space import data_space_of
@@ -50,6 +54,24 @@ class ScoreCLI(LightningCLI):
         # Every fit can be pre-empted and resumed exactly: see lit_score.preemption and lit_score.resume.
         parser.add_lightning_class_args(RandomState, "random_state")
         parser.add_lightning_class_args(Preemption, "preemption")
+        # TensorBoard's custom-scalars layout and HParams tab: see callbacks.dashboard.
+        parser.add_lightning_class_args(Dashboard, "dashboard")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """As LightningCLI's, without its warning that ``args`` and ``sys.argv`` are both given (``run_cli`` and
+        ``lit-score submit`` pass the expanded command line on purpose), and keeping integer limits integers."""
+        self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
+        self._integer_limits = {} if isinstance(args, (dict, Namespace)) else \
+            integer_limits(sys.argv[1:] if args is None else list(args))
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> L.Trainer:
+        for name, value in getattr(self, "_integer_limits", {}).items():
+            if config.get(name) == value:  # the option, parsed as a float on the way
+                config[name] = value
+        config["plugins"] = without_slurm_auto_requeue(config.get("plugins"))
+        trainer = super()._instantiate_trainer(config, callbacks)
+        warn_cpu_oversubscription(trainer)
+        return trainer
 
     def before_fit(self) -> None:
         check_allocation(self.trainer)
@@ -95,6 +117,52 @@ class ScoreCLI(LightningCLI):
 
 
 FROM_CHECKPOINT = ("net", "sde", "loss")
+# Trainer options whose int means a count (of batches, steps) and whose float means a fraction.
+COUNT_OR_FRACTION = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
+                     "val_check_interval", "overfit_batches")
+
+
+def without_slurm_auto_requeue(plugins: Any) -> Any:
+    """Inside a SLURM job, the Trainer's plugins with ``SLURMEnvironment(auto_requeue=False)``: lit-score's
+    Preemption callback saves and requeues (after its checkpoint), so Lightning's own handler stays off (and quiet)."""
+    listed = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not SLURMEnvironment.detect() or any(isinstance(p, ClusterEnvironment) for p in listed):
+        return plugins
+    return [*listed, SLURMEnvironment(auto_requeue=False)]
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def warn_cpu_oversubscription(trainer: L.Trainer) -> None:
+    """Warn when more CPU processes are asked for than there are cores: they would share cores, each slower."""
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    cores = cpu_cores()
+    if isinstance(trainer.accelerator, CPUAccelerator) and trainer.num_devices > cores:
+        rank_zero_warn(f"--trainer.devices {trainer.num_devices} starts {trainer.num_devices} CPU processes on "
+                       f"{cores} core(s): they share the cores and each runs slower; set --trainer.devices {cores} "
+                       "or fewer", category=UserWarning)
+
+
+def integer_limits(args: list[str]) -> dict[str, int]:
+    """The options in ``COUNT_OR_FRACTION`` written as integers on the command line. ``--trainer.limit_test_batches 1``
+    is one batch, but jsonargparse turns the ``1`` into the float 1.0, which Lightning reads as 100% of the
+    batches; the CLI gives the Trainer these integers."""
+    integers: dict[str, int] = {}
+    for i, arg in enumerate(args):
+        key, _, value = arg.partition("=")
+        if not value and i + 1 < len(args):
+            value = args[i + 1]
+        name = key.removeprefix("--trainer.")
+        if key.startswith("--trainer.") and name in COUNT_OR_FRACTION and value.strip().lstrip("+").isdigit():
+            integers[name] = int(value)
+    return integers
 
 
 def _data_space_dict(datamodule: L.LightningDataModule) -> dict:

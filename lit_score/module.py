@@ -12,6 +12,7 @@ from lit_score.data_space import DataSpace
 from lit_score.distributed import gather_to_all
 from lit_score.likelihood import Likelihood
 from lit_score.losses import DSMLoss, Loss
+from lit_score.progress import Progress, planned_nfe
 from lit_score.sampling.base import SampleResult, Sampler
 from lit_score.sdes import SDE, ScoreFn
 
@@ -86,16 +87,44 @@ class ScoreModel(L.LightningModule):
         """Shape of one sample, as the data space (or else the network) declares it."""
         return self._data_space.shape if self._data_space is not None else tuple(self.net.data_shape)
 
-    @torch.no_grad()
-    def sample(self, seeds: Tensor | list[int], sampler: Sampler | None = None) -> SampleResult:
-        """One sample per seed with ``sampler`` (default: the model's)."""
+    def sampler_in_use(self, sampler: Sampler | None = None) -> Sampler:
+        """``sampler``, else the model's, else the SDE's default (``lit_score.sampling.default_sampler``)."""
         from lit_score.sampling import default_sampler
 
-        sampler = sampler or self.sampler or default_sampler(self.sde)
-        return sampler.sample(self.score_fn, self.sde, self.data_shape, seeds, self.device)
+        return sampler or self.sampler or default_sampler(self.sde)
+
+    @torch.no_grad()
+    def sample(self, seeds: Tensor | list[int], sampler: Sampler | None = None,
+               progress: Progress | None = None) -> SampleResult:
+        """One sample per seed with ``sampler`` (default: the model's), counted into ``progress`` if given."""
+        sampler = self.sampler_in_use(sampler)
+        score_fn = self.score_fn if progress is None else progress.wrap(self.score_fn, len(seeds))
+        result = sampler.sample(score_fn, self.sde, self.data_shape, seeds, self.device)
+        if progress is not None:
+            progress.batch_done(len(seeds), result.nfe)
+        return result
+
+    def sampling_progress(self, desc: str, num_images: int, sampler: Sampler | None = None) -> Progress:
+        """A progress bar (rank 0's terminal) over ``num_images`` images drawn by this process with ``sampler``."""
+        trainer = self._trainer
+        enabled = None if trainer is None else trainer.is_global_zero and trainer.progress_bar_callback is not None
+        return Progress(desc, num_images, planned_nfe(self.sampler_in_use(sampler), self.sde), enabled=enabled)
+
+    def on_predict_epoch_start(self) -> None:
+        world = self.trainer.world_size
+        loaders = self.trainer.predict_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        sizes = [len(getattr(dl, "dataset", ())) for dl in loaders]
+        self._predict_progress = self.sampling_progress("predict", sum(-(-n // world) for n in sizes))
+
+    def on_predict_epoch_end(self) -> None:
+        progress = getattr(self, "_predict_progress", None)
+        if progress is not None:
+            progress.close()
+            self._predict_progress = None
 
     def predict_step(self, batch: Tensor, batch_idx: int) -> dict:
-        result = self.sample(batch)
+        result = self.sample(batch, progress=getattr(self, "_predict_progress", None))
         return {"seeds": batch, "samples": result.samples, "nfe": result.nfe}
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
@@ -104,7 +133,10 @@ class ScoreModel(L.LightningModule):
         and batch size; ``on_test_epoch_end`` logs their mean over the test set as test/bpd."""
         x = self._prepare(batch)
         indices = self._test_indices(batch_idx, x.shape[0])
-        bpd, nfe = self.likelihood.bits_per_dim(self.score_fn, self.sde, x, indices, self.data_space)
+        progress = self._test_progress(x.shape[0])
+        bpd, nfe = self.likelihood.bits_per_dim(progress.wrap(self.score_fn, x.shape[0]), self.sde, x, indices,
+                                                self.data_space)
+        progress.batch_done(x.shape[0], nfe)
         self._test_bpd += [(i, float(b), int(nfe)) for i, b in zip(indices, bpd.double().tolist())]
 
     def on_test_epoch_start(self) -> None:
@@ -112,6 +144,10 @@ class ScoreModel(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         """Mean bits/dim over every test image once (DDP's padding repeats dropped), summed in image order."""
+        progress = getattr(self, "_bpd_progress", None)
+        if progress is not None:
+            progress.close()
+            self._bpd_progress = None
         by_index: dict[int, tuple[float, int]] = {}
         for part in gather_to_all(self._test_bpd):
             for index, bpd, nfe in part:
@@ -141,6 +177,20 @@ class ScoreModel(L.LightningModule):
         if len(indices) != size:
             raise RuntimeError(f"test batch {batch_idx} has {size} images but its sampler gave {len(indices)} indices")
         return [int(i) for i in indices]
+
+    def _test_progress(self, batch_size: int) -> Progress:
+        """The bits/dim bar of this test run: images of this process, NFE of the probability-flow ODE per image."""
+        progress = getattr(self, "_bpd_progress", None)
+        if progress is None:
+            batches = sum(self.trainer.num_test_batches)
+            loaders = self.trainer.test_dataloaders
+            dataset = getattr(loaders[0] if isinstance(loaders, (list, tuple)) else loaders, "dataset", None)
+            total = batches * batch_size
+            if dataset is not None and hasattr(dataset, "__len__"):
+                total = min(total, -(-len(dataset) // self.trainer.world_size))
+            enabled = self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None
+            progress = self._bpd_progress = Progress("test/bpd", total, enabled=enabled)
+        return progress
 
     def configure_model(self) -> None:
         if self.hparams.channels_last:
@@ -183,7 +233,8 @@ class ScoreModel(L.LightningModule):
         warmup = max(int(hp.warmup), 0)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min((step + 1) / warmup, 1.0) if warmup else 1.0)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "train/lr"}}
 
 
 def data_space_from(data_space: DataSpace | dict | None, net: nn.Module) -> DataSpace | None:

@@ -205,13 +205,17 @@ def test_another_protocol_in_the_same_out_dir_is_refused(setup):
                                                                   tmp / "tiny.ckpt")
 
 
-def test_test_set_bits_per_dim_are_the_likelihood_of_the_first_test_images(setup):
-    """bpd = mean of Likelihood.bits_per_dim over the first test images (seed = index), sharded by batch."""
+def test_test_set_bits_per_dim_are_the_likelihood_of_the_first_test_images(setup, capsys):
+    """bpd = mean of Likelihood.bits_per_dim over the first test images (seed = index), sharded by batch; the
+    samples and the bits/dim show progress with an ETA."""
     tmp, experiment, one = setup
     likelihood = Likelihood(rtol=0.1, atol=0.1)
     ev = evaluator(tmp / "bpd", tmp / "cache", num_samples=32, shard_size=32, bpd=True, likelihood=likelihood,
                    bpd_num_images=2, bpd_batch_size=1, inception_score=False, kid=False)
     results = ev.run(experiment.model, experiment.datamodule, tmp / "tiny.ckpt")
+    bars = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "ETA 00:00" in line]
+    assert any(b.startswith("samples for FID@32: 100%") and "images 32/32, NFE 5 per image" in b for b in bars)
+    assert any(b.startswith("test-set bits/dim of 2 images: 100%") and "images 2/2, NFE" in b for b in bars)
     model, data = experiment.model, experiment.datamodule
     x = torch.stack([data.test_dataloader().dataset[i] for i in range(2)])
     expected = torch.cat([likelihood.bits_per_dim(model.score_fn, model.sde, x[i:i + 1], [i], model.data_space)[0]

@@ -36,6 +36,7 @@ from lit_score.metrics.frechet import FeatureStatistics, frechet_distance, metri
 from lit_score.metrics.kid import kernel_inception_distance
 from lit_score.metrics.reference import ReferenceStatistics, cache_path, reference_key, reference_statistics
 from lit_score.module import ScoreModel
+from lit_score.progress import Progress, planned_nfe
 from lit_score.sampling.base import Sampler
 
 Weights = Literal["ema", "raw"]
@@ -262,8 +263,11 @@ class Evaluator:
         pending = broadcast(store.pending(self.num_shards) if rank == 0 else None)
         barrier()
         sampler = self._sampler(model)
-        for index in pending[rank::world][:self.max_shards]:
-            store.save(index, self._sample_shard(model, sampler, index, device))
+        mine = pending[rank::world][:self.max_shards]
+        with Progress(f"samples for FID@{self.num_samples}", sum(len(self.shard_seeds(i)) for i in mine),
+                      planned_nfe(sampler, model.sde)) as progress:
+            for index in mine:
+                store.save(index, self._sample_shard(model, sampler, index, device, progress))
         barrier()
         left = broadcast(len(store.pending(self.num_shards)) if rank == 0 else None)
         if left:
@@ -296,12 +300,14 @@ class Evaluator:
         return reference
 
     def _sample_shard(self, model: ScoreModel, sampler: Sampler, index: int,
-                      device: torch.device | str) -> dict[str, Any]:
+                      device: torch.device | str, progress: Progress) -> dict[str, Any]:
         seeds = self.shard_seeds(index)
         images, features, logits, nfe = [], [], [], []
         for start in range(0, len(seeds), self.batch_size):
             chunk = seeds[start:start + self.batch_size]
-            result = sampler.sample(model.score_fn, model.sde, model.data_shape, chunk, device)
+            result = sampler.sample(progress.wrap(model.score_fn, len(chunk)), model.sde, model.data_shape, chunk,
+                                    device)
+            progress.batch_done(len(chunk), result.nfe)
             x = model.data_space.to_uint8(result.samples)
             images.append(x.cpu())
             features.append(self.features(x).double().cpu())
@@ -370,13 +376,18 @@ class Evaluator:
         store = ShardStore(self.out_dir / "bpd", self.fingerprint(self.protocol_bpd_part(total, checkpoint_sha256)))
         pending = broadcast(store.pending(num_shards) if rank == 0 else None)
         barrier()
-        for index in pending[rank::world]:
-            rows = list(range(index * self.bpd_batch_size, min((index + 1) * self.bpd_batch_size, total)))
-            batch = next(iter(DataLoader(Subset(dataset, rows), batch_size=len(rows))))
-            x = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device)
-            seeds = [self.bpd_first_seed + i for i in rows]
-            bpd, nfe = self.likelihood.bits_per_dim(model.score_fn, model.sde, x, seeds, model.data_space)
-            store.save(index, {"rows": [rows[0], rows[-1]], "bpd": bpd.double().cpu(), "nfe": int(nfe)})
+        mine = pending[rank::world]
+        sizes = [min(self.bpd_batch_size, total - i * self.bpd_batch_size) for i in mine]
+        with Progress(f"test-set bits/dim of {total} images", sum(sizes)) as progress:
+            for index in mine:
+                rows = list(range(index * self.bpd_batch_size, min((index + 1) * self.bpd_batch_size, total)))
+                batch = next(iter(DataLoader(Subset(dataset, rows), batch_size=len(rows))))
+                x = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device)
+                seeds = [self.bpd_first_seed + i for i in rows]
+                bpd, nfe = self.likelihood.bits_per_dim(progress.wrap(model.score_fn, len(rows)), model.sde, x, seeds,
+                                                        model.data_space)
+                progress.batch_done(len(rows), nfe)
+                store.save(index, {"rows": [rows[0], rows[-1]], "bpd": bpd.double().cpu(), "nfe": int(nfe)})
         barrier()
         if rank != 0:
             return None

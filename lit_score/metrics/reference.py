@@ -19,6 +19,7 @@ from lit_score.distributed import barrier, broadcast, rank_and_world
 from lit_score.data_space import DataSpace, data_space_of
 from lit_score.metrics.features import FeatureExtractor
 from lit_score.metrics.frechet import ordered_statistics
+from lit_score.progress import Progress
 
 if TYPE_CHECKING:
     import lightning as L
@@ -83,12 +84,17 @@ def reference_statistics(datamodule: L.LightningDataModule, features: FeatureExt
     dataset = full() if callable(full) else datamodule.train_dataloader().dataset
     features = features.to(device).eval()
     num_chunks = -(-len(dataset) // batch_size)
+    rank, world = rank_and_world()
+    mine = sum(min(batch_size, len(dataset) - k * batch_size) for k in range(rank, num_chunks, world))
+    progress = Progress(f"FID reference statistics of {len(dataset)} training images", mine)
 
     def features_of(k: int) -> Tensor:
         rows = range(k * batch_size, min((k + 1) * batch_size, len(dataset)))
         images = next(iter(DataLoader(Subset(dataset, rows), batch_size=len(rows))))
         images = images[0] if isinstance(images, (list, tuple)) else images
-        return features(space.to_uint8(images.to(device)))
+        out = features(space.to_uint8(images.to(device)))
+        progress.advance(len(rows))
+        return out
 
     kept: list[Tensor] = []
 
@@ -96,11 +102,11 @@ def reference_statistics(datamodule: L.LightningDataModule, features: FeatureExt
         if k * batch_size < keep_features:
             kept.append(f[:keep_features - k * batch_size])
 
-    stats = ordered_statistics(num_chunks, features_of, features.num_features, device, keep)
+    with progress:
+        stats = ordered_statistics(num_chunks, features_of, features.num_features, device, keep)
     mean, cov, count = stats.compute()
     mean, cov = mean.cpu(), cov.cpu()
     first = torch.cat(kept) if kept else None
-    rank = rank_and_world()[0]
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")

@@ -132,6 +132,10 @@ class Sampler(abc.ABC):
                device: torch.device | str = "cpu") -> SampleResult:
         """Draw len(seeds) samples of per-image ``shape``."""
 
+    def planned_nfe(self, sde: SDE) -> int | None:
+        """Score evaluations per image ``sample`` will take under ``sde``; None when not known in advance."""
+        return None
+
 
 class SeededNoise:
     """Successive draws of per-image seeded normal noise: draw k of image i is seeded_normal(seeds[i], step=k)."""

@@ -217,6 +217,11 @@ class PCSampler(Sampler):
         self.snr, self.n_steps_each, self.step_lr, self.steps = snr, n_steps_each, step_lr, steps
         self.eps, self.denoise, self.order, self.step_rule = eps, denoise, order, step_rule
 
+    def planned_nfe(self, sde: SDE) -> int:
+        """One evaluation per predictor step and ``n_steps_each`` per corrector step, at each of the N levels."""
+        per_level = (self.predictor is not no_predictor) + self.n_steps_each * (self.corrector is not no_corrector)
+        return (self.steps or sde.N) * per_level
+
     def sample(self, score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
                device: torch.device | str = "cpu", x_init: Tensor | None = None,
                project: Projection | None = None) -> SampleResult:

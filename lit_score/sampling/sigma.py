@@ -154,6 +154,9 @@ class EDMSampler(_SigmaSampler):
                              f"{S_min}, {S_max}")
         self.S_churn, self.S_min, self.S_max, self.S_noise = S_churn, S_min, S_max, S_noise
 
+    def planned_nfe(self, sde: SDE) -> int:
+        return 2 * self.steps - 1  # Heun at each level, Euler on the last step to sigma = 0
+
     def sample(self, score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
                device: torch.device | str = "cpu") -> SampleResult:
         D, x, sigmas, noise, counted = self._start(score_fn, sde, shape, seeds, device)
@@ -167,6 +170,9 @@ class DPMSolverPP(_SigmaSampler):
     def __init__(self, steps: int = 20, schedule: str = "karras", sigma_min: float | None = None,
                  sigma_max: float | None = None, float64: bool = False) -> None:
         super().__init__(steps, schedule, sigma_min, sigma_max, float64)
+
+    def planned_nfe(self, sde: SDE) -> int:
+        return self.steps
 
     def sample(self, score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
                device: torch.device | str = "cpu") -> SampleResult:

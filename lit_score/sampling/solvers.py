@@ -274,6 +274,9 @@ class _OneEvalPerStep(_SigmaSampler):
     def _solve(self, D: Denoiser, x: Tensor, sigmas: Tensor, noise: SeededNoise) -> Tensor:
         raise NotImplementedError
 
+    def planned_nfe(self, sde: SDE) -> int:
+        return self.steps
+
     def sample(self, score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
                device: torch.device | str = "cpu") -> SampleResult:
         D, x, sigmas, noise, counted = self._start(score_fn, sde, shape, seeds, device)

@@ -1,0 +1,110 @@
+"""Progress of long computations on stderr: images done / total, NFE per image and an ETA, drawn by rank 0 only.
+
+Sampling progress is counted per score-network evaluation by wrapping the score function, so samplers need no
+hook and no host synchronisation is added (the count is a Python integer). ``TQDM_DISABLE=1`` silences it.
+"""
+from __future__ import annotations
+
+import sys
+from typing import IO, Callable
+
+from torch import Tensor
+from tqdm import tqdm
+
+from lit_score.distributed import rank_and_world
+
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar:20}| {status} [{elapsed}, ETA {remaining}]"
+
+
+class _Bar(tqdm):
+    """tqdm with a ``status`` field in its format."""
+
+    status = ""
+
+    @property
+    def format_dict(self) -> dict:
+        return {**super().format_dict, "status": self.status}
+
+
+class Progress:
+    """A progress bar over ``total`` images (or other items, ``unit``) with an ETA.
+
+    Args:
+        desc: what is being computed, e.g. ``"predict"`` or ``"val/fid@10k"``.
+        total: items this process will do.
+        nfe_per_image: score evaluations each sampled image will take, when known in advance (see
+            ``planned_nfe``); progress then advances within a batch, one evaluation at a time.
+        enabled: draw the bar (default: on rank 0 only).
+        file: where (default: stderr).
+    """
+
+    def __init__(self, desc: str, total: int, nfe_per_image: int | None = None, unit: str = "images",
+                 enabled: bool | None = None, file: IO[str] | None = None) -> None:
+        world = rank_and_world()[1]
+        if enabled is None:
+            enabled = rank_and_world()[0] == 0
+        self.desc = desc if world == 1 else f"{desc} (rank 0 of {world})"
+        self.total, self.unit, self.planned = int(total), unit, nfe_per_image
+        self.done, self.nfe, self.last_nfe = 0, 0, None
+        self._batch, self._in_batch = 0, 0.0
+        self.bar = _Bar(total=max(self.total, 1), desc=self.desc, bar_format=BAR_FORMAT, disable=not enabled,
+                        file=file if file is not None else sys.stderr, dynamic_ncols=True, mininterval=0.5,
+                        leave=True)
+        self._show()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._show()
+        self.bar.close()
+
+    def _show(self) -> None:
+        text = f"{self.unit} {self.done}/{self.total}"
+        if self._batch:
+            expected = self.planned or self.last_nfe
+            text += f", NFE {self.nfe}/{expected} per image" if expected else f", NFE {self.nfe} per image"
+        elif self.last_nfe is not None:
+            text += f", NFE {self.last_nfe} per image"
+        self.bar.status = text
+
+    def advance(self, n: int) -> None:
+        """``n`` more items are done (for work that is not sampling)."""
+        self.done += n
+        self._show()
+        self.bar.update(n)
+
+    def wrap(self, score_fn: Callable[[Tensor, Tensor], Tensor], batch: int) -> Callable[[Tensor, Tensor], Tensor]:
+        """``score_fn`` for a batch of ``batch`` images, counting each evaluation into the bar; call
+        ``batch_done`` after the batch."""
+        self._batch, self._in_batch, self.nfe = batch, 0.0, 0
+        expected = self.planned or self.last_nfe
+
+        def counted(x: Tensor, t: Tensor) -> Tensor:
+            out = score_fn(x, t)
+            self.nfe += 1
+            step = min(batch / expected, 0.99 * batch - self._in_batch) if expected else 0.0
+            step = max(step, 0.0)  # the batch's last share lands in batch_done
+            self._in_batch += step
+            self._show()
+            self.bar.update(step)  # redraws at most every mininterval
+            return out
+
+        return counted
+
+    def batch_done(self, n: int, nfe: int | None = None) -> None:
+        """The batch of ``n`` images is sampled, at ``nfe`` evaluations per image (default: those counted)."""
+        self.last_nfe = int(nfe) if nfe is not None else self.nfe
+        self._batch, self._in_batch = 0, 0.0
+        self.done += n
+        self._show()
+        self.bar.update(self.done - self.bar.n)  # exact at batch ends
+
+
+def planned_nfe(sampler: object, sde: object) -> int | None:
+    """Score evaluations per image ``sampler`` will take under ``sde`` (None: adaptive, or not known in advance)."""
+    planned = getattr(sampler, "planned_nfe", None)
+    return planned(sde) if callable(planned) else None
