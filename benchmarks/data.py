@@ -38,7 +38,7 @@ def write_arrow(folder: Path, target: Path) -> Path:
 
 def delivered_images_per_second(path: Path, batch_size: int, num_workers: int, epochs: int = 2) -> float:
     """Images/s of the training DataLoader over ``epochs`` epochs after a warm-up epoch (worker start-up)."""
-    from data_modules import ImageDataModule
+    from lit_score.data import ImageDataModule
 
     datamodule = ImageDataModule(path=str(path), batch_size=batch_size, num_workers=num_workers, val_size=0,
                                  random_flip=True, centered=True)

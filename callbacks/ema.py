@@ -253,5 +253,5 @@ def export_ema(checkpoint_path: str, output_path: str, prefix: str = "net.") -> 
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        sys.exit("usage: python -m callbacks.ema CHECKPOINT.ckpt OUTPUT.safetensors")
+        sys.exit("usage: python -m lit_score.callbacks.ema CHECKPOINT.ckpt OUTPUT.safetensors")
     export_ema(sys.argv[1], sys.argv[2])

@@ -15,8 +15,8 @@ from lightning.fabric.utilities.logger import _flatten_dict
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-from callbacks.ema import ema_weights
-from callbacks.sampling import batched, draw, due, fast_dev_run
+from lit_score.callbacks.ema import ema_weights
+from lit_score.callbacks.sampling import batched, draw, due, fast_dev_run
 from lit_score.metrics.features import FeatureExtractor, to_uint8
 from lit_score.metrics.frechet import frechet_distance, ordered_statistics
 from lit_score.metrics.kid import kernel_inception_distance

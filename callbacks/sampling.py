@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-from callbacks.ema import ema_weights
+from lit_score.callbacks.ema import ema_weights
 from lit_score.metrics.features import to_uint8
 from lit_score.metrics.reference import data_centered
 from lit_score.sampling.base import Sampler

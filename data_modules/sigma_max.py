@@ -3,8 +3,8 @@
 
 From the shell, on the data section of an experiment YAML (overrides as in ``lit-score``)::
 
-    python -m data_modules.sigma_max --config experiments/imagefolder_example.yaml --data.init_args.path DIR
-    python -m data_modules.sigma_max --data.class_path data_modules.ImageDataModule --data.init_args.path DIR
+    python -m lit_score.data.sigma_max --config experiments/imagefolder_example.yaml --data.init_args.path DIR
+    python -m lit_score.data.sigma_max --data.class_path lit_score.data.ImageDataModule --data.init_args.path DIR
 
 Distances are measured in the model's data space (after scaling to [0, 1], or [-1, 1] when centered), without
 flips or dequantisation noise. ``--max_images`` (default 10000) bounds the O(N^2) search by a random subset
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from data_modules.image import ImageDataModule
+from lit_score.data.image import ImageDataModule
 
 
 def max_pairwise_distance(x: Tensor, chunk_size: int = 1024) -> float:
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> float:
     from jsonargparse import ArgumentParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = ArgumentParser(prog="python -m data_modules.sigma_max", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m lit_score.data.sigma_max", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=str | None, default=None,
                         help="experiment YAML; its data section is used (defaults: are composed)")
     parser.add_subclass_arguments(L.LightningDataModule, "data", required=True)

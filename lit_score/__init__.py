@@ -1,6 +1,6 @@
-"""lit-score: score-based generative modelling with SDEs, in PyTorch Lightning."""
-from lit_score.sdes import SDE, SDES, VESDE, VPSDE, subVPSDE
-from lit_score.module import ScoreModel
+"""lit-score: score-based generative modelling with SDEs, in PyTorch Lightning.
 
-__all__ = ["SDE", "SDES", "VESDE", "VPSDE", "subVPSDE", "ScoreModel"]
+Three floors: the numerics (``lit_score.sdes``, ``losses``, ``networks``, ``sampling``, ``likelihood``,
+``metrics``) import no Lightning; the Lightning glue (``lit_score.module.ScoreModel``, ``lit_score.data``,
+``lit_score.callbacks``) builds on them; the command line (``lit_score.cli``, ``lit_score.commands``) on top."""
 __version__ = "0.1.0"

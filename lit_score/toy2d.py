@@ -80,7 +80,7 @@ class Toy2DFigure(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         mixture = getattr(trainer.datamodule, "mixture", None)
         if not isinstance(mixture, GaussianMixture):
-            raise TypeError("Toy2DFigure needs a DataModule with a GaussianMixture 'mixture' (data_modules.toy2d)")
+            raise TypeError("Toy2DFigure needs a DataModule with a GaussianMixture 'mixture' (lit_score.data.toy2d)")
         out = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)  # log_dir is a collective call
         if trainer.global_rank != 0:
             return

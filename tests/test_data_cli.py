@@ -56,7 +56,7 @@ def test_fit_from_a_grayscale_arrow_dataset(tmp_path):
 
 def test_sigma_max_command_on_an_image_folder(tmp_path, capsys):
     """The shell command prints the largest pairwise distance of the folder's images for the VE SDE."""
-    from data_modules.sigma_max import main
+    from lit_score.data.sigma_max import main
 
     for i, value in enumerate((0, 255, 100)):
         Image.new("RGB", (8, 8), (value,) * 3).save(tmp_path / f"{i}.png")
@@ -71,8 +71,8 @@ def test_unreachable_hub_dataset_says_how_to_use_a_local_copy(monkeypatch):
     """With the hub unreachable (offline mode), a preset fails naming the hub id and the local-copy options."""
     import huggingface_hub.constants
 
-    from data_modules import ImageDataModule
-    from data_modules.plugins import DatasetUnavailableError
+    from lit_score.data import ImageDataModule
+    from lit_score.data.plugins import DatasetUnavailableError
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

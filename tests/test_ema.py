@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks.ema import EMA, export_ema, halflife_decay, load_ema_state_dict, warmup_decay
+from lit_score.callbacks.ema import EMA, export_ema, halflife_decay, load_ema_state_dict, warmup_decay
 
 
 class Tiny(L.LightningModule):
