@@ -42,7 +42,7 @@ def delivered_images_per_second(path: Path, batch_size: int, num_workers: int, e
                                 cached: bool = False, device: str = "cpu") -> float:
     """Images/s of the training DataLoader over ``epochs`` epochs after a warm-up epoch (worker start-up); with
     ``cached``, of CachedImageDataModule, its batches augmented on ``device`` as a Trainer would."""
-    from data_modules import CachedImageDataModule, ImageDataModule
+    from lit_score.data import CachedImageDataModule, ImageDataModule
 
     kind = CachedImageDataModule if cached else ImageDataModule
     datamodule = kind(path=str(path), batch_size=batch_size, num_workers=num_workers, val_size=0,

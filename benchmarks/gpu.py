@@ -263,7 +263,7 @@ def synthetic_cifar(n: int, seed: int = 0) -> torch.Tensor:
 def training_run(suite: Suite) -> list[dict[str, Any]]:
     """lit-score's own training (lightning.Trainer fitting ScoreModel with EMA) for ``run_seconds``; the loss of the
     first and the last tenth of the steps."""
-    from data_modules.cached import _Indices, _keep
+    from lit_score.data.cached import _Indices, _keep
 
     L, EMA, ScoreModel = _lightning_parts()
     quiet_lightning()

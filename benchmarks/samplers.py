@@ -168,7 +168,7 @@ def step_costs(batch: int, reps: int, quick: bool = False) -> dict:
 def run_checkpoint(path: str, n: int = 64) -> list[dict]:
     """The quickstart model (EMA weights): energy distance between n samples and n digits, and the fraction of
     noise images (mean squared pixel difference to the neighbours above 1.5 x the data's 99th percentile)."""
-    from data_modules.digits import load_digits_images
+    from lit_score.data.digits import load_digits_images
     from lit_score.module import ScoreModel
 
     ckpt = torch.load(path, map_location="cpu", weights_only=False)

@@ -211,7 +211,7 @@ def _lightning_parts():
     warnings.filterwarnings("ignore", message=".*treespec.*")
     import lightning as L
 
-    from callbacks.ema import EMA
+    from lit_score.callbacks.ema import EMA
     from lit_score.module import ScoreModel
 
     return L, EMA, ScoreModel

@@ -14,8 +14,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-from callbacks.ema import ema_weights
-from callbacks.sampling import batched, draw, due, fast_dev_run
+from lit_score.callbacks.ema import ema_weights
+from lit_score.callbacks.sampling import batched, draw, due, fast_dev_run
 from lit_score.metrics.features import FeatureExtractor
 from lit_score.metrics.frechet import frechet_distance, metric_tag, ordered_statistics
 from lit_score.metrics.kid import kernel_inception_distance
@@ -88,7 +88,7 @@ class FID(L.Callback):
                     logger.experiment.add_text(self.tag, note, trainer.global_step)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # the HParams tab, with this FID as metric, is callbacks.dashboard.Dashboard's
+        # the HParams tab, with this FID as metric, is lit_score.callbacks.dashboard.Dashboard's
         if self.at_start and not fast_dev_run(trainer):
             self.evaluate(trainer, pl_module)
 

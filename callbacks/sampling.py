@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger
 from torch import Tensor
 
-from callbacks.ema import ema_weights
+from lit_score.callbacks.ema import ema_weights
 from lit_score.progress import Progress
 from lit_score.sampling.base import Sampler
 

@@ -7,13 +7,13 @@
 - ``DigitsDataModule``: the quickstart's embedded digits, upsampled on tensors.
 - ``Toy2DDataModule``: the embedded 2-D toy densities (``TOY_DENSITIES``), batches (B, 2).
 """
-from data_modules import presets
-from data_modules.base import ScoreDataModule
-from data_modules.cached import CachedImageDataModule
-from data_modules.digits import DigitsDataModule
-from data_modules.image import ImageDataModule
-from data_modules.plugins import DATASETS, DatasetPlugin, SourceOptions, get_plugin
-from data_modules.toy2d import Toy2DDataModule
+from lit_score.data import presets
+from lit_score.data.base import ScoreDataModule
+from lit_score.data.cached import CachedImageDataModule
+from lit_score.data.digits import DigitsDataModule
+from lit_score.data.image import ImageDataModule
+from lit_score.data.plugins import DATASETS, DatasetPlugin, SourceOptions, get_plugin
+from lit_score.data.toy2d import Toy2DDataModule
 from lit_score.densities import TOY_DENSITIES
 
 __all__ = ["CachedImageDataModule", "DATASETS", "TOY_DENSITIES", "DatasetPlugin", "DigitsDataModule", "ImageDataModule", "ScoreDataModule",

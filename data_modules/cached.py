@@ -97,7 +97,7 @@ class CachedImageDataModule(ImageDataModule):
         gb = n * c * s * s / 1e9
         if gb > self.max_cache_gb:
             raise ValueError(f"the training split is {gb:.1f} GB as uint8, over max_cache_gb = {self.max_cache_gb}; "
-                             "raise max_cache_gb or use data_modules.ImageDataModule")
+                             "raise max_cache_gb or use lit_score.data.ImageDataModule")
         digest = hashlib.sha1(np.asarray(train_set.rows, dtype=np.int64).tobytes()).hexdigest()[:12]
         path = cache_dir() / f"{self.cache_key()}-train-{digest}.pt"
         if self.cache and path.is_file():

@@ -9,8 +9,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from data_modules.base import ScoreDataModule
-from data_modules.plugins import DATASETS, DatasetPlugin, SourceOptions
+from lit_score.errors import DataError
+from lit_score.data.base import ScoreDataModule
+from lit_score.data.plugins import DATASETS, DatasetPlugin, SourceOptions
 from lit_score.resume import ResumableDataLoader
 
 
@@ -40,7 +41,7 @@ def load_digits_table(options: SourceOptions) -> datasets.Dataset:
     from sklearn.datasets import load_digits
 
     if options.split != "train":
-        raise ValueError(f"the digits dataset has only the split 'train', not {options.split!r}")
+        raise DataError(f"the digits dataset has only the split 'train', not {options.split!r}")
     pixels = (load_digits().images * (255.0 / 16.0)).round().astype(np.uint8)
     features = datasets.Features({"image": datasets.Image()})
     return datasets.Dataset.from_dict({"image": [Image.fromarray(p, mode="L") for p in pixels]}, features=features)
@@ -61,7 +62,7 @@ class DigitsDataModule(ScoreDataModule):
                  first_seed: int = 0) -> None:
         super().__init__(num_samples, sample_batch_size, first_seed)
         if not 0 < val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+            raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.image_size, self.batch_size, self.val_fraction = image_size, batch_size, val_fraction
         self.centered, self.seed, self.num_workers = centered, seed, num_workers
 

@@ -3,7 +3,7 @@
 YAML::
 
     data:
-      class_path: data_modules.ImageDataModule
+      class_path: lit_score.data.ImageDataModule
       init_args:
         dataset: cifar10            # a preset, a plugin name, or a dotted path (default: huggingface)
         path: /data/cifar10_png     # optional for presets: a local copy (image folder or save_to_disk dir)
@@ -43,14 +43,15 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from data_modules.base import ScoreDataModule
-from data_modules.plugins import DatasetPlugin, Images, SourceOptions, get_plugin, with_overrides
-from data_modules.transforms import ImageTransform, channels_of
+from lit_score.errors import DataError
+from lit_score.data.base import ScoreDataModule
+from lit_score.data.plugins import DatasetPlugin, Images, SourceOptions, get_plugin, with_overrides
+from lit_score.data.transforms import ImageTransform, channels_of
 from lit_score.distributed import rank_and_world
 from lit_score.resume import ResumableDataLoader
 
 
-class ImageReadError(ValueError):
+class ImageReadError(DataError):
     """An image that cannot be decoded or preprocessed."""
 
 
@@ -58,14 +59,14 @@ def find_image_column(features: datasets.Features | None, columns: list[str], re
     """``requested`` if the table has it; else the one column of ``datasets.Image`` type."""
     if requested is not None:
         if requested not in columns:
-            raise ValueError(f"image column {requested!r} not found; the columns are: {', '.join(columns)}")
+            raise DataError(f"image column {requested!r} not found; the columns are: {', '.join(columns)}")
         return requested
     typed = [c for c in columns if features is not None and isinstance(features.get(c), datasets.Image)]
     if len(typed) == 1:
         return typed[0]
     if len(typed) > 1:
-        raise ValueError(f"several image columns ({', '.join(typed)}); set image_column to one of them")
-    raise ValueError(f"no column of image type; the columns are: {', '.join(columns)}; set image_column")
+        raise DataError(f"several image columns ({', '.join(typed)}); set image_column to one of them")
+    raise DataError(f"no column of image type; the columns are: {', '.join(columns)}; set image_column")
 
 
 def decode_image(cell: Any) -> Image.Image:
@@ -175,7 +176,7 @@ class StreamingImages(IterableDataset):
 def _held_out(n: int, val_size: int | float) -> int:
     count = int(round(n * val_size)) if isinstance(val_size, float) else int(val_size)
     if count >= n:
-        raise ValueError(f"val_size={val_size} holds out {count} of {n} images, leaving none to train on")
+        raise DataError(f"val_size={val_size} holds out {count} of {n} images, leaving none to train on")
     return count
 
 
@@ -195,20 +196,20 @@ class ImageDataModule(ScoreDataModule):
         super().__init__(num_samples, sample_batch_size, first_seed)
         self.save_hyperparameters()
         if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise DataError(f"batch_size must be positive, got {batch_size}")
         if num_workers is None:
             num_workers = min(4, os.cpu_count() or 1)
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise DataError(f"num_workers must be >= 0, got {num_workers}")
         if isinstance(val_size, float) and not 0.0 <= val_size < 1.0:
-            raise ValueError(f"a fractional val_size must be in [0, 1), got {val_size}")
+            raise DataError(f"a fractional val_size must be in [0, 1), got {val_size}")
         if val_size < 0:
-            raise ValueError(f"val_size must be >= 0, got {val_size}")
+            raise DataError(f"val_size must be >= 0, got {val_size}")
         if streaming and isinstance(val_size, float) and val_size > 0:
-            raise ValueError(f"a streamed dataset has no known length: give val_size as a number of images "
+            raise DataError(f"a streamed dataset has no known length: give val_size as a number of images "
                              f"(e.g. 500) or 0, not the fraction {val_size}")
         if center_crop is not None and center_crop < 0:
-            raise ValueError(f"center_crop must be a side length, 0 for none, or null for the preset's; "
+            raise DataError(f"center_crop must be a side length, 0 for none, or null for the preset's; "
                              f"got {center_crop}")
         self.dataset_name = dataset
         plugin = get_plugin(dataset)
@@ -253,9 +254,9 @@ class ImageDataModule(ScoreDataModule):
             if size is None:
                 size = self.crop or min(first.size)
         if channels not in (1, 3):
-            raise ValueError(f"num_channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+            raise DataError(f"num_channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         if size < 1:
-            raise ValueError(f"image_size must be positive, got {size}")
+            raise DataError(f"image_size must be positive, got {size}")
         return size, channels
 
     def _first_image(self) -> Image.Image:
@@ -265,7 +266,7 @@ class ImageDataModule(ScoreDataModule):
         example = next(iter(images), None) if isinstance(images, datasets.IterableDataset) else (
             images[0] if len(images) else None)
         if example is None:
-            raise ValueError(f"{self.source_name} has no images")
+            raise DataError(f"{self.source_name} has no images")
         return read_image(example[column], f"first image of {self.source_name}")
 
     @property
@@ -306,12 +307,12 @@ class ImageDataModule(ScoreDataModule):
             self._setup_stream(images, column, name)
             return
         if len(images) == 0:
-            raise ValueError(f"{name} has no images")
+            raise DataError(f"{name} has no images")
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed)).numpy()
         n_val = _held_out(len(images), self.val_size)
         train_rows, val_rows = np.sort(order[n_val:]), np.sort(order[:n_val])
         if len(train_rows) < self.batch_size:
-            raise ValueError(f"{name} leaves {len(train_rows)} training images, fewer than batch_size="
+            raise DataError(f"{name} leaves {len(train_rows)} training images, fewer than batch_size="
                              f"{self.batch_size}")
         self._warn_conversions(images, column)
         self.train_set = ArrowImages(images, column, train_rows, self.transform(augment=True), name)

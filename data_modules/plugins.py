@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Union
 
 import datasets
 
+from lit_score.errors import DataError, MissingDataError
 from lit_score.registry import Registry
 
 ENTRY_POINT_GROUP = "lit_score.datasets"
@@ -35,7 +36,7 @@ DATA_FILE_SUFFIXES = (".parquet", ".arrow", ".csv", ".json", ".jsonl", ".tar")
 Images = Union[datasets.Dataset, datasets.IterableDataset]
 
 
-class DatasetUnavailableError(RuntimeError):
+class DatasetUnavailableError(DataError, RuntimeError):
     """A dataset that cannot be found or reached."""
 
 
@@ -101,11 +102,11 @@ def get_plugin(name: str) -> DatasetPlugin:
         try:
             module = importlib.import_module(module_name)
         except ImportError as err:
-            raise ValueError(f"dataset {name!r}: cannot import module {module_name!r} ({err})") from None
+            raise DataError(f"dataset {name!r}: cannot import module {module_name!r} ({err})") from None
         if not hasattr(module, attr):
-            raise ValueError(f"dataset {name!r}: module {module_name!r} has no attribute {attr!r}")
+            raise DataError(f"dataset {name!r}: module {module_name!r} has no attribute {attr!r}")
         return _plugin_from(getattr(module, attr), f"dataset {name!r}")
-    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(known_plugin_names())} "
+    raise DataError(f"unknown dataset {name!r}; known: {', '.join(known_plugin_names())} "
                      f"(or give a dotted path such as my_package.module.MY_PLUGIN)")
 
 
@@ -122,20 +123,20 @@ def _load_saved(path: Path, options: SourceOptions) -> Images:
     saved = datasets.load_from_disk(str(path))
     if isinstance(saved, datasets.DatasetDict):
         if options.split not in saved:
-            raise ValueError(f"{path} has splits {sorted(saved)}, not {options.split!r}; set split")
+            raise DataError(f"{path} has splits {sorted(saved)}, not {options.split!r}; set split")
         saved = saved[options.split]
     return saved.to_iterable_dataset(num_shards=min(len(saved), 64) or 1) if options.streaming else saved
 
 
 def _load_local(path: Path, options: SourceOptions) -> Images:
     if not path.is_dir():
-        raise FileNotFoundError(f"no such directory: {path} (path must be a folder of images, a directory "
+        raise MissingDataError(f"no such directory: {path} (path must be a folder of images, a directory "
                                 f"written by datasets' save_to_disk, or a hub dataset id)")
     if any((path / marker).is_file() for marker in ("state.json", "dataset_dict.json")):
         return _load_saved(path, options)
     has_images = any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*"))
     if not has_images and not any(p.suffix.lower() in DATA_FILE_SUFFIXES for p in path.rglob("*")):
-        raise FileNotFoundError(f"folder {path} contains no images (looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise MissingDataError(f"folder {path} contains no images (looked for {', '.join(IMAGE_SUFFIXES)})")
     builder = "imagefolder" if has_images else str(path)
     kwargs = {"data_dir": str(path)} if has_images else {}
     with quiet_progress_bars():  # datasets says "Downloading data" while it reads local files
@@ -187,7 +188,7 @@ def hub_offline() -> bool:
 def load_huggingface(options: SourceOptions) -> Images:
     """Images from ``datasets``: a local image folder, a ``save_to_disk`` directory, or a hub dataset id."""
     if not options.path:
-        raise ValueError("dataset 'huggingface' needs a path: a hub dataset id, a folder of images, "
+        raise DataError("dataset 'huggingface' needs a path: a hub dataset id, a folder of images, "
                          "or a directory written by save_to_disk")
     if _looks_local(options.path):
         return _load_local(Path(options.path).expanduser(), options)

@@ -16,7 +16,7 @@ The image column is detected (the one column of image type), so a local copy may
 """
 from __future__ import annotations
 
-from data_modules.plugins import DATASETS, DatasetPlugin, load_huggingface
+from lit_score.data.plugins import DATASETS, DatasetPlugin, load_huggingface
 
 
 def _preset(name: str, path: str, image_size: int, config_name: str | None = None,

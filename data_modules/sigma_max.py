@@ -4,7 +4,7 @@
 From the shell, on the data section of an experiment YAML (overrides as in ``lit-score``)::
 
     lit-score sigma-max --config experiments/imagefolder_example.yaml --data.init_args.path DIR
-    lit-score sigma-max --data.class_path data_modules.ImageDataModule --data.init_args.path DIR
+    lit-score sigma-max --data.class_path lit_score.data.ImageDataModule --data.init_args.path DIR
 
 Distances are measured in the model's data space (after scaling to [0, 1], or [-1, 1] when centered), without
 flips or dequantisation noise. ``--max_images`` (default 10000) bounds the O(N^2) search by a random subset
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from data_modules.image import ImageDataModule
+from lit_score.data.image import ImageDataModule
 
 
 def max_pairwise_distance(x: Tensor, chunk_size: int = 1024) -> float:

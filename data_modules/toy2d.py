@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from data_modules.base import ScoreDataModule
+from lit_score.errors import DataError
+from lit_score.data.base import ScoreDataModule
 from lit_score.data_space import DataSpace
 from lit_score.densities import TOY_DENSITIES
 from lit_score.resume import ResumableDataLoader
@@ -31,7 +32,7 @@ class Toy2DDataModule(ScoreDataModule):
         super().__init__(num_samples, sample_batch_size, first_seed)
         self.mixture = TOY_DENSITIES[density]()
         if num_train < 1 or num_val < 1 or batch_size < 1:
-            raise ValueError(f"num_train, num_val and batch_size must be >= 1, got {num_train}, {num_val}, {batch_size}")
+            raise DataError(f"num_train, num_val and batch_size must be >= 1, got {num_train}, {num_val}, {batch_size}")
         self.density, self.num_train, self.num_val, self.batch_size, self.seed = (
             density, num_train, num_val, batch_size, seed)
 

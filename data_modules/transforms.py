@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from lit_score.errors import DataError
+
 GRAYSCALE_MODES = ("1", "L", "LA", "I", "F")
 
 
@@ -25,7 +27,7 @@ def channels_of(mode: str) -> int:
 def to_channels(image: Image.Image, num_channels: int) -> Image.Image:
     """The image as grayscale ("L") for 1 channel or "RGB" for 3."""
     if num_channels not in (1, 3):
-        raise ValueError(f"num_channels must be 1 (grayscale) or 3 (RGB), got {num_channels}")
+        raise DataError(f"num_channels must be 1 (grayscale) or 3 (RGB), got {num_channels}")
     mode = "L" if num_channels == 1 else "RGB"
     if image.mode == mode:
         return image
@@ -39,7 +41,7 @@ def center_crop(image: Image.Image, width: int, height: int | None = None) -> Im
     height = width if height is None else height
     w, h = image.size
     if w < width or h < height:
-        raise ValueError(f"cannot center-crop {width}x{height} from a {w}x{h} image")
+        raise DataError(f"cannot center-crop {width}x{height} from a {w}x{h} image")
     left, top = (w - width) // 2, (h - height) // 2
     return image.crop((left, top, left + width, top + height))
 
@@ -93,11 +95,11 @@ class ImageTransform:
 
     def __post_init__(self) -> None:
         if self.image_size < 1:
-            raise ValueError(f"image_size must be positive, got {self.image_size}")
+            raise DataError(f"image_size must be positive, got {self.image_size}")
         if self.num_channels not in (1, 3):
-            raise ValueError(f"num_channels must be 1 (grayscale) or 3 (RGB), got {self.num_channels}")
+            raise DataError(f"num_channels must be 1 (grayscale) or 3 (RGB), got {self.num_channels}")
         if self.center_crop is not None and self.center_crop < 1:
-            raise ValueError(f"center_crop must be a positive side length or None, got {self.center_crop}")
+            raise DataError(f"center_crop must be a positive side length or None, got {self.center_crop}")
 
     def pixels(self, image: Image.Image) -> Tensor:
         """The deterministic part: (C, S, S) uint8 after channel conversion, crops and resize."""

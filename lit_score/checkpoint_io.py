@@ -2,6 +2,7 @@
 disk and renamed over it, so a crash or ``kill -9`` during a save leaves the previous checkpoint intact."""
 from __future__ import annotations
 
+import hashlib
 import os
 import zipfile
 from collections.abc import Callable
@@ -12,10 +13,21 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 
+from lit_score.errors import CheckpointError
+
 TMP_MARK = ".tmp-"
 
 
-class CorruptCheckpointError(RuntimeError):
+def sha256(path: str | Path) -> str:
+    """The SHA-256 of a file, in hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class CorruptCheckpointError(CheckpointError):
     """A checkpoint file that is truncated or not a checkpoint at all."""
 
 
@@ -88,3 +100,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if problem is None:
                 raise
             raise CorruptCheckpointError(corrupt_message(path, problem)) from None
+
+
+def state_mismatch(module: torch.nn.Module, state: dict[str, Any]) -> str | None:
+    """How ``state``'s keys and shapes differ from ``module``'s (the first few of each kind), or None."""
+    expected = module.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(expected[k].shape)]
+    parts = [f"{len(items)} {what} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})"
+             for what, items in (("missing key(s)", missing), ("unexpected key(s)", unexpected),
+                                 ("shape mismatch(es), checkpoint vs model", shapes)) if items]
+    return "; ".join(parts) or None

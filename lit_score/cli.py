@@ -15,17 +15,17 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from omegaconf.errors import OmegaConfBaseException
 
-from callbacks.dashboard import Dashboard
+from lit_score.callbacks.dashboard import Dashboard
+from lit_score.allocation import check_allocation
 from lit_score.checkpoint_io import CorruptCheckpointError, checkpoint_problem, corrupt_message
 from lit_score.config import ConfigError, expand_config_args
 from lit_score.data_space import data_space_of
-from lit_score.export import WEIGHTS_NAME, PretrainedError, check_state, export_main, load_weights, model_options
+from lit_score.errors import CheckpointError, ConfigurationError
+from lit_score.export import WEIGHTS_NAME, check_state, load_weights, model_options
 from lit_score.losses import loss_config
 from lit_score.module import ScoreModel
 from lit_score.preemption import Preemption
 from lit_score.resume import RandomState, resume_args
-from lit_score.slurm import SlurmAllocationError, check_allocation, submit_main
-from lit_score.threads import configure_threads, pop_threads_arg
 
 
 class ScoreCLI(LightningCLI):
@@ -54,7 +54,7 @@ class ScoreCLI(LightningCLI):
         # Every fit can be pre-empted and resumed exactly: see lit_score.preemption and lit_score.resume.
         parser.add_lightning_class_args(RandomState, "random_state")
         parser.add_lightning_class_args(Preemption, "preemption")
-        # TensorBoard's custom-scalars layout and HParams tab: see callbacks.dashboard.
+        # TensorBoard's custom-scalars layout and HParams tab: see lit_score.callbacks.dashboard.
         parser.add_lightning_class_args(Dashboard, "dashboard")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -120,6 +120,7 @@ FROM_CHECKPOINT = ("net", "sde", "loss")
 # Trainer options whose int means a count (of batches, steps) and whose float means a fraction.
 COUNT_OR_FRACTION = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
                      "val_check_interval", "overfit_batches")
+LIGHTNING_CKPT_NAMES = ("last", "best")
 
 
 def without_slurm_auto_requeue(plugins: Any) -> Any:
@@ -174,35 +175,30 @@ def checkpoint_model_config(ckpt_path: str | Path) -> dict:
     try:
         ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
     except Exception as err:  # noqa: BLE001 - reported as a one-line CLI error
-        sys.exit(f"lit-score: error: cannot read the checkpoint {ckpt_path}: {type(err).__name__}: {err}")
+        raise CheckpointError(f"cannot read the checkpoint {ckpt_path}: {type(err).__name__}: {err}") from err
     hparams = ckpt.get("hyper_parameters") or {}
     saved = {key: hparams[key] for key in FROM_CHECKPOINT if key in hparams}
     if "net" in saved:  # a checkpoint from before losses were objects names its loss (or none: dsm)
         try:
             saved["loss"] = loss_config(saved.get("loss"), hparams)
         except ValueError as err:
-            sys.exit(f"lit-score: error: the checkpoint {ckpt_path}: {err}")
+            raise CheckpointError(f"the checkpoint {ckpt_path}: {err}") from err
     return saved
 
 
 def pretrained_folder(folder: str) -> tuple[str, dict]:
-    """The folder and the model options of its config.json (one-line exit when it is no lit-score export)."""
-    try:
-        return folder, model_options(folder)
-    except PretrainedError as err:
-        sys.exit(f"lit-score: error: {err}")
+    """The folder and the model options of its config.json (:class:`PretrainedError` if it is no lit-score
+    export)."""
+    return folder, model_options(folder)
 
 
 def load_pretrained_weights(model: ScoreModel, folder: str, trainer: L.Trainer | None) -> None:
     """Put an export's weights into the network; they are the (EMA) weights to sample with, so an EMA callback
     starts from them instead of warning that it has no average."""
-    from callbacks.ema import ema_callback
+    from lit_score.callbacks.ema import ema_callback
 
-    try:
-        state = load_weights(folder)
-        check_state(model.net, state, str(Path(folder) / WEIGHTS_NAME))
-    except PretrainedError as err:
-        sys.exit(f"lit-score: error: {err}")
+    state = load_weights(folder)
+    check_state(model.net, state, str(Path(folder) / WEIGHTS_NAME))
     model.net.load_state_dict(state, strict=True)
     ema = ema_callback(trainer) if trainer is not None else None
     if ema is not None:
@@ -223,9 +219,9 @@ def check_model_matches(saved: dict, built: dict) -> None:
     problems = [d for key in saved for d in _differences(saved[key], built.get(key), f"model.{key}")]
     if problems:
         fix = "; ".join(problems)
-        sys.exit(f"lit-score: error: the checkpoint's network does not match this run's: {fix}. The network, SDE "
-                 "and loss come from the checkpoint; set the data options that feed them (e.g. "
-                 "--data.init_args.image_size) to the checkpoint's values.")
+        raise CheckpointError(f"the checkpoint's network does not match this run's: {fix}. The network, SDE and "
+                              "loss come from the checkpoint; set the data options that feed them (e.g. "
+                              "--data.init_args.image_size) to the checkpoint's values.")
 
 
 def check_ckpt_path(args: list[str]) -> None:
@@ -234,7 +230,12 @@ def check_ckpt_path(args: list[str]) -> None:
     for i, arg in enumerate(args):
         path = args[i + 1] if arg == "--ckpt_path" and i + 1 < len(args) else (
             arg.split("=", 1)[1] if arg.startswith("--ckpt_path=") else None)
-        if path and Path(path).is_file():
+        if path is None or path in LIGHTNING_CKPT_NAMES or path.startswith(("hpc", "registry")) or "://" in path:
+            continue
+        if not Path(path).exists():
+            raise CheckpointError(f"checkpoint not found: {path}; give a .ckpt file, a `lit-score export` folder, "
+                                  "or `last` to resume the newest checkpoint of the run")
+        if Path(path).is_file():
             problem = checkpoint_problem(path)
             if problem is not None:
                 raise CorruptCheckpointError(corrupt_message(path, problem))
@@ -245,8 +246,10 @@ def run_cli(argv: list[str] | None = None) -> ScoreCLI:
     from_command_line = argv is None
     try:
         args = expand_config_args(resume_args(sys.argv[1:] if from_command_line else list(argv)))
-    except (ConfigError, ValueError) as err:
-        sys.exit(f"lit-score: error: {err}")
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigurationError(str(err)) from err
     check_ckpt_path(args)
     if from_command_line:  # the expanded command line, also for the processes DDP launches from it
         sys.argv[1:] = args
@@ -254,42 +257,14 @@ def run_cli(argv: list[str] | None = None) -> ScoreCLI:
         return ScoreCLI(args=None if from_command_line else args, save_config_kwargs={"overwrite": True})
     except OmegaConfBaseException as err:
         # jsonargparse resolves interpolations before it reports invalid keys, so a typo can surface here.
-        sys.exit(f"lit-score: error: the config's interpolations do not resolve: {err}\n"
-                 "Check the interpolated keys, and the config for misspelt keys, which stop them resolving.")
+        raise ConfigurationError(f"the config's interpolations do not resolve: {err}. Check the interpolated keys, "
+                                 "and the config for misspelt keys, which stop them resolving.") from err
 
 
-def main() -> None:
-    """Console script ``lit-score``: exits 2 on a bad checkpoint or allocation (not worth a retry), and with
-    128 + the signal number after a signal stopped the run. ``--threads N`` anywhere sets the CPU threads
-    (default: the CPUs the process may use, see lit_score.threads)."""
-    try:
-        sys.argv[1:], threads = pop_threads_arg(sys.argv[1:])
-    except ValueError as err:
-        sys.exit(f"lit-score: error: {err}")
-    configure_threads(threads)
-    if sys.argv[1:2] == ["submit"]:
-        sys.exit(submit_main(sys.argv[2:]))
-    if sys.argv[1:2] == ["export"]:
-        sys.exit(export_main(sys.argv[2:]))
-    if sys.argv[1:2] in (["export-ema"], ["sigma-max"]):
-        from lit_score import tools
-
-        run = tools.export_ema_main if sys.argv[1] == "export-ema" else tools.sigma_max_main
-        sys.exit(run(sys.argv[2:]))
-    if sys.argv[1:2] == ["posthoc-ema"]:
-        from lit_score import posthoc_ema
-
-        sys.exit(posthoc_ema.main(sys.argv[2:]))
-    if sys.argv[1:2] in (["export-diffusers"], ["import-diffusers"]):
-        from lit_score import diffusers_interop
-
-        run = diffusers_interop.export_main if sys.argv[1] == "export-diffusers" else diffusers_interop.import_main
-        sys.exit(run(sys.argv[2:]))
-    try:
-        cli = run_cli()
-    except (CorruptCheckpointError, SlurmAllocationError) as err:
-        print(f"lit-score: error: {type(err).__name__}: {err}", file=sys.stderr)
-        sys.exit(2)
+def fit_main() -> int:
+    """``lit-score fit|validate|test|predict``: the exit status is 128 + the signal number after a signal stopped
+    the run, else 0."""
+    cli = run_cli()
     preemption = next((cb for cb in cli.trainer.callbacks if isinstance(cb, Preemption)), None)
     if preemption is not None and preemption.exit_code:
         if cli.trainer.is_global_zero:
@@ -297,8 +272,9 @@ def main() -> None:
                 if preemption.checkpoint_path else ""
             resume = f": resume with `lit-score fit --resume {cli.trainer.log_dir}`" if cli.trainer.log_dir else ""
             print(f"lit-score: stopped by {preemption.stopped_by.name}{where}{resume}", file=sys.stderr)
-        sys.exit(preemption.exit_code)
+        return preemption.exit_code
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(fit_main())

@@ -3,14 +3,18 @@ YAML) merged underneath it, as in Hydra. Interpolations (``${model.sde.sigma_max
 merge and after command-line overrides (jsonargparse's ``omegaconf+`` mode)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
 
+from lit_score.errors import ConfigurationError
+from lit_score.resources import experiment_names, packaged_experiment
+
 DEFAULTS_KEY = "defaults"
 
 
-class ConfigError(ValueError):
+class ConfigError(ConfigurationError):
     """An experiment YAML that cannot be read or composed."""
 
 
@@ -56,9 +60,25 @@ def expand_config_args(argv: list[str]) -> list[str]:
             out.append(arg)
             i += 1
             continue
-        if value.endswith((".yaml", ".yml")):
-            for doc in compose(value):
+        path = resolve_config(value)
+        if path is not None:
+            for doc in compose(path):
                 out += ["--config", doc]
         else:
             out += ["--config", value]
     return out
+
+
+def resolve_config(value: str) -> Path | None:
+    """The YAML file that ``--config value`` names: a file, else a packaged experiment (``quickstart``,
+    ``experiments/quickstart.yaml`` from any directory); None for an inline YAML document."""
+    if Path(value).is_file():
+        return Path(value)
+    packaged = packaged_experiment(value)
+    if packaged is not None:
+        return packaged
+    if value.endswith((".yaml", ".yml")) or re.fullmatch(r"[\w./-]+", value):
+        known = ", ".join(experiment_names())
+        raise ConfigError(f"config file not found: {value} (neither a file nor a packaged experiment; "
+                          f"packaged: {known})")
+    return None

@@ -17,7 +17,6 @@ build arbitrary Python objects (and so could run code) is refused.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import pickle
 import re
@@ -30,8 +29,10 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from callbacks.ema import CHECKPOINT_KEY as EMA_KEY
-from callbacks.ema import EMA, WEIGHTS_NOTE
+from lit_score.callbacks.ema import CHECKPOINT_KEY as EMA_KEY
+from lit_score.callbacks.ema import EMA, WEIGHTS_NOTE
+from lit_score.checkpoint_io import sha256
+from lit_score.errors import CheckpointError
 from lit_score.module import ScoreModel
 from lit_score.sdes import VESDE
 
@@ -62,7 +63,7 @@ OFFICIAL_CONFIGS: dict[str, OfficialConfig] = {c.official: c for c in (
 )}
 
 
-class ConversionError(ValueError):
+class ConversionError(CheckpointError):
     """An official checkpoint that cannot be read, or does not fit the chosen experiment."""
 
 
@@ -219,14 +220,6 @@ def convert(official: Mapping[str, Any], model: ScoreModel, experiment: str | No
         if "ema" in official else None,
     }
     return checkpoint
-
-
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def convert_file(source: str | Path, experiment: str | Path, out: str | Path,

@@ -22,15 +22,16 @@ from torch import Tensor, nn
 
 from lit_score.losses import Loss, loss_config
 from lit_score.sdes import SDE
+from lit_score.errors import CheckpointError
 
 FORMAT = "lit-score"
 FORMAT_VERSION = 1
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, EXPERIMENT_NAME = "config.json", "model.safetensors", "README.md", "experiment.yaml"
-EMA_KEY = "ema_state_dict"  # callbacks.ema.CHECKPOINT_KEY (not imported: callbacks import Lightning)
+EMA_KEY = "ema_state_dict"  # lit_score.callbacks.ema.CHECKPOINT_KEY (not imported: callbacks import Lightning)
 NET_PREFIX = "net."
 
 
-class PretrainedError(ValueError):
+class PretrainedError(CheckpointError):
     """An export folder that cannot be read or does not fit its config (the message names the file and the fix)."""
 
 

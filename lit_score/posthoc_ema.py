@@ -136,7 +136,7 @@ def find_snapshots(directory: str | Path) -> list[Snapshot]:
             found.append(Snapshot(path, int(match.group(1)), float(match.group(2))))
     if not found:
         raise FileNotFoundError(f"no post-hoc EMA snapshots (phema-*.pt) in {directory}; train with the "
-                                "callbacks.PostHocEMA callback")
+                                "lit_score.callbacks.PostHocEMA callback")
     return sorted(found, key=lambda s: (s.step, s.sigma_rel))
 
 

@@ -30,7 +30,7 @@ SIGMA_MAX_HELP = ("sigma_max for a VE SDE: the largest pairwise Euclidean distan
 
 def export_ema_main(argv: Sequence[str] | None = None) -> int:
     """``lit-score export-ema CKPT OUT``: a checkpoint's EMA network weights to a safetensors file."""
-    from callbacks.ema import export_ema
+    from lit_score.callbacks.ema import export_ema
 
     parser = argparse.ArgumentParser(prog="lit-score export-ema",
                                      description="write a checkpoint's EMA network weights to a safetensors file")
@@ -68,7 +68,7 @@ def sigma_max_main(argv: Sequence[str] | None = None) -> int:
     sigma_max."""
     from jsonargparse import ArgumentParser
 
-    from data_modules.sigma_max import collect_images, max_pairwise_distance
+    from lit_score.data.sigma_max import collect_images, max_pairwise_distance
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = ArgumentParser(prog="lit-score sigma-max", description=SIGMA_MAX_HELP)
@@ -163,7 +163,7 @@ class Toy2DFigure(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         mixture = getattr(trainer.datamodule, "mixture", None)
         if not isinstance(mixture, GaussianMixture):
-            raise TypeError("Toy2DFigure needs a DataModule with a GaussianMixture 'mixture' (data_modules.toy2d)")
+            raise TypeError("Toy2DFigure needs a DataModule with a GaussianMixture 'mixture' (lit_score.data.toy2d)")
         out = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)  # log_dir is a collective call
         if trainer.global_rank != 0:
             return

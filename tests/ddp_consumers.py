@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from data_modules.base import SeedDataset
+from lit_score.data.base import SeedDataset
 from lit_score.data_space import DataSpace
 from lit_score.likelihood import Likelihood
 from lit_score.module import ScoreModel
@@ -86,9 +86,9 @@ def bits_per_dim(devices: int, batch_size: int, root: str) -> dict:
 
 if __name__ == "__main__":  # python ddp_consumers.py OUT IMAGE_FOLDER: 2 gloo processes
     out, folder = Path(sys.argv[1]), sys.argv[2]
-    import callbacks.prediction_writer as writer_module
-    from callbacks.prediction_writer import PredictionWriter
-    from data_modules.image import ImageDataModule
+    import lit_score.callbacks.prediction_writer as writer_module
+    from lit_score.callbacks.prediction_writer import PredictionWriter
+    from lit_score.data.image import ImageDataModule
 
     loads: list[dict] = []
     original_load = ImageDataModule.load

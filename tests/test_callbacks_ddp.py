@@ -18,9 +18,9 @@ import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from callbacks.ema import EMA, warmup_decay
-from callbacks.fid import FID
-from data_modules import DigitsDataModule
+from lit_score.callbacks.ema import EMA, warmup_decay
+from lit_score.callbacks.fid import FID
+from lit_score.data import DigitsDataModule
 from lit_score.metrics import InceptionV3
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,10 +82,10 @@ def _config(tmp_path: Path, probe_dir: Path, inception_weights: Path) -> Path:
                  "init_args": {"save_top_k": -1, "every_n_train_steps": 4}},
                 {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
                  "init_args": {"logging_interval": "step"}},
-                {"class_path": "callbacks.EMA", "init_args": {"rate": RATE}},
-                {"class_path": "callbacks.SampleGrid",
+                {"class_path": "lit_score.callbacks.EMA", "init_args": {"rate": RATE}},
+                {"class_path": "lit_score.callbacks.SampleGrid",
                  "init_args": {"every_n_steps": 2, "num_samples": 7, "batch_size": 3, "sampler": sampler}},
-                {"class_path": "callbacks.FID",
+                {"class_path": "lit_score.callbacks.FID",
                  "init_args": {"features": {"class_path": "lit_score.metrics.InceptionV3",
                                             "init_args": {"weights_path": str(inception_weights)}},
                                "num_samples": 11, "every_n_steps": 4, "batch_size": 4, "at_start": True,

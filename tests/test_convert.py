@@ -22,7 +22,7 @@ trainer:
   enable_progress_bar: false
   enable_model_summary: false
   callbacks:
-    - class_path: callbacks.EMA
+    - class_path: lit_score.callbacks.EMA
       init_args: {{rate: 0.999}}
 model:
   net:
@@ -36,7 +36,7 @@ model:
     class_path: lit_score.sampling.EDMSampler
     init_args: {{steps: 3}}
 data:
-  class_path: data_modules.DigitsDataModule
+  class_path: lit_score.data.DigitsDataModule
   init_args: {{image_size: 16, num_samples: 6, sample_batch_size: 3}}
 """
 

@@ -14,8 +14,8 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import metadata as layout_metadata
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-from callbacks import EMA, FID, Dashboard, SampleGrid
-from data_modules import DigitsDataModule
+from lit_score.callbacks import EMA, FID, Dashboard, SampleGrid
+from lit_score.data import DigitsDataModule
 from lit_score.metrics import RandomConvFeatures
 from lit_score.sampling import DPMSolverPP, EDMSampler
 from test_progress import tiny_model

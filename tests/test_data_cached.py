@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data_modules import ImageDataModule
-from data_modules.cached import CachedImageDataModule
+from lit_score.data import ImageDataModule
+from lit_score.data.cached import CachedImageDataModule
 
 
 @pytest.fixture
@@ -78,7 +78,7 @@ def test_cache_file_is_reused(folder, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again instead of reading the cache")
 
-    monkeypatch.setattr("data_modules.cached.ArrowImages", no_decoding)
+    monkeypatch.setattr("lit_score.data.cached.ArrowImages", no_decoding)
     again = CachedImageDataModule(path=str(folder), image_size=8, batch_size=6, val_size=4, num_workers=0,
                                   centered=True, random_flip=False)
     again.setup("fit")

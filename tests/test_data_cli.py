@@ -71,8 +71,8 @@ def test_unreachable_hub_dataset_says_how_to_use_a_local_copy(monkeypatch):
     """With the hub unreachable (offline mode), a preset fails naming the hub id and the local-copy options."""
     import huggingface_hub.constants
 
-    from data_modules import ImageDataModule
-    from data_modules.plugins import DatasetUnavailableError
+    from lit_score.data import ImageDataModule
+    from lit_score.data.plugins import DatasetUnavailableError
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

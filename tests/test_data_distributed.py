@@ -18,7 +18,7 @@ SCRIPT = '''
 import json, sys
 import lightning as L
 import torch
-from data_modules import ImageDataModule
+from lit_score.data import ImageDataModule
 
 data_path, out = sys.argv[1:3]
 

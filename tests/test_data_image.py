@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from data_modules import DATASETS, DigitsDataModule, ImageDataModule, get_plugin
-from data_modules.image import ImageReadError, find_image_column
-from data_modules.sigma_max import estimate_sigma_max, max_pairwise_distance
+from lit_score.data import DATASETS, DigitsDataModule, ImageDataModule, get_plugin
+from lit_score.data.image import ImageReadError, find_image_column
+from lit_score.data.sigma_max import estimate_sigma_max, max_pairwise_distance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -214,7 +214,7 @@ def test_unknown_plugin_lists_the_known_ones():
 
 def test_dotted_path_plugin_and_registry(tmp_path):
     """A dataset named by dotted path (here the digits plugin object) loads like a registered one."""
-    datamodule = ImageDataModule("data_modules.digits.DIGITS", batch_size=16, num_workers=0)
+    datamodule = ImageDataModule("lit_score.data.digits.DIGITS", batch_size=16, num_workers=0)
     assert (datamodule.num_channels, datamodule.image_size) == (1, 16)
     assert get_plugin("digits") is DATASETS["digits"]
     datamodule.setup("fit")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data_modules import DigitsDataModule, Toy2DDataModule
+from lit_score.data import DigitsDataModule, Toy2DDataModule
 from lit_score.data_space import DataSpace, data_space_of, to_uint8
 from lit_score.module import ScoreModel
 from lit_score.networks import DDPMpp, ScoreMLP

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data_modules import DATASETS, ImageDataModule
-from data_modules.transforms import ImageTransform, center_crop, channels_of, resize_short_side, scale, to_channels
+from lit_score.data import DATASETS, ImageDataModule
+from lit_score.data.transforms import ImageTransform, center_crop, channels_of, resize_short_side, scale, to_channels
 
 
 def noise_image(width: int, height: int, seed: int = 0, block: int = 1) -> Image.Image:

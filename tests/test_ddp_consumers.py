@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from callbacks.prediction_writer import PredictionWriter
+from lit_score.callbacks.prediction_writer import PredictionWriter
 from ddp_consumers import NUM_TEST, VECTORS, Seeds, bits_per_dim, image_model, trainer, vector_data, vector_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks.ema import EMA, halflife_decay, load_ema_state_dict, warmup_decay
+from lit_score.callbacks.ema import EMA, halflife_decay, load_ema_state_dict, warmup_decay
 from lit_score.tools import export_ema_main
 
 

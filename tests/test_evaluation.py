@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from lit_score.errors import CheckpointError
 from lit_score.evaluate import (Evaluator, inception_score, load_experiment, load_reference, load_weights,
                                 save_reference)
 from lit_score.likelihood import Likelihood
@@ -38,7 +39,7 @@ model:
     class_path: lit_score.sdes.VESDE
     init_args: {sigma_min: 0.01, sigma_max: 10.0, N: 20}
 data:
-  class_path: data_modules.DigitsDataModule
+  class_path: lit_score.data.DigitsDataModule
   init_args: {image_size: 16}
 """
 
@@ -236,7 +237,7 @@ def test_checkpoint_weights_are_chosen_and_missing_ema_is_explained(setup, tmp_p
     assert info["global_step"] == 7
     assert torch.equal(model.state_dict()["net.all_modules.1.weight"], ckpt["state_dict"]["net.all_modules.1.weight"])
     torch.save({"state_dict": ckpt["state_dict"]}, tmp_path / "raw_only.ckpt")
-    with pytest.raises(KeyError, match="evaluation.weights: raw"):
+    with pytest.raises(CheckpointError, match="evaluation.weights: raw"):
         load_weights(model, tmp_path / "raw_only.ckpt", "ema")
 
 

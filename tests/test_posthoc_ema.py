@@ -64,7 +64,7 @@ def test_reconstruction_matches_the_directly_tracked_ema(tmp_path):
     assert info["step"] == 2000 and len(info["snapshots"]) == 40
 
 
-PHEMA = {"class_path": "callbacks.PostHocEMA", "init_args": {"sigma_rels": [0.05, 0.1], "every_n_steps": 4}}
+PHEMA = {"class_path": "lit_score.callbacks.PostHocEMA", "init_args": {"sigma_rels": [0.05, 0.1], "every_n_steps": 4}}
 
 
 def snapshot_files(run_dir: Path) -> dict[str, dict]:

@@ -121,7 +121,7 @@ def tiny_trainer(tmp_path, callbacks=(), **kw):
 def test_predict_and_test_show_images_nfe_and_eta(tmp_path, capsys, one_thread):
     """`lit-score predict` and `lit-score test` (the Trainer's predict and test): the sampling bar reaches all
     images with the sampler's NFE, the bits/dim bar all test images with the ODE's NFE."""
-    from data_modules import DigitsDataModule
+    from lit_score.data import DigitsDataModule
 
     data = DigitsDataModule(image_size=8, batch_size=4, num_samples=6, sample_batch_size=4)
     model = tiny_model(EDMSampler(steps=3))
@@ -142,8 +142,8 @@ def test_predict_and_test_show_images_nfe_and_eta(tmp_path, capsys, one_thread):
 def test_sample_grid_fid_and_reference_statistics_show_progress(tmp_path, capsys, one_thread):
     """The callbacks' bars during fit: the grid's and FID's images with their sampler's NFE, and the training
     images of the FID reference statistics, each with an ETA."""
-    from callbacks import FID, SampleGrid
-    from data_modules import DigitsDataModule
+    from lit_score.callbacks import FID, SampleGrid
+    from lit_score.data import DigitsDataModule
     from lit_score.metrics import RandomConvFeatures
 
     data = DigitsDataModule(image_size=8, batch_size=4)

@@ -35,7 +35,7 @@ TINY = {
         "callbacks": [
             {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
              "init_args": {"save_last": True, "save_top_k": -1, "every_n_train_steps": EVERY}},
-            {"class_path": "callbacks.EMA", "init_args": {"rate": 0.9}},
+            {"class_path": "lit_score.callbacks.EMA", "init_args": {"rate": 0.9}},
         ],
     },
     "model": {"warmup": 5, "net": {"init_args": {"nf": 8, "ch_mult": [1, 2], "attn_resolutions": []}}},
@@ -104,7 +104,7 @@ def fit(config: Path, version: str, *args: str) -> L.Trainer:
 
 def fit_process(config: Path, version: str, *args: str) -> subprocess.CompletedProcess:
     """``lit-score fit`` in a process of its own, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "lit_score.cli", "fit", "--config", str(config),
+    return subprocess.run([sys.executable, "-m", "lit_score", "fit", "--config", str(config),
                            "--trainer.logger.init_args.version", version, *args], env=ENV, capture_output=True,
                           text=True, timeout=600)
 
@@ -328,7 +328,7 @@ def test_signal_stops_predict_after_the_current_batch(tmp_path, reference, signu
     config = write_config(tmp_path, "predict", [{"class_path": "test_resume.SignalAt",
                                                   "init_args": {"step": 1, "signum": signum, "during": "predict"}}])
     proc = subprocess.run(
-        [sys.executable, "-m", "lit_score.cli", "predict", "--config", str(config),
+        [sys.executable, "-m", "lit_score", "predict", "--config", str(config),
          "--ckpt_path", str(reference[1] / "checkpoints/last.ckpt"), "--data.init_args.num_samples", "8",
          "--data.init_args.sample_batch_size", "2", "--model.sampler", "EDMSampler", "--model.sampler.steps", "2",
          "--trainer.logger.init_args.version", "predict"], env=ENV, capture_output=True, text=True, timeout=600)

@@ -22,7 +22,8 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lit_score.slurm import PreflightError, allocation_errors, build_submission, submit_main
+from lit_score.allocation import allocation_errors
+from lit_score.slurm import PreflightError, build_submission, submit_main
 from slurm_cluster import SlurmCluster, missing_binaries
 from test_resume import assert_equal_tree
 
@@ -46,7 +47,7 @@ TINY = {
         "callbacks": [
             {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
              "init_args": {"save_last": True, "save_top_k": -1, "every_n_train_steps": 2}},
-            {"class_path": "callbacks.EMA", "init_args": {"rate": 0.9}},
+            {"class_path": "lit_score.callbacks.EMA", "init_args": {"rate": 0.9}},
         ],
     },
     "model": {"warmup": 5, "net": {"init_args": {"nf": 8, "ch_mult": [1, 2], "attn_resolutions": []}}},
@@ -339,12 +340,13 @@ def test_allocation_mismatch_fails_at_once_with_the_fix(cluster, tmp_path):
                 "--gpus-per-node=0", "--cpus-per-task=1", f"--output={out}",
                 f"--export=ALL,PYTHON={sys.executable}", str(ROOT / "slurm/single_node.sbatch"),
                 "--config", str(write_config(tmp_path, 4)), "--trainer.devices", "1").strip()
-    wait_for(lambda: "SlurmAllocationError" in (out.read_text() if out.exists() else ""), 300,
-             "the mismatched job did not fail with SlurmAllocationError", out)
+    wait_for(lambda: "lit-score: error: SLURM started" in (out.read_text() if out.exists() else ""), 300,
+             "the mismatched job did not fail with the allocation error", out)
     assert cluster.wait_job(job, {"COMPLETED", "FAILED", "CANCELLED"}, 120) == "FAILED"
     text = out.read_text()
     assert "SLURM started 2 task(s) per node but trainer.devices is 1" in text
     assert "--trainer.devices 2" in text and "--ntasks-per-node=1" in text
+    assert "Traceback" not in text  # one or two lines per process, exit status 2 (not retried by the template)
 
 
 def test_allocation_errors_name_what_to_change():

@@ -88,7 +88,7 @@ def _conversion_warnings(caught) -> list[str]:
 def test_converted_images_are_counted_once(tmp_path):
     """A folder of mixed sizes and of mixed grayscale / RGB images says how many images are resized and converted;
     a uniform folder says nothing."""
-    from data_modules import ImageDataModule
+    from lit_score.data import ImageDataModule
 
     write_images(tmp_path / "mixed", [(16, 16), (16, 16), (24, 20), (30, 40), (16, 18)])
     write_images(tmp_path / "mixed" / "z_gray", [(16, 16)] * 2, mode="L")
@@ -108,8 +108,8 @@ def test_a_hub_that_cannot_be_reached_fails_at_once_with_the_fix(monkeypatch):
     import datasets
     from huggingface_hub import constants
 
-    from data_modules import ImageDataModule
-    from data_modules.plugins import DatasetUnavailableError
+    from lit_score.data import ImageDataModule
+    from lit_score.data.plugins import DatasetUnavailableError
 
     calls = []
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
@@ -128,7 +128,7 @@ def test_a_hub_that_cannot_be_reached_fails_at_once_with_the_fix(monkeypatch):
 def test_a_local_folder_does_not_say_downloading(tmp_path, capsys):
     import datasets
 
-    from data_modules import ImageDataModule
+    from lit_score.data import ImageDataModule
 
     write_images(tmp_path, [(16, 16)] * 4)
     ImageDataModule(path=str(tmp_path), batch_size=2, val_size=0, num_workers=0).setup("fit")

@@ -21,7 +21,8 @@ import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser
 from omegaconf.errors import OmegaConfBaseException
 
-from lit_score.config import ConfigError, expand_config_args
+from lit_score.config import expand_config_args
+from lit_score.errors import ConfigurationError, run_reporting_errors
 from lit_score.evaluate.evaluator import Evaluator
 from lit_score.evaluate.experiment import ExperimentCLI
 from lit_score.preemption import Interrupted, stop_at_boundaries
@@ -43,14 +44,11 @@ def run(argv: Sequence[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     configs = [b for a, b in zip(argv, argv[1:]) if a in ("-c", "--config")] + [
         a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    try:
-        argv = expand_config_args(argv)
-    except ConfigError as err:
-        sys.exit(f"lit-score-eval: error: {err}")
+    argv = expand_config_args(argv)
     try:
         cli = EvaluateCLI(run=False, args=argv, save_config_callback=None)
     except OmegaConfBaseException as err:
-        sys.exit(f"lit-score-eval: error: the config's interpolations do not resolve: {err}")
+        raise ConfigurationError(f"the config's interpolations do not resolve: {err}") from err
     evaluator: Evaluator = cli.config_init["evaluation"]
     trainer = cli.trainer_config
     fabric = L.Fabric(accelerator=trainer.get("accelerator") or "auto", devices=trainer.get("devices") or "auto",
@@ -75,5 +73,6 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
 
 def main() -> None:
-    """Console script ``lit-score-eval``."""
-    run()
+    """Console script ``lit-score-eval``: a problem with the input is one or two lines and exit status 2 (see
+    :mod:`lit_score.errors`)."""
+    sys.exit(run_reporting_errors(lambda: (run(), 0)[1], prog="lit-score-eval"))

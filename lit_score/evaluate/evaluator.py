@@ -23,8 +23,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from callbacks.ema import CHECKPOINT_KEY as EMA_KEY
-from lit_score.convert import sha256
+from lit_score.callbacks.ema import CHECKPOINT_KEY as EMA_KEY
+from lit_score.checkpoint_io import sha256, state_mismatch
+from lit_score.errors import CheckpointError, ConfigurationError
 from lit_score.distributed import barrier, broadcast, rank_and_world
 from lit_score.evaluate.inception_score import InceptionScore, InceptionV3Logits
 from lit_score.evaluate.reference_file import FORMATS, ReferenceFormat, load_reference, save_reference
@@ -56,16 +57,20 @@ def load_weights(model: ScoreModel, ckpt_path: str | Path, weights: Weights) -> 
     returns what the checkpoint says about itself."""
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
+        raise CheckpointError(f"checkpoint not found: {ckpt_path}")
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, ... for unreadable or unsafe files
-        raise ValueError(f"cannot read {ckpt_path} as a lit-score checkpoint with torch.load(weights_only=True): "
-                         f"{str(err).splitlines()[0]}") from None
+        raise CheckpointError(f"cannot read {ckpt_path} as a lit-score checkpoint with torch.load(weights_only=True): "
+                              f"{str(err).splitlines()[0]}") from None
     key = EMA_KEY if weights == "ema" else "state_dict"
     if key not in checkpoint:
         hint = " (trained without the EMA callback? use evaluation.weights: raw)" if weights == "ema" else ""
-        raise KeyError(f"{ckpt_path} has no {key!r}{hint}")
+        raise CheckpointError(f"{ckpt_path} has no {key!r}{hint}")
+    mismatch = state_mismatch(model, checkpoint[key])
+    if mismatch:
+        raise CheckpointError(f"{ckpt_path} does not fit the experiment's network: {mismatch}; evaluate it with the "
+                              "experiment YAML it was trained with")
     model.load_state_dict(checkpoint[key], strict=True)
     return {"path": str(ckpt_path), "global_step": int(checkpoint.get("global_step", 0)), "weights": weights,
             "converted_from": (checkpoint.get("lit_score_conversion") or {}).get("source")}
@@ -121,24 +126,24 @@ class Evaluator:
                  bpd_num_images: int | None = None, bpd_batch_size: int = 100, bpd_first_seed: int = 0,
                  max_shards: int | None = None, deterministic: bool = True, tensorboard: bool = True) -> None:
         if num_samples < 2 or batch_size < 1 or shard_size < 1 or is_splits < 1 or bpd_batch_size < 1:
-            raise ValueError("Evaluator needs num_samples >= 2 and batch_size, shard_size, is_splits, bpd_batch_size "
+            raise ConfigurationError("Evaluator needs num_samples >= 2 and batch_size, shard_size, is_splits, bpd_batch_size "
                              f">= 1; got {num_samples}, {batch_size}, {shard_size}, {is_splits}, {bpd_batch_size}")
         if inception_score and num_samples < is_splits:
-            raise ValueError(f"is_splits={is_splits} needs at least as many samples, got num_samples={num_samples}")
+            raise ConfigurationError(f"is_splits={is_splits} needs at least as many samples, got num_samples={num_samples}")
         if kid and not (2 <= kid_subset_size <= min(kid_features, num_samples) and kid_subsets >= 1):
-            raise ValueError(f"KID draws subsets of kid_subset_size={kid_subset_size} from the first "
+            raise ConfigurationError(f"KID draws subsets of kid_subset_size={kid_subset_size} from the first "
                              f"kid_features={kid_features} of num_samples={num_samples} samples: it needs "
                              f"2 <= kid_subset_size <= both, and kid_subsets >= 1 (got {kid_subsets}); or kid: false")
         if reference_format not in FORMATS:
-            raise ValueError(f"reference_format must be one of {FORMATS}, got {reference_format!r}")
+            raise ConfigurationError(f"reference_format must be one of {FORMATS}, got {reference_format!r}")
         if export_reference is not None and not str(export_reference).endswith(".npz"):
-            raise ValueError(f"export_reference must name a .npz file, got {export_reference!r}")
+            raise ConfigurationError(f"export_reference must name a .npz file, got {export_reference!r}")
         if weights not in ("ema", "raw"):
-            raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+            raise ConfigurationError(f"weights must be 'ema' or 'raw', got {weights!r}")
         if max_shards is not None and max_shards < 1:
-            raise ValueError(f"max_shards must be positive or null (all), got {max_shards}")
+            raise ConfigurationError(f"max_shards must be positive or null (all), got {max_shards}")
         if bpd_num_images is not None and bpd_num_images < 1:
-            raise ValueError(f"bpd_num_images must be positive or null (all), got {bpd_num_images}")
+            raise ConfigurationError(f"bpd_num_images must be positive or null (all), got {bpd_num_images}")
         for name, value in (("features", features), ("classifier", classifier)):
             if value is not None and not isinstance(value, FeatureExtractor):
                 raise TypeError(f"{name} must be a lit_score.metrics.FeatureExtractor, got {type(value).__name__}")

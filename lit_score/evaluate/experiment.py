@@ -8,10 +8,9 @@ from typing import Any, Sequence
 import lightning as L
 
 from lit_score.cli import ScoreCLI
-from lit_score.config import expand_config_args
+from lit_score.config import ConfigError, expand_config_args, resolve_config
 from lit_score.module import ScoreModel
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
 
 
 class ExperimentCLI(ScoreCLI):
@@ -34,17 +33,14 @@ class Experiment:
 
 
 def experiment_path(name_or_path: str | Path) -> Path:
-    """``experiments/<name>.yaml`` for a bare name, else the path itself; raises naming the known experiments."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.is_file():
-        if not path.is_file():
-            raise FileNotFoundError(f"experiment config not found: {path}")
-        return path
-    candidate = EXPERIMENTS_DIR / f"{name_or_path}.yaml"
-    if not candidate.is_file():
-        known = ", ".join(sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")))
-        raise FileNotFoundError(f"no experiment named {name_or_path!r} in {EXPERIMENTS_DIR}; known: {known}")
-    return candidate
+    """The YAML of a packaged experiment's name (``quickstart``) or of a path; raises naming the known experiments."""
+    try:
+        path = resolve_config(str(name_or_path))
+    except ConfigError as err:
+        raise FileNotFoundError(str(err)) from None
+    if path is None:
+        raise FileNotFoundError(f"experiment config not found: {name_or_path}")
+    return path
 
 
 def build_experiment(config: str | Path, overrides: Sequence[str] = (),

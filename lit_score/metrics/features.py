@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lit_score.errors import WeightsError
+
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth")
 INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -103,7 +105,7 @@ class InceptionV3(FeatureExtractor):
             return
         path = self.weights_path
         if not path.is_file():
-            raise FileNotFoundError(
+            raise WeightsError(
                 f"InceptionV3 weights for FID not found at {path}. Download {INCEPTION_URL} "
                 f"(torch-fidelity's port of the TensorFlow FID Inception) and put it at {path}, "
                 f"or pass its location as weights_path.")

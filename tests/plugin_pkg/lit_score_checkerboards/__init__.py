@@ -5,7 +5,7 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from data_modules.plugins import DatasetPlugin, SourceOptions
+from lit_score.data.plugins import DatasetPlugin, SourceOptions
 
 NUM_IMAGES = 48
 
