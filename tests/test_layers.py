@@ -16,11 +16,12 @@ FLOORS = {  # the longest matching prefix decides
     "lit_score": NUMERICS, "lit_score.errors": NUMERICS, "lit_score.resources": NUMERICS,
     "lit_score.registry": NUMERICS, "lit_score.distributed": NUMERICS, "lit_score.data_space": NUMERICS,
     "lit_score.sdes": NUMERICS, "lit_score.losses": NUMERICS, "lit_score.score": NUMERICS,
-    "lit_score.edm": NUMERICS, "lit_score.mixtures": NUMERICS, "lit_score.likelihood": NUMERICS, "lit_score.networks": NUMERICS,
-    "lit_score.sampling": NUMERICS, "lit_score.metrics": NUMERICS, "lit_score.toy_densities": NUMERICS,
+    "lit_score.preconditioning": NUMERICS, "lit_score.densities": NUMERICS, "lit_score.threads": NUMERICS,
+    "lit_score.progress": NUMERICS, "lit_score.posthoc_ema": NUMERICS, "lit_score.likelihood": NUMERICS, "lit_score.networks": NUMERICS,
+    "lit_score.sampling": NUMERICS, "lit_score.metrics": NUMERICS,
     "lit_score.module": GLUE, "lit_score.data": GLUE, "lit_score.callbacks": GLUE, "lit_score.preemption": GLUE,
     "lit_score.resume": GLUE, "lit_score.checkpoint_io": GLUE, "lit_score.export": GLUE,
-    "lit_score.allocation": GLUE, "lit_score.progress": GLUE,
+    "lit_score.allocation": GLUE,
 }
 NAMES = {NUMERICS: "numerics", GLUE: "glue", TOOLS: "tools"}
 
