@@ -118,6 +118,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, weights: str =
         "format": FORMAT, "format_version": FORMAT_VERSION, "lit_score_version": lit_score_version(),
         "net": net, "sde": hparams["sde"], "loss": loss_config(hparams.get("loss"), hparams),
         "data": {k: init_args.get(k) for k in ("num_channels", "image_size", "centered")},
+        "data_space": hparams.get("data_space"),  # shape, range, quantisation (None: an older checkpoint)
         "weights": weights, "ema": _ema_settings(checkpoint) if weights == "ema" else None,
         "global_step": int(checkpoint.get("global_step", 0)), "epoch": int(checkpoint.get("epoch", 0)),
         "experiment": _experiment(ckpt_path),

@@ -66,6 +66,7 @@ class ScoreModel(L.LightningModule):
         from lit_score.export import load_pretrained
 
         pretrained = load_pretrained(folder)
+        kwargs.setdefault("data_space", pretrained.config.get("data_space"))
         return cls(net=pretrained.net, sde=pretrained.sde, loss=pretrained.loss, **kwargs)
 
     @property

@@ -61,6 +61,8 @@ def test_export_rebuilds_the_ema_network_without_yaml(checkpoint, exported, one_
     assert config["weights"] == "ema" and config["global_step"] == 2 and config["loss"]["class_path"] == "lit_score.losses.DSMLoss"
     assert config["ema"]["rate"] == 0.999 and config["ema"]["num_updates"] == 2
     assert config["data"] == {"num_channels": 1, "image_size": 8, "centered": True}
+    assert config["data_space"] == {"shape": [1, 8, 8], "centered": True, "num_levels": 256}
+    assert model.data_space.to_dict() == config["data_space"]
     assert config["experiment"]["name"] == "quickstart" and (exported / "experiment.yaml").is_file()
     card = (exported / "README.md").read_text()
     assert "ScoreModel.from_pretrained" in card and "upload_folder" in card and "step 2" in card
