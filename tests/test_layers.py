@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Repository folder -> installed package (pyproject's package-dir).
-PACKAGES = {"lit_score": "lit_score", "callbacks": "lit_score.callbacks", "lit_score.data": "lit_score.data"}
+PACKAGES = {"lit_score": "lit_score", "callbacks": "lit_score.callbacks", "data_modules": "lit_score.data"}
 NUMERICS, GLUE, TOOLS = 0, 1, 2
 FLOORS = {  # the longest matching prefix decides
     "lit_score": NUMERICS, "lit_score.errors": NUMERICS, "lit_score.resources": NUMERICS,

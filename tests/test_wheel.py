@@ -53,7 +53,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
                   cwd=work)
     assert str(env_dir) in location and str(ROOT) not in location
     sh(bin_dir / "python", "-c", "import importlib.util as u; assert u.find_spec('callbacks') is None "
-       "and u.find_spec('lit_score.data') is None", cwd=work)
+       "and u.find_spec('data_modules') is None", cwd=work)
 
     sh(bin_dir / "lit-score", "fit", "--config", "quickstart", "--trainer.max_steps", "4",
        "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", cwd=work)
