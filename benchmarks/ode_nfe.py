@@ -15,7 +15,7 @@ import numpy as np
 import scipy.integrate
 import torch
 
-from lit_score.mixtures import GaussianMixture
+from lit_score.densities import GaussianMixture
 from lit_score.sampling.base import seeded_prior
 from lit_score.sampling.ode import dopri5, probability_flow
 from lit_score.sdes import SDE, VESDE, VPSDE

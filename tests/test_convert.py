@@ -10,7 +10,8 @@ import torch
 from lit_score.cli import run_cli
 from lit_score.convert import (CONVERSION_KEY, OFFICIAL_CONFIGS, ConversionError, convert, convert_file,
                                experiment_for, load_official, main)
-from lit_score.evaluate.experiment import EXPERIMENTS_DIR, load_experiment
+from lit_score.evaluate.experiment import load_experiment
+from lit_score.resources import experiments_dir
 from lit_score.module import ScoreModel
 
 TINY = """
@@ -189,7 +190,7 @@ def test_unreadable_and_foreign_files_are_named(tmp_path):
 def test_every_official_config_names_an_existing_experiment():
     """Each supported official config maps to a YAML in experiments/ (official names are accepted too)."""
     for name, official in OFFICIAL_CONFIGS.items():
-        assert (EXPERIMENTS_DIR / f"{official.experiment}.yaml").is_file(), name
+        assert (experiments_dir() / f"{official.experiment}.yaml").is_file(), name
         assert experiment_for(f"configs/{name}.py") == official.experiment
     assert experiment_for("cifar10_ncsnpp_deep_continuous_ve") == "cifar10_ncsnpp_deep_continuous_ve"
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from lit_score.likelihood import log_likelihood
 from lit_score.losses import DSMLoss, EDMLoss, loss_config
-from lit_score.mixtures import GaussianMixture
+from lit_score.densities import GaussianMixture
 from lit_score.module import ScoreModel
 from lit_score.preconditioning import EDMPrecond, VEPrecond, VPPrecond, preconditioned_denoiser
 from lit_score.sampling import EDMSampler, ODESampler, PCSampler
