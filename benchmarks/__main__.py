@@ -30,6 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(0: skip)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--no-sampling", action="store_true", help="skip the sampling cost")
+    p.add_argument("--no-tracking", action="store_true",
+                   help="skip the tracking table (noise, ODE NFE, data, threads; see benchmarks/tracking.py)")
+    p.add_argument("--no-threads", action="store_true", help="skip the busy-core thread comparison (subprocesses)")
     p.add_argument("--sampling-batch", type=int, default=None, help="images per sampler run (default: 1 CPU, 64 GPU)")
     p.add_argument("--sampling-steps", type=int, default=2, help="steps of each fixed-step sampler")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, for the MFU")
@@ -49,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.rounds, args.steps, args.no_memory, args.overhead_rounds = 1, 1, True, 2
         args.threads = args.threads or 1
+        args.no_threads = True
     if args.threads:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
@@ -100,12 +104,36 @@ def main(argv: list[str] | None = None) -> Report:
         log("sampling cost (NCSN++, VE SDE)")
         report.sampling += measure_sampling_rows(config, args, device, log)
 
+    if not args.no_tracking:
+        report.tracking += tracking(args, report, log)
+
     report.notes += notes(args, device, peak, report)
     report.machine["seconds"] = time.perf_counter() - start
     print(report.markdown())
     path = report.write_json(args.json)
     log(f"wrote {path}")
     return report
+
+
+def tracking(args: argparse.Namespace, report: Report, log) -> list[dict]:
+    """The tracking table's rows (benchmarks/tracking.py); data consumption from the NCSN++ lit-score step above."""
+    from benchmarks import tracking as t
+
+    rows = t.step_rows(report.training)
+    log("tracking: seeded noise vs a quickstart-network evaluation, batch 256")
+    rows += t.noise_rows(256, 5 if args.quick else 20)
+    log("tracking: ODE NFE, shared and per-image steps vs scipy RK45")
+    rows += t.ode_rows(16 if args.quick else 64, 8 if args.quick else 64)
+    step = next((r for r in report.training if r["key"] == "framework"), None)
+    if step is not None:
+        log("tracking: data served vs consumed")
+        seconds = step["step_s"].median
+        rows += t.data_rows(step["batch"] / seconds, f"{step['config']} lit-score step ({step['batch']} images per "
+                                                      f"{seconds:.3g} s)", args.quick)
+    if not args.no_threads:
+        log("tracking: quickstart evaluation with one core busy, torch's vs lit-score's threads (subprocesses)")
+        rows += t.thread_rows()
+    return rows
 
 
 def measure_sampling_rows(config: NetConfig, args: argparse.Namespace, device: torch.device, log) -> list[dict]:

@@ -106,8 +106,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def data_rows(num_images: int = 4096, batch_size: int = 128, num_workers: int = 2, train_batch_size: int = 8,
-              train_steps: int = 2, step_ms: float | None = None, device: str = "cpu") -> list[dict]:
-    """Delivered images/s of each source, the images/s a step consumes, and their ratio."""
+              train_steps: int = 2, step_ms: float | None = None, device: str = "cpu",
+              consumed_per_s: float | None = None, consumer: str = "") -> list[dict]:
+    """Delivered images/s of each source, the images/s a step consumes (measured here, ``batch_size`` per
+    ``step_ms``, or ``consumed_per_s`` from ``consumer``), and their ratio."""
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_png_folder(Path(tmp) / "png", num_images)
@@ -118,7 +120,9 @@ def data_rows(num_images: int = 4096, batch_size: int = 128, num_workers: int = 
             f"cached uint8, augmented on {device}": delivered_images_per_second(arrow, batch_size, num_workers,
                                                                               cached=True, device=device),
         }
-    if step_ms is None:
+    if consumed_per_s is not None:
+        consumed, step = consumed_per_s, consumer
+    elif step_ms is None:
         consumed, step = consumed_images_per_second(train_batch_size, train_steps), "NCSN++ step on this CPU"
     else:
         consumed, step = batch_size / (step_ms / 1e3), f"{batch_size} images per {step_ms:g} ms step"

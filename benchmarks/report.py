@@ -75,6 +75,7 @@ class Report:
     breakdown: list[dict[str, Any]] = field(default_factory=list)
     overhead: list[dict[str, Any]] = field(default_factory=list)
     sampling: list[dict[str, Any]] = field(default_factory=list)
+    tracking: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -88,7 +89,8 @@ class Report:
             return v
 
         return plain({"settings": self.settings, "machine": self.machine, "training": self.training,
-                      "breakdown": self.breakdown, "overhead": self.overhead, "sampling": self.sampling, "notes": self.notes})
+                      "breakdown": self.breakdown, "overhead": self.overhead, "sampling": self.sampling, "tracking": self.tracking,
+                      "notes": self.notes})
 
     def write_json(self, path: str | Path) -> Path:
         path = Path(path)
@@ -107,6 +109,10 @@ class Report:
             parts.append(overhead_table(self.overhead))
         if self.sampling:
             parts.append(sampling_table(self.sampling))
+        if self.tracking:
+            from benchmarks.tracking import tracking_table
+
+            parts.append(tracking_table(self.tracking))
         if self.notes:
             parts.append("\n".join(f"- {n}" for n in self.notes))
         return "\n\n".join(parts) + "\n"

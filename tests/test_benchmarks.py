@@ -31,6 +31,12 @@ def test_quick_run_writes_every_row(tmp_path):
     assert {o["config"] for o in result["overhead"]} == {"ncsnpp", "ddpmpp"}
     assert len(result["sampling"]) == 5
     assert all(r["nfe"] >= 1 and r["est_s_per_image"] > 0 for r in result["sampling"])
+    tracking = [r["what"] for r in result["tracking"]]
+    assert sum("training step: lit-score" in w for w in tracking) == 2
+    assert sum(w.startswith("seeded noise draw, batch 256") for w in tracking) == 1
+    assert sum("shared-step NFE vs scipy RK45" in w for w in tracking) == 2
+    assert sum(w.startswith("data: cached uint8") for w in tracking) == 1
+    assert "| measurement | ours | baseline |" in proc.stdout
 
 
 def test_peak_memory_of_a_bare_step_is_measured():
