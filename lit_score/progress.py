@@ -47,9 +47,10 @@ class Progress:
         self.total, self.unit, self.planned = int(total), unit, nfe_per_image
         self.done, self.nfe, self.last_nfe = 0, 0, None
         self._batch, self._in_batch = 0, 0.0
-        self.bar = _Bar(total=max(self.total, 1), desc=self.desc, bar_format=BAR_FORMAT, disable=not enabled,
+        off = {} if enabled else {"disable": True}  # when on, TQDM_DISABLE=1 still turns it off
+        self.bar = _Bar(total=max(self.total, 1), desc=self.desc, bar_format=BAR_FORMAT,
                         file=file if file is not None else sys.stderr, dynamic_ncols=True, mininterval=0.5,
-                        leave=True)
+                        leave=True, **off)
         self._show()
 
     def __enter__(self) -> "Progress":

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
@@ -155,7 +156,7 @@ def toy2d_figure(score_fn: ScoreFn, sde: SDE, mixture: GaussianMixture, num_samp
 
 class Toy2DFigure(Callback):
     """At the end of fit, draws :func:`toy2d_figure` for the DataModule's ``mixture``, saves ``toy2d.png`` in the run
-    directory (or ``output_dir``) and logs it to TensorBoard as ``toy2d``."""
+    directory (or ``output_dir``) and gives it to every logger that takes images as ``toy2d/score_field``."""
 
     def __init__(self, output_dir: str | None = None, num_samples: int = 1000) -> None:
         self.output_dir, self.num_samples = output_dir, num_samples
@@ -171,9 +172,14 @@ class Toy2DFigure(Callback):
         fig = toy2d_figure(pl_module.score_fn, pl_module.sde, mixture, self.num_samples)
         out.mkdir(parents=True, exist_ok=True)
         fig.savefig(out / "toy2d.png", dpi=80)
-        experiment = getattr(trainer.logger, "experiment", None)
-        if hasattr(experiment, "add_figure"):
-            experiment.add_figure("toy2d", fig, global_step=trainer.global_step)
+        from PIL import Image
+
+        from lit_score.callbacks.sampling import log_image
+
+        image = Image.open(out / "toy2d.png").convert("RGB")
+        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+        for logger in trainer.loggers:
+            log_image(logger, "toy2d/score_field", pixels, image, trainer.global_step)
         import matplotlib.pyplot as plt
 
         plt.close(fig)

@@ -120,3 +120,27 @@ def test_sample_grids_reach_every_logger_that_takes_images_and_the_run_directory
     assert Image.open(run_dir / "samples" / "step_00000002.png").size == size
     rows = list(csv.DictReader(open(Path(csv_logger.log_dir) / "metrics.csv")))
     assert any(r.get("val/fid@6") for r in rows) and any(r.get("train/loss") for r in rows)
+
+
+def test_toy_score_field_reaches_every_logger_that_takes_images(tmp_path):
+    """The toy demo's picture is in TensorBoard as toy2d/score_field, in the image-taking logger, and on disk."""
+    from lit_score.data.toy2d import Toy2DDataModule
+    from lit_score.module import ScoreModel
+    from lit_score.networks import ScoreMLP
+    from lit_score.sampling import PCSampler
+    from lit_score.sdes import VESDE
+    from lit_score.toy2d import Toy2DFigure
+
+    tb, images = TensorBoardLogger(tmp_path, name="tb"), ImageLogger()
+    model = ScoreModel(ScoreMLP(hidden=8, depth=1), VESDE(sigma_min=0.01, sigma_max=10.0, N=10),
+                       sampler=PCSampler("euler_maruyama", "none", steps=5), warmup=1)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=[tb, images], callbacks=[Toy2DFigure(num_samples=20)],
+                        max_steps=1, limit_val_batches=0, enable_checkpointing=False, enable_model_summary=False,
+                        enable_progress_bar=False)
+    trainer.fit(model, Toy2DDataModule(num_train=64, num_val=8, batch_size=32))
+    events = EventAccumulator(tb.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    [event] = events.Images("toy2d/score_field")
+    [(key, step, size)] = images.images
+    assert key == "toy2d/score_field" and step == event.step == 1 and size == (event.width, event.height)
+    assert (Path(tb.log_dir) / "toy2d.png").is_file()

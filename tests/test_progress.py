@@ -161,3 +161,16 @@ def test_sample_grid_fid_and_reference_statistics_show_progress(tmp_path, capsys
     assert reference.startswith(f"FID reference statistics of {n} training images: 100%")
     assert f"images {n}/{n}" in reference
     assert all("ETA 00:00" in line for line in lines.values()), lines
+
+
+def test_tqdm_disable_silences_the_bar():
+    """TQDM_DISABLE=1 in the environment (read when tqdm is imported) turns off even an enabled bar."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from lit_score.progress import Progress\n"
+            "with Progress('x', 2, enabled=True) as p:\n    p.advance(2)\n")
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "images" not in proc.stderr, proc.stderr[-500:]  # shown without: tests above
