@@ -264,6 +264,7 @@ def training_run(suite: Suite) -> list[dict[str, Any]]:
     """lit-score's own training (lightning.Trainer fitting ScoreModel with EMA) for ``run_seconds``; the loss of the
     first and the last tenth of the steps."""
     from lit_score.data.cached import _Indices, _keep
+    from lit_score.losses import DSMLoss
 
     L, EMA, ScoreModel = _lightning_parts()
     quiet_lightning()
@@ -292,7 +293,7 @@ def training_run(suite: Suite) -> list[dict[str, Any]]:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(outputs["loss"].detach())
 
-    model = ScoreModel(net, sde, loss="dsm", reduce_mean=reduce_mean, lr=2e-4, warmup=100)
+    model = ScoreModel(net, sde, loss=DSMLoss(reduce_mean=reduce_mean), lr=2e-4, warmup=100)
     gpu = device.type == "cuda"
     trainer = L.Trainer(accelerator="gpu" if gpu else "cpu", devices=1, max_steps=-1, max_epochs=-1,
                         max_time={"seconds": s.run_seconds}, logger=False, enable_checkpointing=False,

@@ -72,8 +72,13 @@ def expand_config_args(argv: list[str]) -> list[str]:
 def resolve_config(value: str) -> Path | None:
     """The YAML file that ``--config value`` names: a file, else a packaged experiment (``quickstart``,
     ``experiments/quickstart.yaml`` from any directory); None for an inline YAML document."""
-    if Path(value).is_file():
-        return Path(value)
+    if "\n" in value or ": " in value:
+        return None  # an inline YAML document (as the processes DDP launches receive them)
+    try:
+        if Path(value).is_file():
+            return Path(value)
+    except OSError:  # e.g. a name too long for a path
+        return None
     packaged = packaged_experiment(value)
     if packaged is not None:
         return packaged

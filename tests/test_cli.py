@@ -48,7 +48,8 @@ def test_every_experiment_resolves_with_print_config(experiment, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert "${" not in yaml.safe_dump(printed)
     assert printed["model"]["net"]["class_path"].startswith("lit_score.networks.")
-    ema_rates = [cb["init_args"]["rate"] for cb in printed["trainer"]["callbacks"] if cb["class_path"].endswith("EMA")]
+    ema_rates = [cb["init_args"]["rate"] for cb in printed["trainer"]["callbacks"]
+                 if cb["class_path"].endswith(".EMA") and not cb["init_args"].get("halflife_kimg")]  # EDM: half-life
     assert all(rate == printed["ema_rate"] for rate in ema_rates), (printed["ema_rate"], ema_rates)  # what runs
 
 

@@ -19,6 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lit_score.checkpoint_io import CorruptCheckpointError, atomic_torch_save
 from lit_score.cli import run_cli
+from lit_score.errors import CheckpointError, ConfigurationError
 from lit_score.evaluate.shards import ShardStore
 from lit_score.preemption import Interrupted, stop_at_boundaries
 from lit_score.resume import ResumableDataLoader
@@ -256,7 +257,7 @@ def test_resume_flag_continues_the_run_in_place(tmp_path, reference):
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("last*")) == ["last.ckpt"]
     assert_same_state(last_checkpoint(tmp_path, "run"), reference[0])
     assert_same_curve(run_dir, reference[1])
-    with pytest.raises(SystemExit, match="no config.yaml"):
+    with pytest.raises(ConfigurationError, match="no config.yaml"):
         run_cli(["fit", "--resume", str(tmp_path)])
 
 
@@ -268,11 +269,15 @@ def test_first_launch_without_checkpoint_just_starts(tmp_path):
 
 
 def test_a_fit_that_fails_at_start_leaves_no_run_directory(tmp_path):
-    """A missing --ckpt_path fails before the first step and leaves no empty version directory."""
+    """A checkpoint that Lightning cannot restore fails before the first step and leaves no empty version
+    directory (a missing one is refused before anything starts)."""
     config = write_config(tmp_path, "fails")
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
         fit(config, "fails", "--ckpt_path", str(tmp_path / "missing.ckpt"))
+    torch.save({"state_dict": {}}, tmp_path / "empty.ckpt")
+    with pytest.raises(Exception, match="state_dict|Missing key|global_step|optimizer|loops|epoch"):
+        fit(config, "fails", "--ckpt_path", str(tmp_path / "empty.ckpt"))
     assert not (tmp_path / "runs/tiny/fails").exists()
     assert {s: signal.getsignal(s) for s in handlers} == handlers, "the signal handlers are given back"
 

@@ -75,7 +75,7 @@ def test_first_image_folder_experiment_is_small_with_a_mean_loss(tmp_path):
     cli = build("--data.init_args.path", str(tmp_path / "images"), "--trainer.logger", "false",
                 config="experiments/imagefolder_small.yaml", tmp_path=tmp_path)
     parameters = sum(p.numel() for p in cli.model.net.parameters())
-    assert parameters < 1_000_000 and cli.model.hparams.reduce_mean is True
+    assert parameters < 1_000_000 and cli.model.loss.reduce_mean is True
     assert (cli.datamodule.image_size, cli.datamodule.num_channels) == (32, 3)
     assert cli.model.net.data_shape == (3, 32, 32)
     print(f"imagefolder_small: {parameters:,} parameters")

@@ -52,7 +52,7 @@ def test_threads_argument_is_taken_out_of_the_command_line():
 
 
 def test_lit_score_takes_threads():
-    cli = [sys.executable, "-c", "import sys; from lit_score.cli import main; sys.argv[0] = 'lit-score'; main()"]
+    cli = [sys.executable, "-c", "import sys; from lit_score.commands import main; sys.argv[0] = 'lit-score'; main()"]
     env = {**os.environ, "PYTHONPATH": ROOT}
     ok = subprocess.run(cli + ["fit", "--config", "experiments/quickstart.yaml", "--threads", "1", "--print_config"],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
