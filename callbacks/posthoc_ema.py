@@ -66,11 +66,12 @@ class PostHocEMA(L.Callback):
             self.snapshot(trainer)
 
     def snapshot(self, trainer: L.Trainer) -> None:
-        """Write every profile's current average (rank 0)."""
+        """Write every profile's current average (rank 0); called on every rank."""
         self._last_snapshot = self.ema.num_updates
+        directory = self.directory(trainer)  # on every rank: trainer.log_dir broadcasts under DDP
         if trainer.is_global_zero and self.ema.shadows is not None:
             for sigma_rel, shadow in zip(self.ema.sigma_rels, self.ema.shadows):
-                save_snapshot(self.directory(trainer), self.ema.num_updates, sigma_rel, shadow)
+                save_snapshot(directory, self.ema.num_updates, sigma_rel, shadow)
 
     def state_dict(self) -> dict[str, Any]:
         return {"num_updates": self.ema.num_updates, "sigma_rels": list(self.ema.sigma_rels),

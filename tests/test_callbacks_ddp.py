@@ -63,6 +63,8 @@ class Probe(L.Callback):
     def on_train_end(self, trainer, pl_module):
         ema = next(cb for cb in trainer.callbacks if isinstance(cb, EMA))
         fid = next(cb for cb in trainer.callbacks if isinstance(cb, FID))
+        phema = next(cb for cb in trainer.callbacks if type(cb).__name__ == "PostHocEMA")
+        self.record["phema"] = [{k: v.cpu().clone() for k, v in s.items()} for s in phema.ema.shadows]
         self.record |= {"shadow": {k: v.cpu().clone() for k, v in ema.shadow.items()},
                         "num_updates": ema.num_updates, "fid": fid.last_value, "kid": fid.last_kid,
                         "world": trainer.world_size}
@@ -91,6 +93,7 @@ def _config(tmp_path: Path, probe_dir: Path, inception_weights: Path) -> Path:
                                "num_samples": 11, "every_n_steps": 4, "batch_size": 4, "at_start": True,
                                "kid_subset_size": 4, "kid_subsets": 10,
                                "cache_dir": str(tmp_path / "cache"), "sampler": sampler}},
+                {"class_path": "lit_score.callbacks.PostHocEMA", "init_args": {"sigma_rels": [0.05, 0.1], "every_n_steps": 2}},
                 {"class_path": "test_callbacks_ddp.Probe", "init_args": {"out_dir": str(probe_dir)}},
             ],
         },
@@ -160,6 +163,23 @@ def test_ema_is_identical_on_both_ranks_and_equals_hand_computation(runs):
     for w0, w1 in zip(r0["after_step"], r1["after_step"]):
         _assert_equal_states(w0, w1)
     _assert_equal_states(r0["shadow"], _hand_ema(r0["initial"], r0["after_step"], 1), rtol=1e-6, atol=1e-7)
+
+
+def test_posthoc_ema_is_identical_on_both_ranks_and_written_once(runs):
+    """Property: with 2 processes both ranks hold the same power-function EMAs, equal to
+    s <- beta_n s + (1 - beta_n) w, beta_n = (1 - 1/n)^(gamma + 1) (gamma 16.97 and 6.94 for sigma_rel 0.05, 0.10),
+    over the training weights after each step; rank 0 alone writes one snapshot per profile at steps 2 and 4."""
+    r0, r1 = runs["ranks"]
+    for s0, s1 in zip(r0["phema"], r1["phema"]):
+        _assert_equal_states(s0, s1)
+    for gamma, shadow in zip((16.9722, 6.9372), r0["phema"]):
+        hand = {k: v.double() for k, v in r0["after_step"][0].items() if v.is_floating_point()}
+        for n, weights in enumerate(r0["after_step"][1:], start=2):
+            beta = (1 - 1 / n) ** (gamma + 1)
+            hand = {k: beta * hand[k] + (1 - beta) * weights[k].double() for k in hand}
+        _assert_equal_states({k: shadow[k].double() for k in hand}, hand, rtol=1e-5, atol=1e-6)
+    names = sorted(p.name for p in (runs["run2"] / "posthoc_ema").iterdir())
+    assert names == [f"phema-{step:09d}-{s:.6f}.pt" for step in (2, 4) for s in (0.05, 0.1)]
 
 
 def test_validation_leaves_training_weights_unchanged(runs):

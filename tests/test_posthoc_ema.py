@@ -123,3 +123,31 @@ def test_updates_once_per_optimizer_step_with_accumulation(tmp_path, one_thread)
     with pytest.raises(SystemExit):
         main([str(run_dir), "--sigma-rel", "0.07"])  # no --out
     assert main([str(tmp_path), "--sigma-rel", "0.07", "--out", str(out)]) == 2  # no snapshots there
+
+
+def test_sweep_evaluates_each_sigma_rel(tmp_path, one_thread):
+    """`lit-score posthoc-ema RUN --sweep` writes one checkpoint and one lit-score-eval result per sigma_rel, each
+    evaluation run on that sigma_rel's reconstruction, and sweep.json with their FIDs."""
+    import json
+
+    import yaml
+
+    fit(write_config(tmp_path, "short", [PHEMA]), "short", "--trainer.max_steps", "4")
+    run_dir = tmp_path / "runs/tiny/short"
+    evaluation = tmp_path / "eval.yaml"
+    evaluation.write_text(yaml.safe_dump({"evaluation": {
+        "num_samples": 4, "batch_size": 4, "shard_size": 4, "inception_score": False, "kid": False, "bpd": False,
+        "tensorboard": False, "cache_dir": str(tmp_path / "cache"),
+        "sampler": {"class_path": "lit_score.sampling.EDMSampler", "init_args": {"steps": 2}},
+        "features": {"class_path": "lit_score.metrics.RandomConvFeatures",
+                     "init_args": {"num_features": 4, "width": 4}}}}))
+    out = tmp_path / "sweep"
+    assert main([str(run_dir), "--sweep", "0.05", "0.1", "--config", str(write_config(tmp_path, "eval_model")),
+                 "--config", str(evaluation), "--sweep-dir", str(out), "--trainer.accelerator", "cpu"]) == 0
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [r["sigma_rel"] for r in rows] == [0.05, 0.1] and all(r["fid"] > 0 for r in rows)
+    for r in rows:
+        result = json.loads((out / f"eval_{r['sigma_rel']:.3f}" / "results.json").read_text())
+        assert result["fid"] == r["fid"] and result["nfe"] == 3
+        assert torch.load(r["checkpoint"], weights_only=False)["posthoc_ema"]["sigma_rel"] == r["sigma_rel"]
+    assert rows[0]["fid"] != rows[1]["fid"]
