@@ -51,9 +51,9 @@ def _sigma_max(argv: list[str]) -> int:
 
 
 def _posthoc_ema(argv: list[str]) -> int:
-    from lit_score.posthoc_ema import main
+    from lit_score.tools import posthoc_ema_main
 
-    return main(argv)
+    return posthoc_ema_main(argv)
 
 
 TOOLS: dict[str, Callable[[list[str]], int]] = {

@@ -1,8 +1,10 @@
-"""Command-line tools beside training: ``lit-score export-ema`` and ``lit-score sigma-max``, and the toy 2-D figure
+"""Command-line tools beside training: ``lit-score export-ema``, ``lit-score sigma-max`` and ``lit-score posthoc-ema``,
+and the toy 2-D figure
 of the score-based modelling talk (the ``Toy2DFigure`` callback of experiments/toy2d.yaml).
 
     lit-score export-ema CHECKPOINT.ckpt OUTPUT.safetensors
     lit-score sigma-max --config experiments/imagefolder_example.yaml --data.init_args.path DIR
+    lit-score posthoc-ema RUN_DIR --sigma-rel 0.07 --out ema_0.07.ckpt
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import lightning as L
 import numpy as np
@@ -19,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from lit_score.densities import GaussianMixture
+from lit_score.posthoc_ema import find_snapshots, reconstruct, write_checkpoint
 from lit_score.sampling.base import SeededNoise
 from lit_score.sampling.pc import PCSampler
 from lit_score.sdes import SDE, ScoreFn
@@ -183,3 +186,65 @@ class Toy2DFigure(Callback):
         import matplotlib.pyplot as plt
 
         plt.close(fig)
+
+
+def posthoc_ema_sweep(run_dir: Path, sigma_rels: Sequence[float], out_dir: Path, configs: Sequence[str],
+          extra: Sequence[str], step: int | None = None) -> list[dict[str, Any]]:
+    """Reconstruct each sigma_rel, evaluate it with ``lit-score-eval`` (its configs and extra arguments), and
+    write ``out_dir/sweep.json``; returns one row (sigma_rel, FID, ...) per sigma_rel."""
+    from lit_score.evaluate.cli import run as evaluate
+
+    snapshots = find_snapshots(run_dir)
+    rows = []
+    for sigma_rel in sigma_rels:
+        state, info = reconstruct(snapshots, sigma_rel, step)
+        ckpt = write_checkpoint(run_dir, state, info, out_dir / f"ema_{sigma_rel:.3f}.ckpt")
+        args = [a for c in configs for a in ("--config", c)] + ["--ckpt_path", str(ckpt),
+                                                                "--evaluation.out_dir", str(out_dir / f"eval_{sigma_rel:.3f}")]
+        results = evaluate(args + list(extra))
+        rows.append({"sigma_rel": sigma_rel, "fid": results.get("fid"), "nfe": results.get("nfe"),
+                     "step": info["step"], "relative_residual": info["relative_residual"], "checkpoint": str(ckpt)})
+    (out_dir / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+def posthoc_ema_main(argv: Sequence[str]) -> int:
+    """``lit-score posthoc-ema RUN_DIR (--sigma-rel S --out CKPT | --sweep S1 S2 ...) [--step N]``."""
+    parser = argparse.ArgumentParser(prog="lit-score posthoc-ema", description="Reconstruct the EMA of any sigma_rel from a run's post-hoc EMA snapshots (Karras et al. 2024).",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="a run directory with posthoc_ema/ snapshots")
+    parser.add_argument("--sigma-rel", type=float, help="the EMA width to reconstruct")
+    parser.add_argument("--out", type=Path, help="the checkpoint to write (with --sigma-rel)")
+    parser.add_argument("--step", type=int, help="reconstruct at this step (default: the last snapshot's)")
+    parser.add_argument("--template", type=Path, help="the checkpoint whose model the result takes "
+                                                      "(default: RUN_DIR/checkpoints/last.ckpt)")
+    parser.add_argument("--sweep", type=float, nargs="+", metavar="SIGMA_REL", help="evaluate FID for each")
+    parser.add_argument("--config", action="append", default=[],
+                        help="with --sweep: lit-score-eval configs (default: RUN_DIR/config.yaml)")
+    parser.add_argument("--sweep-dir", type=Path, help="with --sweep: where checkpoints and results go "
+                                                       "(default: RUN_DIR/posthoc_ema_sweep)")
+    args, extra = parser.parse_known_args(list(argv))
+    if (args.sweep is None) == (args.sigma_rel is None):
+        parser.error("give either --sigma-rel S --out CKPT or --sweep S1 S2 ...")
+    if extra and args.sweep is None:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.sweep is not None:
+            configs = args.config or [str(args.run_dir / "config.yaml")]
+            out_dir = args.sweep_dir or args.run_dir / "posthoc_ema_sweep"
+            rows = posthoc_ema_sweep(args.run_dir, args.sweep, out_dir, configs, extra, args.step)
+            print("sigma_rel  FID")
+            for row in rows:
+                print(f"{row['sigma_rel']:9.3f}  {row['fid']:.4f}")
+            print(f"written to {out_dir / 'sweep.json'}")
+            return 0
+        if args.out is None:
+            parser.error("--sigma-rel needs --out CKPT")
+        state, info = reconstruct(find_snapshots(args.run_dir), args.sigma_rel, args.step)
+        write_checkpoint(args.run_dir, state, info, args.out, args.template)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"lit-score posthoc-ema: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: sigma_rel {info['sigma_rel']} at step {info['step']} from {len(info['snapshots'])} "
+          f"snapshots (relative residual of the profile fit {info['relative_residual']:.2e})")
+    return 0

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from lit_score.posthoc_ema import (CHECKPOINT_KEY, PowerEMA, find_snapshots, gamma_to_sigma_rel, main,
-                                   reconstruct, save_snapshot, sigma_rel_to_gamma)
+from lit_score.posthoc_ema import (CHECKPOINT_KEY, PowerEMA, find_snapshots, gamma_to_sigma_rel, reconstruct,
+                                   save_snapshot, sigma_rel_to_gamma)
+from lit_score.tools import posthoc_ema_main as main
 from test_resume import fit, last_checkpoint, write_config
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")]
