@@ -129,7 +129,7 @@ def test_toy_score_field_reaches_every_logger_that_takes_images(tmp_path):
     from lit_score.networks import ScoreMLP
     from lit_score.sampling import PCSampler
     from lit_score.sdes import VESDE
-    from lit_score.toy2d import Toy2DFigure
+    from lit_score.tools import Toy2DFigure
 
     tb, images = TensorBoardLogger(tmp_path, name="tb"), ImageLogger()
     model = ScoreModel(ScoreMLP(hidden=8, depth=1), VESDE(sigma_min=0.01, sigma_max=10.0, N=10),
