@@ -7,6 +7,7 @@ allocation) is printed in one or two lines and exits with status 2; ``--tracebac
 shows the full traceback. After a signal stopped a run the status is 128 + the signal number."""
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable
 
@@ -14,57 +15,22 @@ from lit_score.errors import ConfigurationError, report, run_reporting_errors
 from lit_score.threads import configure_threads, pop_threads_arg
 
 
-def _submit(argv: list[str]) -> int:
-    from lit_score.slurm import submit_main
-
-    return submit_main(argv)
-
-
-def _export(argv: list[str]) -> int:
-    from lit_score.export import export_main
-
-    return export_main(argv)
-
-
-def _export_diffusers(argv: list[str]) -> int:
-    from lit_score.diffusers_interop import export_main
-
-    return export_main(argv)
-
-
-def _import_diffusers(argv: list[str]) -> int:
-    from lit_score.diffusers_interop import import_main
-
-    return import_main(argv)
-
-
-def _export_ema(argv: list[str]) -> int:
-    from lit_score.tools import export_ema_main
-
-    return export_ema_main(argv)
-
-
-def _sigma_max(argv: list[str]) -> int:
-    from lit_score.tools import sigma_max_main
-
-    return sigma_max_main(argv)
-
-
-def _posthoc_ema(argv: list[str]) -> int:
-    from lit_score.tools import posthoc_ema_main
-
-    return posthoc_ema_main(argv)
-
-
-TOOLS: dict[str, Callable[[list[str]], int]] = {
-    "submit": _submit,
-    "export": _export,
-    "export-diffusers": _export_diffusers,
-    "import-diffusers": _import_diffusers,
-    "export-ema": _export_ema,
-    "sigma-max": _sigma_max,
-    "posthoc-ema": _posthoc_ema,
+# Subcommand -> (module, function taking the remaining arguments and returning the exit status); loaded on use.
+TOOLS: dict[str, tuple[str, str]] = {
+    "submit": ("lit_score.slurm", "submit_main"),
+    "export": ("lit_score.export", "export_main"),
+    "export-diffusers": ("lit_score.diffusers_interop", "export_main"),
+    "import-diffusers": ("lit_score.diffusers_interop", "import_main"),
+    "export-ema": ("lit_score.tools", "export_ema_main"),
+    "sigma-max": ("lit_score.tools", "sigma_max_main"),
+    "posthoc-ema": ("lit_score.tools", "posthoc_ema_main"),
 }
+
+
+def tool(name: str) -> Callable[[list[str]], int]:
+    """The function behind the subcommand ``name``."""
+    module, function = TOOLS[name]
+    return getattr(importlib.import_module(module), function)
 
 
 def main() -> None:
@@ -76,9 +42,9 @@ def main() -> None:
     except ValueError as err:
         print(report(ConfigurationError(str(err))), file=sys.stderr)
         sys.exit(2)
-    tool = TOOLS.get(sys.argv[1]) if len(sys.argv) > 1 else None
-    if tool is not None:
-        sys.exit(run_reporting_errors(lambda: tool(sys.argv[2:])))
+    if len(sys.argv) > 1 and sys.argv[1] in TOOLS:
+        run = tool(sys.argv[1])
+        sys.exit(run_reporting_errors(lambda: run(sys.argv[2:])))
     from lit_score.cli import fit_main
 
     sys.exit(run_reporting_errors(fit_main))

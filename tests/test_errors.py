@@ -120,3 +120,11 @@ def test_an_argument_a_class_rejects_is_named(tiny):
     proc = run(BIN / "lit-score", "predict", "--config", tiny / "tiny.yaml", "--model.sampler",
                "lit_score.sampling.EDMSampler", "--model.sampler.steps", "0", cwd=tiny)
     assert_brief(proc, "EDMSampler")
+
+
+def test_every_subcommand_resolves_to_its_function():
+    from lit_score.commands import TOOLS, tool
+
+    assert {"submit", "export", "export-ema", "sigma-max", "posthoc-ema"} <= set(TOOLS)
+    for name in TOOLS:
+        assert callable(tool(name)), name
