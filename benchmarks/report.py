@@ -6,11 +6,25 @@ import os
 import platform
 import statistics
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+
+
+def median_seconds(fn: Callable[[], object], reps: int) -> float:
+    """The median wall time of ``reps`` calls of ``fn``, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
 
 
 @dataclass

@@ -11,7 +11,6 @@ max_k |mean_i r_k(x_i) - w_k| (r_k: component responsibilities under p_0, so exa
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor
 
 from benchmarks.distances import energy_distance
+from benchmarks.report import median_seconds
 from lit_score.densities import GaussianMixture
 from lit_score.sampling import (IPNDM, AdaptiveSDESampler, DPMSolverPP, DPMSolverPP3M, DPMSolverPPSDE, EDMSampler,
                                 EulerSampler, ODESampler, PCSampler, Sampler, SeededNoise, UniPC, seeded_prior)
@@ -124,16 +124,6 @@ def quickstart_net() -> tuple[torch.nn.Module, tuple[int, ...]]:
     return DDPMpp(num_channels=1, image_size=size, **cfg["model"]["net"]["init_args"]).eval(), (1, size, size)
 
 
-def _median_seconds(fn: Callable[[], object], reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 @torch.no_grad()
 def step_costs(batch: int, reps: int, quick: bool = False) -> dict:
     """Seconds of one quickstart network evaluation, one seeded noise draw, a torch.randn of the same size and the
@@ -147,9 +137,9 @@ def step_costs(batch: int, reps: int, quick: bool = False) -> dict:
     score = get_score_fn(sde, net)
     x, t = torch.randn(batch, *shape), torch.full((batch,), 0.5)
     noise = SeededNoise(range(batch), shape)
-    costs = {"batch": batch, "network": _median_seconds(lambda: score(x, t), reps),
-             "noise": _median_seconds(noise, 10 * reps), "randn": _median_seconds(lambda: torch.randn(x.shape), 10 * reps),
-             "prior": _median_seconds(lambda: seeded_prior(sde, range(batch), shape), 10 * reps), "solvers": []}
+    costs = {"batch": batch, "network": median_seconds(lambda: score(x, t), reps),
+             "noise": median_seconds(noise, 10 * reps), "randn": median_seconds(lambda: torch.randn(x.shape), 10 * reps),
+             "prior": median_seconds(lambda: seeded_prior(sde, range(batch), shape), 10 * reps), "solvers": []}
     free = lambda x_, t_: -x_  # noqa: E731  the score of N(0, I) under VP at every t
     for solver in SOLVERS:
         setting = solver.settings[0 if quick else min(1, len(solver.settings) - 1)]
@@ -159,7 +149,7 @@ def step_costs(batch: int, reps: int, quick: bool = False) -> dict:
         def run() -> None:
             nfe.append(solver.make(setting).sample(free, sde_s, shape, range(batch)).nfe)
 
-        seconds = _median_seconds(run, 1 if quick else 3)
+        seconds = median_seconds(run, 1 if quick else 3)
         costs["solvers"].append({"sampler": solver.name, "setting": setting, "nfe": nfe[-1],
                                  "s_per_nfe": seconds / nfe[-1]})
     return costs

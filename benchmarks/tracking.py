@@ -11,23 +11,11 @@
 """
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Any
 
 import torch
 
-from benchmarks.report import Stat
-
-
-def _median_s(fn, reps: int) -> float:
-    fn()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+from benchmarks.report import Stat, median_seconds
 
 
 def step_rows(training: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -53,11 +41,11 @@ def noise_rows(batch: int = 256, reps: int = 20) -> list[dict[str, Any]]:
     net, shape = quickstart_net(), (1, 16, 16)
     x, t = torch.randn(batch, *shape), torch.rand(batch)
     with torch.no_grad():
-        evaluation = _median_s(lambda: net(x, t), max(3, reps // 4))
+        evaluation = median_seconds(lambda: net(x, t), max(3, reps // 4))
     noise = SeededNoise(range(batch), shape)
-    draw = _median_s(noise, reps)
-    prior = _median_s(lambda: seeded_prior(VPSDE(), range(batch), shape), reps)
-    randn = _median_s(lambda: torch.randn(batch, *shape), reps)
+    draw = median_seconds(noise, reps)
+    prior = median_seconds(lambda: seeded_prior(VPSDE(), range(batch), shape), reps)
+    randn = median_seconds(lambda: torch.randn(batch, *shape), reps)
     ev = f"{1e3 * evaluation:.3g} ms network evaluation"
     return [{"what": f"seeded noise draw, batch {batch} x {shape} (one randn: {1e3 * randn:.3g} ms)",
              "ours": f"{1e3 * draw:.3g} ms", "baseline": ev, "ratio": draw / evaluation, "target": "<= 0.05",

@@ -1,7 +1,6 @@
 """``lit-score``: LightningCLI over ScoreModel and any LightningDataModule, configured by experiment YAMLs."""
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from lit_score.losses import loss_config
 from lit_score.module import ScoreModel
 from lit_score.preemption import Preemption
 from lit_score.resume import RandomState, resume_args
+from lit_score.threads import affinity_cpus
 
 
 class ScoreCLI(LightningCLI):
@@ -132,19 +132,11 @@ def without_slurm_auto_requeue(plugins: Any) -> Any:
     return [*listed, SLURMEnvironment(auto_requeue=False)]
 
 
-def cpu_cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def warn_cpu_oversubscription(trainer: L.Trainer) -> None:
     """Warn when more CPU processes are asked for than there are cores: they would share cores, each slower."""
     from lightning.pytorch.accelerators import CPUAccelerator
 
-    cores = cpu_cores()
+    cores = affinity_cpus()
     if isinstance(trainer.accelerator, CPUAccelerator) and trainer.num_devices > cores:
         rank_zero_warn(f"--trainer.devices {trainer.num_devices} starts {trainer.num_devices} CPU processes on "
                        f"{cores} core(s): they share the cores and each runs slower; set --trainer.devices {cores} "

@@ -19,9 +19,14 @@ def prefer_passive_wait() -> bool:
     return "torch" not in sys.modules
 
 
+def affinity_cpus() -> int:
+    """CPUs in this process's affinity mask (all CPUs where there is no mask)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def available_cpus() -> int:
     """CPUs this process may run on: its affinity mask, and at most SLURM's ``--cpus-per-task`` under SLURM."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = affinity_cpus()
     slurm = os.environ.get("SLURM_CPUS_PER_TASK")
     if slurm and slurm.isdigit() and int(slurm) > 0:
         n = min(n, int(slurm))

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from lit_score.cli import ScoreCLI, cpu_cores
+from lit_score.cli import ScoreCLI
 from lit_score.config import expand_config_args
+from lit_score.threads import affinity_cpus
 from test_data_image import write_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def test_no_args_and_sys_argv_warning(tmp_path, monkeypatch):
 
 
 def test_more_cpu_processes_than_cores_warn(tmp_path):
-    cores = cpu_cores()
+    cores = affinity_cpus()
     with pytest.warns(UserWarning, match=rf"{cores + 1} CPU processes on {cores} core"):
         build(*TINY, "--trainer.accelerator", "cpu", "--trainer.devices", str(cores + 1), "--trainer.strategy",
               "ddp", tmp_path=tmp_path)
