@@ -69,9 +69,9 @@ def delivered_images_per_second(path: Path, batch_size: int, num_workers: int, e
 
 def consumed_images_per_second(batch_size: int, steps: int) -> float:
     """Images/s of NCSN++ (default, CIFAR-10) training steps (loss, backward, Adam) on CPU, after one warm-up step."""
-    from lit_score.module import ScoreModel
+    from lit_score.runtime.module import ScoreModel
     from lit_score.networks import NCSNpp
-    from lit_score.sdes import VESDE
+    from lit_score.diffusion.sdes import VESDE
 
     model = ScoreModel(NCSNpp(), VESDE(sigma_max=50.0))
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)

@@ -50,7 +50,7 @@ def train(experiment: str, out_dir: Path, steps: int, every: int) -> tuple[Path,
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
         return run_dir, json.loads((run_dir / "wall.json").read_text())["seconds"]
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "lit_score.cli", "fit", "--config", str(path)], check=True,
+    subprocess.run([sys.executable, "-m", "lit_score.cli.lightning_cli", "fit", "--config", str(path)], check=True,
                    env={**os.environ, "PYTHONPATH": str(ROOT)})
     seconds = time.perf_counter() - start
     (run_dir / "wall.json").write_text(json.dumps({"seconds": seconds}))
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out-dir", type=Path, default=Path("bench_edm_vs_vp"))
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "edm_vs_vp.png")
     args = parser.parse_args(argv)
-    from lit_score.posthoc_ema import find_snapshots, reconstruct, write_checkpoint
+    from lit_score.diffusion.ema import find_snapshots, reconstruct, write_checkpoint
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     results = {}

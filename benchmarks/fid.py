@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lit_score.evaluate.inception_score import InceptionScore
+from lit_score.metrics.inception_score import InceptionScore
 from lit_score.metrics import FeatureStatistics, InceptionV3, RandomConvFeatures, random_inception_weights
 
 

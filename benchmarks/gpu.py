@@ -143,7 +143,7 @@ def train_step(suite: Suite, name: str, variant_key: str) -> list[dict[str, Any]
 
 # ------------------------------------------------------------------------------------------------------- sampling
 def _score(name: str, suite: Suite, bf16: bool):
-    from lit_score.score import get_score_fn
+    from lit_score.diffusion.score import get_score_fn
 
     net, sde, _ = NetConfig(name, tiny=suite.sizes.tiny).build()
     net = net.to(suite.device).eval()
@@ -204,9 +204,9 @@ def sampling(suite: Suite) -> list[dict[str, Any]]:
 def ode(suite: Suite) -> list[dict[str, Any]]:
     """Shared vs per-image adaptive steps on the exact score of a Gaussian mixture (VP SDE), on the device."""
     from benchmarks.ode_nfe import mixture
-    from lit_score.sampling.base import seeded_prior
+    from lit_score.rng import seeded_prior
     from lit_score.sampling.ode import dopri5, probability_flow
-    from lit_score.sdes import VPSDE
+    from lit_score.diffusion.sdes import VPSDE
 
     s, device, sde = suite.sizes, suite.device, VPSDE()
     dim = math.prod(s.ode_dim)
@@ -264,7 +264,7 @@ def training_run(suite: Suite) -> list[dict[str, Any]]:
     """lit-score's own training (lightning.Trainer fitting ScoreModel with EMA) for ``run_seconds``; the loss of the
     first and the last tenth of the steps."""
     from lit_score.data.cached import _Indices, _keep
-    from lit_score.losses import DSMLoss
+    from lit_score.diffusion.losses import DSMLoss
 
     L, EMA, ScoreModel = _lightning_parts()
     quiet_lightning()

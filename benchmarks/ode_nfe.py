@@ -15,10 +15,10 @@ import numpy as np
 import scipy.integrate
 import torch
 
-from lit_score.densities import GaussianMixture
-from lit_score.sampling.base import seeded_prior
+from lit_score.diffusion.densities import GaussianMixture
+from lit_score.rng import seeded_prior
 from lit_score.sampling.ode import dopri5, probability_flow
-from lit_score.sdes import SDE, VESDE, VPSDE
+from lit_score.diffusion.sdes import SDE, VESDE, VPSDE
 
 
 def mixture(dim: int, components: int = 4, seed: int = 0) -> GaussianMixture:

@@ -2,7 +2,7 @@
 cost per step beside one evaluation of the quickstart network.
 
 Quality, for 2-D and 8-D mixtures of anisotropic, unequally weighted components (exact scores from
-lit_score.densities): the energy distance to exact samples of the mixture, and the mode-weight error
+lit_score.diffusion.densities): the energy distance to exact samples of the mixture, and the mode-weight error
 max_k |mean_i r_k(x_i) - w_k| (r_k: component responsibilities under p_0, so exact samples give w_k on average);
 "null" rows give both statistics for a second exact sample set, the level a perfect sampler reaches.
 
@@ -21,10 +21,10 @@ from torch import Tensor
 
 from benchmarks.distances import energy_distance
 from benchmarks.report import median_seconds
-from lit_score.densities import GaussianMixture
+from lit_score.diffusion.densities import GaussianMixture
 from lit_score.sampling import (IPNDM, AdaptiveSDESampler, DPMSolverPP, DPMSolverPP3M, DPMSolverPPSDE, EDMSampler,
                                 EulerSampler, ODESampler, PCSampler, Sampler, SeededNoise, UniPC, seeded_prior)
-from lit_score.sdes import SDE, VESDE, VPSDE
+from lit_score.diffusion.sdes import SDE, VESDE, VPSDE
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def step_costs(batch: int, reps: int, quick: bool = False) -> dict:
     """Seconds of one quickstart network evaluation, one seeded noise draw, a torch.randn of the same size and the
     prior, at ``batch`` images; and each solver's own seconds per NFE (its arithmetic and noise, with a score
     function that costs nothing)."""
-    from lit_score.score import get_score_fn
+    from lit_score.diffusion.score import get_score_fn
 
     torch.manual_seed(0)
     net, shape = quickstart_net()
@@ -159,7 +159,7 @@ def run_checkpoint(path: str, n: int = 64) -> list[dict]:
     """The quickstart model (EMA weights): energy distance between n samples and n digits, and the fraction of
     noise images (mean squared pixel difference to the neighbours above 1.5 x the data's 99th percentile)."""
     from lit_score.data.digits import load_digits_images
-    from lit_score.module import ScoreModel
+    from lit_score.runtime.module import ScoreModel
 
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     model = ScoreModel.load_from_checkpoint(path, map_location="cpu", weights_only=False)

@@ -17,8 +17,8 @@ from torch import Tensor
 from benchmarks.report import Stat
 from benchmarks.training import NetConfig, sync
 from lit_score.sampling import DPMSolverPP, EDMSampler, ODESampler, PCSampler, Sampler
-from lit_score.score import get_score_fn
-from lit_score.sdes import ScoreFn
+from lit_score.diffusion.score import get_score_fn
+from lit_score.diffusion.sdes import ScoreFn
 
 
 @dataclass(frozen=True)

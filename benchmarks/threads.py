@@ -1,5 +1,5 @@
 """One evaluation of the quickstart network while another process keeps one core busy: torch's defaults (all
-cores, OpenMP's default waiting) against lit-score's (``lit_score.threads``: the CPUs the process may use, passive
+cores, OpenMP's default waiting) against lit-score's (``lit_score.cli.threads``: the CPUs the process may use, passive
 waiting), and one thread.
 
 Each setting runs in a fresh process, since OpenMP reads its wait policy when torch loads.
@@ -45,7 +45,7 @@ def _child(batch: int, reps: int, threads: str) -> dict:
         raise RuntimeError("the child must measure a fresh process: torch is already imported")
     if threads == "lit-score":
         import lit_score  # noqa: F401  sets the passive wait policy before torch loads
-        from lit_score.threads import configure_threads
+        from lit_score.cli.threads import configure_threads
 
         configure_threads()
     import torch

@@ -7,7 +7,7 @@
 - data: images/s CachedImageDataModule and ImageDataModule serve against what the NCSN++ step measured above consumes
   (target >= 5x);
 - threads: a quickstart-network evaluation while another process busies one core, torch's defaults against
-  lit-score's (``lit_score.threads``).
+  lit-score's (``lit_score.cli.threads``).
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ def step_rows(training: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def noise_rows(batch: int = 256, reps: int = 20) -> list[dict[str, Any]]:
     """A seeded noise draw and the seeded prior against one quickstart-network evaluation at ``batch``."""
     from benchmarks.threads import quickstart_net
-    from lit_score.sampling.base import SeededNoise, seeded_prior
-    from lit_score.sdes import VPSDE
+    from lit_score.rng import SeededNoise, seeded_prior
+    from lit_score.diffusion.sdes import VPSDE
 
     net, shape = quickstart_net(), (1, 16, 16)
     x, t = torch.randn(batch, *shape), torch.rand(batch)

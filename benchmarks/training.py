@@ -26,12 +26,12 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.report import Stat
-from lit_score.losses import DSMLoss, dsm_loss
+from lit_score.diffusion.losses import DSMLoss, dsm_loss
 from lit_score.networks import DDPMpp, NCSNpp
 from lit_score.networks.layers import AttnBlockpp
 from lit_score.networks.resblocks import ResnetBlockBigGANpp, ResnetBlockDDPMpp
-from lit_score.score import get_score_fn
-from lit_score.sdes import SDE, VESDE, VPSDE
+from lit_score.diffusion.score import get_score_fn
+from lit_score.diffusion.sdes import SDE, VESDE, VPSDE
 
 LR, WARMUP, CLIP, EMA_RATE, EPS = 2e-4, 5000, 1.0, 0.9999, 1e-5
 PHASES = ("data + loop", "forward + loss", "backward", "clip + Adam", "EMA")
@@ -212,7 +212,7 @@ def _lightning_parts():
     import lightning as L
 
     from lit_score.callbacks.ema import EMA
-    from lit_score.module import ScoreModel
+    from lit_score.runtime.module import ScoreModel
 
     return L, EMA, ScoreModel
 

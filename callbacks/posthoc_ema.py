@@ -1,6 +1,6 @@
 """Post-hoc EMA during training (Karras et al. 2024, section 3): power-function EMA profiles of the weights, updated
 once per optimizer step and snapshotted into the run directory; ``lit-score posthoc-ema`` reconstructs any EMA
-length from the snapshots (see ``lit_score.posthoc_ema``)."""
+length from the snapshots (see ``lit_score.diffusion.ema``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import lightning as L
 from torch import Tensor
 
-from lit_score.posthoc_ema import CHECKPOINT_KEY, SNAPSHOT_DIR, PowerEMA, save_snapshot
+from lit_score.diffusion.ema import CHECKPOINT_KEY, SNAPSHOT_DIR, PowerEMA, save_snapshot
 
 
 class PostHocEMA(L.Callback):

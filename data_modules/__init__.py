@@ -14,7 +14,7 @@ from lit_score.data.digits import DigitsDataModule
 from lit_score.data.image import ImageDataModule
 from lit_score.data.plugins import DATASETS, DatasetPlugin, SourceOptions, get_plugin
 from lit_score.data.toy2d import Toy2DDataModule
-from lit_score.densities import TOY_DENSITIES
+from lit_score.diffusion.densities import TOY_DENSITIES
 
 __all__ = ["CachedImageDataModule", "DATASETS", "TOY_DENSITIES", "DatasetPlugin", "DigitsDataModule", "ImageDataModule", "ScoreDataModule",
            "SourceOptions", "Toy2DDataModule", "get_plugin", "presets"]

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lit_score.resume import ResumableDataLoader
-from lit_score.sampling.base import seeded_normal
+from lit_score.callbacks.resume import ResumableDataLoader
+from lit_score.rng import seeded_normal
 
 from .image import ArrowImages, ImageDataModule
 

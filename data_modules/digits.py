@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from lit_score.errors import DataError
 from lit_score.data.base import ScoreDataModule
 from lit_score.data.plugins import DATASETS, DatasetPlugin, SourceOptions
-from lit_score.resume import ResumableDataLoader
+from lit_score.callbacks.resume import ResumableDataLoader
 
 
 class _TensorImages(Dataset):

@@ -48,7 +48,7 @@ from lit_score.data.base import ScoreDataModule
 from lit_score.data.plugins import DatasetPlugin, Images, SourceOptions, get_plugin, with_overrides
 from lit_score.data.transforms import ImageTransform, channels_of
 from lit_score.distributed import rank_and_world
-from lit_score.resume import ResumableDataLoader
+from lit_score.callbacks.resume import ResumableDataLoader
 
 
 class ImageReadError(DataError):

@@ -1,4 +1,4 @@
-"""Samples of the 2-D toy densities of ``lit_score.densities`` (batches (B, 2))."""
+"""Samples of the 2-D toy densities of ``lit_score.diffusion.densities`` (batches (B, 2))."""
 from __future__ import annotations
 
 import torch
@@ -7,8 +7,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lit_score.errors import DataError
 from lit_score.data.base import ScoreDataModule
 from lit_score.data_space import DataSpace
-from lit_score.densities import TOY_DENSITIES
-from lit_score.resume import ResumableDataLoader
+from lit_score.diffusion.densities import TOY_DENSITIES
+from lit_score.callbacks.resume import ResumableDataLoader
 
 
 class Toy2DDataModule(ScoreDataModule):

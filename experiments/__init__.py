@@ -1,1 +1,1 @@
-"""The experiment YAMLs, installed as package data of ``lit_score.experiments`` (see lit_score/resources.py)."""
+"""The experiment YAMLs, installed as package data of ``lit_score.experiments`` (see lit_score/cli/resources.py)."""

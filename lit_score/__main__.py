@@ -1,4 +1,4 @@
 """``python -m lit_score``: the ``lit-score`` command."""
-from lit_score.commands import main
+from lit_score.cli.main import main
 
 main()

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lit_score.sampling.base import seeded_normal
+from lit_score.rng import seeded_normal
 
 UINT8_LEVELS = 256
 

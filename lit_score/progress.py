@@ -78,20 +78,29 @@ class Progress:
         self._show()
         self.bar.update(n)
 
-    def wrap(self, score_fn: Callable[[Tensor, Tensor], Tensor], batch: int) -> Callable[[Tensor, Tensor], Tensor]:
-        """``score_fn`` for a batch of ``batch`` images, counting each evaluation into the bar; call
-        ``batch_done`` after the batch."""
+    def counter(self, batch: int) -> Callable[[], None]:
+        """A function to call after each network evaluation of a batch of ``batch`` images, counting it into the
+        bar; call ``batch_done`` after the batch."""
         self._batch, self._in_batch, self.nfe = batch, 0.0, 0
         expected = self.planned or self.last_nfe
 
-        def counted(x: Tensor, t: Tensor) -> Tensor:
-            out = score_fn(x, t)
+        def count() -> None:
             self.nfe += 1
             step = min(batch / expected, 0.99 * batch - self._in_batch) if expected else 0.0
             step = max(step, 0.0)  # the batch's last share lands in batch_done
             self._in_batch += step
             self._show()
             self.bar.update(step)  # redraws at most every mininterval
+
+        return count
+
+    def wrap(self, score_fn: Callable[[Tensor, Tensor], Tensor], batch: int) -> Callable[[Tensor, Tensor], Tensor]:
+        """``score_fn`` for a batch of ``batch`` images, counting each evaluation into the bar (``counter``)."""
+        count = self.counter(batch)
+
+        def counted(x: Tensor, t: Tensor) -> Tensor:
+            out = score_fn(x, t)
+            count()
             return out
 
         return counted

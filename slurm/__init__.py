@@ -1,1 +1,1 @@
-"""The sbatch templates, installed as package data of ``lit_score.sbatch`` (see lit_score/resources.py)."""
+"""The sbatch templates, installed as package data of ``lit_score.sbatch`` (see lit_score/cli/resources.py)."""

@@ -13,11 +13,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lit_score.data.base import SeedDataset
 from lit_score.data_space import DataSpace
-from lit_score.likelihood import Likelihood
-from lit_score.module import ScoreModel
+from lit_score.diffusion.likelihood import Likelihood
+from lit_score.runtime.module import ScoreModel
 from lit_score.networks import ScoreMLP
 from lit_score.sampling import EDMSampler
-from lit_score.sdes import VPSDE
+from lit_score.diffusion.sdes import VPSDE
 
 NUM_TEST = 5  # odd: DDP pads the last batch of 2 processes with a repeat
 VECTORS = DataSpace((4,), centered=False, num_levels=256)

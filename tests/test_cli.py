@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lit_score.cli import ScoreCLI, run_cli
-from lit_score.config import ConfigError, compose, expand_config_args
+from lit_score.cli.lightning_cli import ScoreCLI, run_cli
+from lit_score.cli.config import ConfigError, compose, expand_config_args
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p for p in (ROOT / "experiments").glob("*.yaml"))
@@ -107,8 +107,8 @@ def test_edm_experiments_build_with_edm_settings(experiment, tmp_path):
     import torch
 
     from lit_score.callbacks.ema import EMA
-    from lit_score.losses import EDMLoss
-    from lit_score.preconditioning import EDMPrecond
+    from lit_score.diffusion.losses import EDMLoss
+    from lit_score.diffusion.denoiser import EDMPrecond
     from lit_score.sampling import EDMSampler
 
     cli = instantiate(ROOT / "experiments" / f"{experiment}.yaml", tmp_path)

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_score.cli import run_cli
-from lit_score.convert import (CONVERSION_KEY, OFFICIAL_CONFIGS, ConversionError, convert, convert_file,
+from lit_score.cli.lightning_cli import run_cli
+from lit_score.interop.score_sde import (CONVERSION_KEY, OFFICIAL_CONFIGS, ConversionError, convert, convert_file,
                                experiment_for, load_official, main)
 from lit_score.evaluate.experiment import load_experiment
-from lit_score.resources import experiments_dir
-from lit_score.module import ScoreModel
+from lit_score.cli.resources import experiments_dir
+from lit_score.runtime.module import ScoreModel
 
 TINY = """
 seed_everything: 0
@@ -31,7 +31,7 @@ model:
     init_args: {{nf: 16, ch_mult: [1, 2], num_res_blocks: {blocks}, attn_resolutions: [8], dropout: 0.0,
                 scale_by_sigma: true}}
   sde:
-    class_path: lit_score.sdes.VESDE
+    class_path: lit_score.diffusion.sdes.VESDE
     init_args: {{sigma_min: 0.01, sigma_max: 10.0, N: 20}}
   sampler:
     class_path: lit_score.sampling.EDMSampler
@@ -118,7 +118,7 @@ def test_lit_score_predict_samples_with_the_converted_ema_weights(tiny):
 
 
 def test_cli_converts_and_prints_the_predict_command(tiny, capsys):
-    """`python -m lit_score.convert SRC --experiment YAML --out OUT` exits 0 and says how to sample."""
+    """`python -m lit_score.interop.score_sde SRC --experiment YAML --out OUT` exits 0 and says how to sample."""
     tmp, config, model, official, source, out = tiny
     assert main([str(source), "--experiment", str(config), "--out", str(tmp / "again.ckpt")]) == 0
     printed = capsys.readouterr().out

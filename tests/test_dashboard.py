@@ -125,11 +125,11 @@ def test_sample_grids_reach_every_logger_that_takes_images_and_the_run_directory
 def test_toy_score_field_reaches_every_logger_that_takes_images(tmp_path):
     """The toy demo's picture is in TensorBoard as toy2d/score_field, in the image-taking logger, and on disk."""
     from lit_score.data.toy2d import Toy2DDataModule
-    from lit_score.module import ScoreModel
+    from lit_score.runtime.module import ScoreModel
     from lit_score.networks import ScoreMLP
     from lit_score.sampling import PCSampler
-    from lit_score.sdes import VESDE
-    from lit_score.tools import Toy2DFigure
+    from lit_score.diffusion.sdes import VESDE
+    from lit_score.callbacks.toy2d import Toy2DFigure
 
     tb, images = TensorBoardLogger(tmp_path, name="tb"), ImageLogger()
     model = ScoreModel(ScoreMLP(hidden=8, depth=1), VESDE(sigma_min=0.01, sigma_max=10.0, N=10),

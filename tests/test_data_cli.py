@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lit_score.cli import run_cli
+from lit_score.cli.lightning_cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "experiments" / "imagefolder_example.yaml"
@@ -56,7 +56,7 @@ def test_fit_from_a_grayscale_arrow_dataset(tmp_path):
 
 def test_sigma_max_command_on_an_image_folder(tmp_path, capsys):
     """`lit-score sigma-max` prints the largest pairwise distance of the folder's images for the VE SDE."""
-    from lit_score.tools import sigma_max_main
+    from lit_score.cli.tools import sigma_max_main
 
     for i, value in enumerate((0, 255, 100)):
         Image.new("RGB", (8, 8), (value,) * 3).save(tmp_path / f"{i}.png")

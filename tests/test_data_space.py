@@ -7,9 +7,9 @@ import torch
 
 from lit_score.data import DigitsDataModule, Toy2DDataModule
 from lit_score.data_space import DataSpace, data_space_of, to_uint8
-from lit_score.module import ScoreModel
+from lit_score.runtime.module import ScoreModel
 from lit_score.networks import DDPMpp, ScoreMLP
-from lit_score.sdes import VPSDE
+from lit_score.diffusion.sdes import VPSDE
 
 TINY = dict(nf=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_channels=1, image_size=8)
 

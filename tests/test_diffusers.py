@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import require
 
-from lit_score.diffusers_interop import (diffusers_problems, export_diffusers, import_diffusers, import_main,
+from lit_score.interop.diffusers import (diffusers_problems, export_diffusers, import_diffusers, import_main,
                                          _defaults)
-from lit_score.export import PretrainedError, load_pretrained
-from lit_score.module import ScoreModel
+from lit_score.interop.export import PretrainedError, load_pretrained
+from lit_score.runtime.module import ScoreModel
 from lit_score.networks import NCSNpp
 
 diffusers = require("diffusers")
@@ -26,7 +26,7 @@ TINY = {  # no attention but the middle one (3 levels, 4 norm groups everywhere)
 }
 SIGMAS = torch.tensor([0.01, 0.7, 25.0])
 DDPMPP = "lit_score.networks.DDPMpp"
-VP = {"class_path": "lit_score.sdes.VPSDE", "init_args": {"beta_min": 0.1, "beta_max": 20.0, "N": 1000}}
+VP = {"class_path": "lit_score.diffusion.sdes.VPSDE", "init_args": {"beta_min": 0.1, "beta_max": 20.0, "N": 1000}}
 
 
 def ncsnpp_args(**kw) -> dict:
@@ -58,7 +58,7 @@ def lit_checkpoint(tmp: Path, args: dict, sde: dict | None = None,
                    class_path: str = "lit_score.networks.NCSNpp") -> tuple[Path, NCSNpp]:
     """A lit-score checkpoint as the CLI saves it, with random EMA weights."""
     net = randomise(NCSNpp(**args))
-    sde = sde or {"class_path": "lit_score.sdes.VESDE", "init_args": {"sigma_min": 0.01, "sigma_max": 50.0, "N": 1000}}
+    sde = sde or {"class_path": "lit_score.diffusion.sdes.VESDE", "init_args": {"sigma_min": 0.01, "sigma_max": 50.0, "N": 1000}}
     state = {f"net.{k}": v for k, v in net.state_dict().items()}
     torch.save({"hyper_parameters": {"net": {"class_path": class_path, "init_args": args},
                                      "sde": sde, "loss": "dsm"},
@@ -131,7 +131,7 @@ def test_what_diffusers_cannot_express_is_named(tmp_path, one_thread):
     with pytest.raises(PretrainedError, match="cannot express this network: num_channels=1"):
         export_diffusers(ckpt, tmp_path / "pipe")
     ckpt, _ = lit_checkpoint(tmp_path, ok, sde=VP)
-    with pytest.raises(PretrainedError, match="cannot express this network: the SDE is lit_score.sdes.VPSDE.*VE SDE only"):
+    with pytest.raises(PretrainedError, match="cannot express this network: the SDE is lit_score.diffusion.sdes.VPSDE.*VE SDE only"):
         export_diffusers(ckpt, tmp_path / "pipe")
     official_ddpmpp = {**_defaults(DDPMPP), **TINY["plain"], "num_channels": 3}
     ckpt, _ = lit_checkpoint(tmp_path, official_ddpmpp, sde=VP, class_path=DDPMPP)
@@ -149,7 +149,7 @@ def test_what_diffusers_cannot_express_is_named(tmp_path, one_thread):
         problems = diffusers_problems({**ddpm, **change})
         assert len(problems) == 1 and needle in problems[0], (change, problems)
     ckpt, _ = lit_checkpoint(tmp_path, ddpm, class_path=DDPMPP)  # with the VE SDE
-    with pytest.raises(PretrainedError, match="the SDE is lit_score.sdes.VESDE: a DDPM-type UNet2DModel goes with "
+    with pytest.raises(PretrainedError, match="the SDE is lit_score.diffusion.sdes.VESDE: a DDPM-type UNet2DModel goes with "
                                               "diffusers' DDPMScheduler"):
         export_diffusers(ckpt, tmp_path / "pipe")
 
@@ -169,7 +169,7 @@ def test_export_a_ddpm_type_vp_network_to_diffusers_and_back(tmp_path, one_threa
     export_diffusers(ckpt, tmp_path / "pipe")
     pipe = diffusers.DDPMPipeline.from_pretrained(str(tmp_path / "pipe"))
     assert type(pipe.scheduler).__name__ == "DDPMScheduler"
-    from lit_score.sdes import VPSDE
+    from lit_score.diffusion.sdes import VPSDE
     torch.testing.assert_close(pipe.scheduler.betas, VPSDE(0.1, 20.0, 1000).discrete_betas.float(), rtol=1e-6, atol=0)
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     t = torch.tensor([0.0, 250.5, 999.0])
@@ -178,7 +178,7 @@ def test_export_a_ddpm_type_vp_network_to_diffusers_and_back(tmp_path, one_threa
     import_diffusers(tmp_path / "pipe", tmp_path / "back")
     back = load_pretrained(tmp_path / "back")
     assert back.config["net"] == {"class_path": DDPMPP, "init_args": args}
-    assert back.config["sde"]["class_path"] == "lit_score.sdes.VPSDE"
+    assert back.config["sde"]["class_path"] == "lit_score.diffusion.sdes.VPSDE"
     assert back.config["sde"]["init_args"] == pytest.approx({"beta_min": 0.1, "beta_max": 20.0, "N": 1000})
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in back.net.state_dict().items())
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from lit_score.likelihood import log_likelihood
-from lit_score.losses import DSMLoss, EDMLoss, loss_config
-from lit_score.densities import GaussianMixture
-from lit_score.module import ScoreModel
-from lit_score.preconditioning import EDMPrecond, VEPrecond, VPPrecond, preconditioned_denoiser
+from lit_score.diffusion.likelihood import log_likelihood
+from lit_score.diffusion.losses import DSMLoss, EDMLoss, loss_config
+from lit_score.diffusion.densities import GaussianMixture
+from lit_score.runtime.module import ScoreModel
+from lit_score.diffusion.denoiser import EDMPrecond, VEPrecond, VPPrecond, preconditioned_denoiser
 from lit_score.sampling import EDMSampler, ODESampler, PCSampler
-from lit_score.sdes import VESDE, VPSDE
+from lit_score.diffusion.sdes import VESDE, VPSDE
 
 MU, S0, SIGMA_DATA, D = 0.3, 0.7, 0.5, 2
 GAUSSIAN = GaussianMixture([1.0], [[MU] * D], [S0])
@@ -147,9 +147,9 @@ def test_probability_flow_likelihood_of_an_edm_model(one_thread):
 def test_string_losses_map_to_classes_and_strings_are_refused_by_the_model():
     """Old checkpoints' loss names become class_path configs with their options; ScoreModel asks for an object."""
     assert loss_config("dsm", {"reduce_mean": False, "eps": 1e-3, "lr": 1.0}) == {
-        "class_path": "lit_score.losses.DSMLoss", "init_args": {"eps": 1e-3, "reduce_mean": False}}
-    assert loss_config(None)["class_path"] == "lit_score.losses.DSMLoss"
-    assert loss_config("edm")["class_path"] == "lit_score.losses.EDMLoss"
+        "class_path": "lit_score.diffusion.losses.DSMLoss", "init_args": {"eps": 1e-3, "reduce_mean": False}}
+    assert loss_config(None)["class_path"] == "lit_score.diffusion.losses.DSMLoss"
+    assert loss_config("edm")["class_path"] == "lit_score.diffusion.losses.EDMLoss"
     with pytest.raises(ValueError, match="unknown loss 'sm'; known: ddpm, dsm, edm, smld"):
         loss_config("sm")
     with pytest.raises(TypeError, match="loss is an object now"):

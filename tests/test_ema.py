@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_score.callbacks.ema import EMA, halflife_decay, load_ema_state_dict, warmup_decay
-from lit_score.tools import export_ema_main
+from lit_score.cli.tools import export_ema_main
 
 
 class Tiny(L.LightningModule):

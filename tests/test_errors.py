@@ -22,7 +22,7 @@ model:
     class_path: lit_score.networks.DDPMpp
     init_args: {nf: 16, ch_mult: [1, 2], num_res_blocks: 1, attn_resolutions: [], dropout: 0.0}
   sde:
-    class_path: lit_score.sdes.VPSDE
+    class_path: lit_score.diffusion.sdes.VPSDE
 data:
   class_path: lit_score.data.DigitsDataModule
   init_args: {image_size: 8}
@@ -123,7 +123,7 @@ def test_an_argument_a_class_rejects_is_named(tiny):
 
 
 def test_every_subcommand_resolves_to_its_function():
-    from lit_score.commands import TOOLS, tool
+    from lit_score.cli.main import TOOLS, tool
 
     assert {"submit", "export", "export-ema", "sigma-max", "posthoc-ema"} <= set(TOOLS)
     for name in TOOLS:

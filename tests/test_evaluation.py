@@ -18,7 +18,7 @@ import torch
 from lit_score.errors import CheckpointError
 from lit_score.evaluate import (Evaluator, inception_score, load_experiment, load_reference, load_weights,
                                 save_reference)
-from lit_score.likelihood import Likelihood
+from lit_score.diffusion.likelihood import Likelihood
 from lit_score.metrics import RandomConvFeatures
 from lit_score.sampling import EDMSampler
 
@@ -36,7 +36,7 @@ model:
     init_args: {nf: 16, ch_mult: [1, 2], num_res_blocks: 1, attn_resolutions: [8], dropout: 0.0,
                 scale_by_sigma: true}
   sde:
-    class_path: lit_score.sdes.VESDE
+    class_path: lit_score.diffusion.sdes.VESDE
     init_args: {sigma_min: 0.01, sigma_max: 10.0, N: 20}
 data:
   class_path: lit_score.data.DigitsDataModule

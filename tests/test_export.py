@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from lit_score.export import PretrainedError, export_checkpoint, export_main, load_pretrained
-from lit_score.losses import DSMLoss
-from lit_score.module import ScoreModel
+from lit_score.interop.export import PretrainedError, export_checkpoint, export_main, load_pretrained
+from lit_score.diffusion.losses import DSMLoss
+from lit_score.runtime.module import ScoreModel
 from lit_score.networks import DDPMpp
 from test_predict import LIT_SCORE, ROOT, SAMPLERS, TINY, predict, run
 
@@ -58,7 +58,7 @@ def test_export_rebuilds_the_ema_network_without_yaml(checkpoint, exported, one_
     torch.testing.assert_close(ours, outputs(net_with(ckpt["ema_state_dict"])), rtol=0, atol=0)
     assert (ours - outputs(net_with(ckpt["state_dict"]))).abs().max() > 1e-4
     config = json.loads((exported / "config.json").read_text())
-    assert config["weights"] == "ema" and config["global_step"] == 2 and config["loss"]["class_path"] == "lit_score.losses.DSMLoss"
+    assert config["weights"] == "ema" and config["global_step"] == 2 and config["loss"]["class_path"] == "lit_score.diffusion.losses.DSMLoss"
     assert config["ema"]["rate"] == 0.999 and config["ema"]["num_updates"] == 2
     assert config["data"] == {"num_channels": 1, "image_size": 8, "centered": True}
     assert config["data_space"] == {"shape": [1, 8, 8], "centered": True, "num_levels": 256}

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from lit_score.data_space import DataSpace, dequantize
-from lit_score.likelihood import Likelihood, bits_per_dim, log_likelihood
-from lit_score.densities import GaussianMixture
-from lit_score.sdes import VESDE, VPSDE, subVPSDE
+from lit_score.diffusion.likelihood import Likelihood, bits_per_dim, log_likelihood
+from lit_score.diffusion.densities import GaussianMixture
+from lit_score.diffusion.sdes import VESDE, VPSDE, subVPSDE
 
 MIX = GaussianMixture([0.3, 0.7], [[-2.0, -1.0], [2.0, 1.5]], [0.5, 0.8])
 SDES = {"ve": lambda: VESDE(0.01, 50.0), "vp": lambda: VPSDE(), "subvp": lambda: subVPSDE()}

@@ -5,8 +5,8 @@ its score is -x / v, and E|std * score + z|^2 = 1 - std^2 / v per dimension.
 """
 import torch
 
-from lit_score.losses import ddpm_loss, dsm_loss, smld_loss
-from lit_score.sdes import VESDE, VPSDE, subVPSDE
+from lit_score.diffusion.losses import ddpm_loss, dsm_loss, smld_loss
+from lit_score.diffusion.sdes import VESDE, VPSDE, subVPSDE
 
 S0 = 0.7
 

@@ -10,8 +10,8 @@ import scipy.stats
 import torch
 
 from lit_score.sampling import SeededNoise, seeded_normal, seeded_prior
-from lit_score.sampling.base import philox4x32
-from lit_score.sdes import VESDE, VPSDE, subVPSDE
+from lit_score.rng import philox4x32
+from lit_score.diffusion.sdes import VESDE, VPSDE, subVPSDE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,9 +9,9 @@ import torch
 
 from benchmarks.ode_nfe import mixture, scipy_rk45_nfe
 from lit_score.sampling import ODESampler
-from lit_score.sampling.base import seeded_prior
+from lit_score.rng import seeded_prior
 from lit_score.sampling.ode import dopri5, probability_flow
-from lit_score.sdes import VESDE, VPSDE
+from lit_score.diffusion.sdes import VESDE, VPSDE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = 1e-5

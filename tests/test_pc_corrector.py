@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from benchmarks.distances import energy_distance
-from lit_score.densities import GaussianMixture
+from lit_score.diffusion.densities import GaussianMixture
 from lit_score.sampling import CORRECTORS, PCSampler
-from lit_score.sampling.base import SeededNoise
+from lit_score.rng import SeededNoise
 from lit_score.sampling.pc import PCState
-from lit_score.sdes import SDE, VESDE, VPSDE
+from lit_score.diffusion.sdes import SDE, VESDE, VPSDE
 
 MIX2 = GaussianMixture([0.15, 0.25, 0.6], [[-3.0, 0.0], [0.0, 3.0], [2.5, -1.5]], [[0.3, 1.0], [1.0, 0.4], [0.6, 0.8]])
 _g = torch.Generator().manual_seed(0)

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 import lit_score.sampling.pc as pc
-from lit_score.losses import DDPMLoss, DSMLoss, SMLDLoss
-from lit_score.module import ScoreModel
+from lit_score.diffusion.losses import DDPMLoss, DSMLoss, SMLDLoss
+from lit_score.runtime.module import ScoreModel
 from lit_score.sampling import PCSampler, default_sampler
-from lit_score.sdes import VESDE, VPSDE, subVPSDE
+from lit_score.diffusion.sdes import VESDE, VPSDE, subVPSDE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 N = 1000

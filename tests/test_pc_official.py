@@ -12,7 +12,7 @@ import torch
 
 import lit_score.sampling.pc as pc
 from lit_score.sampling import CORRECTORS, PREDICTORS, PCSampler
-from lit_score.sdes import VESDE, VPSDE
+from lit_score.diffusion.sdes import VESDE, VPSDE
 
 HERE = Path(__file__).parent / "reference"
 _spec = importlib.util.spec_from_file_location("make_pc_reference", HERE / "make_pc_reference.py")

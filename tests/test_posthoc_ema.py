@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from lit_score.posthoc_ema import (CHECKPOINT_KEY, PowerEMA, find_snapshots, gamma_to_sigma_rel, reconstruct,
+from lit_score.diffusion.ema import (CHECKPOINT_KEY, PowerEMA, find_snapshots, gamma_to_sigma_rel, reconstruct,
                                    save_snapshot, sigma_rel_to_gamma)
-from lit_score.tools import posthoc_ema_main as main
+from lit_score.cli.tools import posthoc_ema_main as main
 from test_resume import fit, last_checkpoint, write_config
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")]
@@ -97,7 +97,7 @@ def test_posthoc_ema_state_survives_a_resume_bitwise(tmp_path, one_thread):
 def test_updates_once_per_optimizer_step_with_accumulation(tmp_path, one_thread):
     """With 2 batches per optimizer step the profiles are updated once per step, and the reconstruction command
     writes a checkpoint whose EMA weights are the reconstruction, which `lit-score predict` samples from."""
-    from lit_score.cli import run_cli
+    from lit_score.cli.lightning_cli import run_cli
 
     trainer = fit(write_config(tmp_path, "accumulate", [PHEMA]), "acc", "--trainer.accumulate_grad_batches", "2",
                   "--trainer.max_steps", "6")

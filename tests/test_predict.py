@@ -123,7 +123,7 @@ def test_lit_score_test_logs_bits_per_dim(checkpoint, tmp_path):
     """Property: `lit-score test` reports a finite test/bpd above 0 in TensorBoard (dequantised 8-bit digits,
     [-1, 1] data: offset 7 bits)."""
     run(["test", "--ckpt_path", str(checkpoint), "--trainer.limit_test_batches", "1",
-         "--data.init_args.batch_size", "2", "--model.likelihood", "lit_score.likelihood.Likelihood",
+         "--data.init_args.batch_size", "2", "--model.likelihood", "lit_score.diffusion.likelihood.Likelihood",
          "--model.likelihood.rtol", "1e-2", "--model.likelihood.atol", "1e-2",
          "--model.likelihood.eps", "1e-3",
          "--trainer.logger.init_args.version", "test"], tmp_path)

@@ -12,7 +12,7 @@ import torch
 from lit_score.progress import Progress, planned_nfe
 from lit_score.sampling import (IPNDM, DPMSolverPP, DPMSolverPP3M, DPMSolverPPSDE, EDMSampler, EulerSampler,
                                 ODESampler, PCSampler, UniPC)
-from lit_score.sdes import VESDE, VPSDE
+from lit_score.diffusion.sdes import VESDE, VPSDE
 
 FIXED = {
     "pc_rd_langevin_2": PCSampler("reverse_diffusion", "langevin", n_steps_each=2, steps=7),
@@ -102,8 +102,8 @@ TINY_NET = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dro
 
 
 def tiny_model(sampler=None):
-    from lit_score.likelihood import Likelihood
-    from lit_score.module import ScoreModel
+    from lit_score.diffusion.likelihood import Likelihood
+    from lit_score.runtime.module import ScoreModel
     from lit_score.networks import DDPMpp
 
     return ScoreModel(DDPMpp(num_channels=1, image_size=8, **TINY_NET), VPSDE(N=20), sampler=sampler,

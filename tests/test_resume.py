@@ -17,12 +17,12 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lit_score.checkpoint_io import CorruptCheckpointError, atomic_torch_save
-from lit_score.cli import run_cli
+from lit_score.runtime.checkpoint_io import CorruptCheckpointError, atomic_torch_save
+from lit_score.cli.lightning_cli import run_cli
 from lit_score.errors import CheckpointError, ConfigurationError
 from lit_score.evaluate.shards import ShardStore
-from lit_score.preemption import Interrupted, stop_at_boundaries
-from lit_score.resume import ResumableDataLoader
+from lit_score.callbacks.preemption import Interrupted, stop_at_boundaries
+from lit_score.callbacks.resume import ResumableDataLoader
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_STEPS = 14
@@ -311,7 +311,7 @@ def test_a_crash_during_a_save_leaves_the_previous_checkpoint(tmp_path):
     path = tmp_path / "last.ckpt"
     atomic_torch_save({"step": 1, "w": torch.arange(1000.0)}, path)
     code = (f"import sys, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-            f"from test_resume import _KillWhilePickled; from lit_score.checkpoint_io import atomic_torch_save; "
+            f"from test_resume import _KillWhilePickled; from lit_score.runtime.checkpoint_io import atomic_torch_save; "
             f"atomic_torch_save({{'step': 2, 'w': torch.zeros(10**6), 'x': _KillWhilePickled()}}, {str(path)!r})")
     proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr

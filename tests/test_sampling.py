@@ -10,11 +10,11 @@ import torch
 from conftest import null_tolerance
 
 from benchmarks.distances import energy_distance
-from lit_score.densities import GaussianMixture
+from lit_score.diffusion.densities import GaussianMixture
 from lit_score.sampling import (CORRECTORS, PREDICTORS, SCHEDULES, DPMSolverPP, EDMSampler, ODESampler, PCSampler,
                                 colorize, default_sampler, dopri5, inpaint, seeded_normal)
 from lit_score.sampling.sigma import sigma_steps
-from lit_score.sdes import VESDE, VPSDE, subVPSDE
+from lit_score.diffusion.sdes import VESDE, VPSDE, subVPSDE
 
 N = 1000
 MIX = GaussianMixture([0.3, 0.7], [[-2.0, -1.0], [2.0, 1.5]], [0.5, 0.8])

@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_leaves
 
 from lit_score.sampling import (IPNDM, DPMSolverPP, DPMSolverPP3M, DPMSolverPPSDE, EDMSampler, EulerSampler,
                                 PCSampler, UniPC)
-from lit_score.sdes import VESDE, VPSDE, _bcast
+from lit_score.diffusion.sdes import VESDE, VPSDE, bcast
 
 
 class _Copies(TorchDispatchMode):
@@ -56,7 +56,7 @@ def host_copies(run) -> list[str]:
 def gaussian_score(sde):
     """Exact score of data N(0, I): x_t ~ N(0, s(t)^2 (1 + sigma(t)^2) I)."""
     def score(x, t):
-        return -x / _bcast(sde.scale(t) ** 2 * (1 + sde.sigma(t) ** 2), x)
+        return -x / bcast(sde.scale(t) ** 2 * (1 + sde.sigma(t) ** 2), x)
     return score
 
 

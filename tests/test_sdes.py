@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from lit_score.sdes import SDE, VESDE, VPSDE, subVPSDE
+from lit_score.diffusion.sdes import SDE, VESDE, VPSDE, subVPSDE
 
 SDE_FACTORIES = {
     "ve": lambda: VESDE(sigma_min=0.01, sigma_max=5.0, N=1000),

@@ -22,8 +22,8 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lit_score.allocation import allocation_errors
-from lit_score.slurm import PreflightError, build_submission, submit_main
+from lit_score.cli.allocation import allocation_errors
+from lit_score.cli.submit import PreflightError, build_submission, submit_main
 from slurm_cluster import SlurmCluster, missing_binaries
 from test_resume import assert_equal_tree
 

@@ -20,13 +20,13 @@ import torch
 from conftest import IN_CI, null_tolerance, require
 
 from benchmarks.distances import energy_distance
-from lit_score.densities import GaussianMixture
+from lit_score.diffusion.densities import GaussianMixture
 from lit_score.sampling import (AdaptiveSDESampler, DPMSolverPP, DPMSolverPP3M, DPMSolverPPSDE, EDMSampler,
                                 EulerSampler, IPNDM, UniPC, adaptive_sde, denoiser, dpm_solver_pp_3m,
                                 dpm_solver_pp_sde, euler, ipndm, unipc)
-from lit_score.sampling.base import SeededNoise, seeded_prior
+from lit_score.rng import SeededNoise, seeded_prior
 from lit_score.sampling.sigma import dpm_solver_pp_2m, edm_sample, karras_schedule, sigma_steps
-from lit_score.sdes import VESDE, VPSDE, subVPSDE
+from lit_score.diffusion.sdes import VESDE, VPSDE, subVPSDE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from lit_score.cli import ScoreCLI
-from lit_score.config import expand_config_args
-from lit_score.threads import affinity_cpus
+from lit_score.cli.lightning_cli import ScoreCLI
+from lit_score.cli.config import expand_config_args
+from lit_score.cli.threads import affinity_cpus
 from test_data_image import write_images
 
 ROOT = Path(__file__).resolve().parents[1]

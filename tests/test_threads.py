@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from lit_score.threads import available_cpus, default_threads, pop_threads_arg
+from lit_score.cli.threads import available_cpus, default_threads, pop_threads_arg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +22,7 @@ def _child(code: str, **env: str) -> str:
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs sched_setaffinity (Linux)")
 def test_threads_follow_the_affinity_mask_and_slurm():
     pin = "import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
-    run = "from lit_score.threads import configure_threads; import torch; n = configure_threads(); " \
+    run = "from lit_score.cli.threads import configure_threads; import torch; n = configure_threads(); " \
           "print(n, torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'])"
     assert _child(pin + run) == ["1", "1", "PASSIVE"]
     assert _child("import os; " + run, SLURM_CPUS_PER_TASK="1", OMP_WAIT_POLICY="ACTIVE") == ["1", "1", "ACTIVE"]
@@ -52,7 +52,7 @@ def test_threads_argument_is_taken_out_of_the_command_line():
 
 
 def test_lit_score_takes_threads():
-    cli = [sys.executable, "-c", "import sys; from lit_score.commands import main; sys.argv[0] = 'lit-score'; main()"]
+    cli = [sys.executable, "-c", "import sys; from lit_score.cli.main import main; sys.argv[0] = 'lit-score'; main()"]
     env = {**os.environ, "PYTHONPATH": ROOT}
     ok = subprocess.run(cli + ["fit", "--config", "experiments/quickstart.yaml", "--threads", "1", "--print_config"],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

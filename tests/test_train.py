@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lit_score.module import ScoreModel
+from lit_score.runtime.module import ScoreModel
 
 ROOT = Path(__file__).resolve().parents[1]
 LIT_SCORE = str(Path(sys.executable).parent / "lit-score")

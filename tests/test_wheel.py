@@ -34,8 +34,14 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     assert tops == {"lit_score"}, tops
     for member in ("lit_score/data/image.py", "lit_score/callbacks/ema.py", "lit_score/experiments/quickstart.yaml",
                    "lit_score/experiments/base/trainer.yaml", "lit_score/sbatch/single_node.sbatch",
-                   "lit_score/sbatch/multi_node.sbatch", "lit_score/__main__.py"):
+                   "lit_score/sbatch/multi_node.sbatch", "lit_score/__main__.py", "lit_score/diffusion/sdes.py",
+                   "lit_score/runtime/module.py", "lit_score/cli/main.py", "lit_score/interop/export.py"):
         assert member in names, member
+    # Every module of the checkout, in every subpackage (pyproject lists the packages one by one).
+    sources = {f"{package}/{path.relative_to(ROOT / folder)}" for folder, package in (
+        ("lit_score", "lit_score"), ("callbacks", "lit_score/callbacks"), ("data_modules", "lit_score/data"))
+        for path in (ROOT / folder).rglob("*.py")}
+    assert not sources - set(names), sorted(sources - set(names))
 
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)

@@ -21,11 +21,11 @@ import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser
 from omegaconf.errors import OmegaConfBaseException
 
-from lit_score.config import expand_config_args
+from lit_score.cli.config import expand_config_args
 from lit_score.errors import ConfigurationError, run_reporting_errors
 from lit_score.evaluate.evaluator import Evaluator
 from lit_score.evaluate.experiment import ExperimentCLI
-from lit_score.preemption import Interrupted, stop_at_boundaries
+from lit_score.callbacks.preemption import Interrupted, stop_at_boundaries
 
 
 class EvaluateCLI(ExperimentCLI):

@@ -24,19 +24,19 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from lit_score.callbacks.ema import CHECKPOINT_KEY as EMA_KEY
-from lit_score.checkpoint_io import sha256, state_mismatch
+from lit_score.runtime.checkpoint_io import sha256, state_mismatch
 from lit_score.errors import CheckpointError, ConfigurationError
 from lit_score.distributed import barrier, broadcast, rank_and_world
-from lit_score.evaluate.inception_score import InceptionScore, InceptionV3Logits
-from lit_score.evaluate.reference_file import FORMATS, ReferenceFormat, load_reference, save_reference
+from lit_score.metrics.inception_score import InceptionScore, InceptionV3Logits
+from lit_score.metrics.reference_file import FORMATS, ReferenceFormat, load_reference, save_reference
 from lit_score.evaluate.shards import ShardStore
-from lit_score.likelihood import Likelihood
+from lit_score.diffusion.likelihood import Likelihood
 from lit_score.data_space import DataSpace
 from lit_score.metrics.features import FeatureExtractor, InceptionV3, tensor_bytes
 from lit_score.metrics.frechet import FeatureStatistics, frechet_distance, metric_tag, sample_count
 from lit_score.metrics.kid import kernel_inception_distance
 from lit_score.metrics.reference import ReferenceStatistics, cache_path, reference_key, reference_statistics
-from lit_score.module import ScoreModel
+from lit_score.runtime.module import ScoreModel
 from lit_score.progress import Progress, planned_nfe
 from lit_score.sampling.base import Sampler
 

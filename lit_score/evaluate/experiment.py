@@ -7,9 +7,9 @@ from typing import Any, Sequence
 
 import lightning as L
 
-from lit_score.cli import ScoreCLI
-from lit_score.config import ConfigError, expand_config_args, resolve_config
-from lit_score.module import ScoreModel
+from lit_score.cli.lightning_cli import ScoreCLI
+from lit_score.cli.config import ConfigError, expand_config_args, resolve_config
+from lit_score.runtime.module import ScoreModel
 
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from lit_score.preemption import raise_if_stop_requested
+from lit_score.callbacks.preemption import raise_if_stop_requested
 
 
 class ShardStore:

@@ -8,11 +8,11 @@ from .layers import GaussianFourierProjection, timestep_embedding
 
 
 class ScoreMLP(nn.Module):
-    """SiLU MLP s(x, label) for vector data x of shape (B, D), D = ``num_channels``.
+    """SiLU MLP F(x, c_noise) for vector data x of shape (B, D), D = ``num_channels``.
 
-    The label is embedded with Gaussian Fourier features of log(label) ('fourier', label = sigma)
-    or a sinusoidal embedding of the label itself ('positional', label = t * (N - 1)); the embedding
-    passes through a small MLP and is added to every hidden layer's pre-activation.
+    The noise label c_noise (the preconditioning's) is embedded with Gaussian Fourier features ('fourier') or
+    sinusoidal positions ('positional'); the embedding passes through a small MLP and is added to every hidden
+    layer's pre-activation.
     ``image_size`` and ``centered`` are ignored: vector data is used as given (they are accepted so every
     network takes the DataModule's ``num_channels``, ``image_size`` and ``centered``).
     """
@@ -49,19 +49,21 @@ class ScoreMLP(nn.Module):
         """Shape of one sample: (D,)."""
         return (self.num_channels,)
 
-    def forward(self, x: Tensor, noise_label: Tensor) -> Tensor:
-        """x (B, D), noise_label (B,) -> (B, D)."""
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None) -> Tensor:
+        """x (B, D), c_noise (B,) -> (B, D); ``cond`` must be None (the network is unconditional)."""
+        if cond is not None:
+            raise ValueError("ScoreMLP is unconditional: it takes no cond (class or augmentation labels)")
         if x.ndim != 2 or x.shape[1] != self.num_channels:
             raise ValueError(f"ScoreMLP expects input of shape (B, {self.num_channels}), got {tuple(x.shape)}")
-        noise_label = torch.as_tensor(noise_label, device=x.device)
-        if noise_label.ndim == 0:
-            noise_label = noise_label.expand(x.shape[0])
-        if tuple(noise_label.shape) != (x.shape[0],):
-            raise ValueError(f"noise_label must have shape ({x.shape[0]},), got {tuple(noise_label.shape)}")
+        c_noise = torch.as_tensor(c_noise, device=x.device)
+        if c_noise.ndim == 0:
+            c_noise = c_noise.expand(x.shape[0])
+        if tuple(c_noise.shape) != (x.shape[0],):
+            raise ValueError(f"c_noise must have shape ({x.shape[0]},), got {tuple(c_noise.shape)}")
         if self.fourier is not None:
-            emb = self.fourier(torch.log(noise_label))
+            emb = self.fourier(c_noise)
         else:
-            emb = timestep_embedding(noise_label, self.emb_dim)
+            emb = timestep_embedding(c_noise, self.emb_dim)
         temb = self.act(self.temb(emb.to(self.inp.weight.dtype)))
         h = self.inp(x)
         for layer, proj in zip(self.layers, self.temb_proj, strict=True):

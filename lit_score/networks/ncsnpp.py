@@ -12,7 +12,7 @@ official ``state_dict`` keys (``all_modules.0.W``, ``all_modules.1.weight``, ...
 with ours, with the same shapes and the same ``parameters()`` order (so an official EMA
 ``shadow_params`` list also maps in order). The only differences: the official model also stores
 a ``sigmas`` buffer (unused by the continuous-time models; we do not keep it) and official checkpoints
-are saved from ``nn.DataParallel`` (``module.`` prefix); ``lit_score.convert`` handles both.
+are saved from ``nn.DataParallel`` (``module.`` prefix); ``lit_score.interop.score_sde`` handles both.
 """
 from __future__ import annotations
 
@@ -53,12 +53,11 @@ def _choice(name: str, value: str, allowed: Sequence[str]) -> str:
 class NCSNpp(nn.Module):
     """NCSN++ U-Net score network; defaults are the official NCSN++ cont. (VE) CIFAR-10 architecture.
 
-    ``forward(x, noise_label)``: x (B, num_channels, image_size, image_size), noise_label (B,).
-    With ``embedding_type='fourier'`` the label is sigma (embedded as log sigma, VE); with
-    'positional' it is the timestep, t * (N - 1) (VP / sub-VP). ``scale_by_sigma`` divides the
-    output by the label (sigma), the official VE parametrisation. ``centered=False`` maps inputs
-    in [0, 1] to [-1, 1] (2x - 1) first. Unlike the official VE config (scale_by_sigma=True,
-    data.centered=False) these two data/SDE-side switches default to False / True; set them explicitly.
+    ``forward(x, c_noise)``: x (B, num_channels, image_size, image_size), c_noise (B,), the noise label the
+    model's preconditioning gives (``lit_score.diffusion.denoiser``), embedded as it is: Gaussian Fourier features
+    (``embedding_type='fourier'``; score_sde's VE networks see log sigma) or sinusoidal positions ('positional';
+    its VP networks see 999 t). ``centered=False`` maps inputs in [0, 1] to [-1, 1] (2x - 1) first; unlike the
+    official VE config (data.centered=False) it defaults to True: set it explicitly.
     """
 
     def __init__(
@@ -83,7 +82,6 @@ class NCSNpp(nn.Module):
         fourier_scale: float = 16.0,
         init_scale: float = 0.0,
         nonlinearity: str = "swish",
-        scale_by_sigma: bool = False,
         centered: bool = True,
     ) -> None:
         super().__init__()
@@ -119,7 +117,7 @@ class NCSNpp(nn.Module):
         self.attn_at = [r in attn_resolutions for r in resolutions]
         self.conditional, self.skip_rescale = conditional, skip_rescale
         self.resblock_type, self.progressive, self.progressive_input = resblock_type, progressive, progressive_input
-        self.embedding_type, self.scale_by_sigma, self.centered = embedding_type, scale_by_sigma, centered
+        self.embedding_type, self.centered = embedding_type, centered
         self.act = act = get_act(nonlinearity)
         temb_dim = 4 * nf
 
@@ -211,37 +209,39 @@ class NCSNpp(nn.Module):
         self.all_modules = nn.ModuleList(modules)
 
     # ------------------------------------------------------------------ forward
-    def _check_inputs(self, x: Tensor, noise_label: Tensor) -> Tensor:
+    def _check_inputs(self, x: Tensor, c_noise: Tensor) -> Tensor:
         expected = (self.num_channels, self.image_size, self.image_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(
                 f"{type(self).__name__} expects input of shape (B, {', '.join(map(str, expected))}), "
                 f"got {tuple(x.shape)}"
             )
-        noise_label = torch.as_tensor(noise_label, device=x.device)
-        if noise_label.ndim == 0:
-            noise_label = noise_label.expand(x.shape[0])
-        if tuple(noise_label.shape) != (x.shape[0],):
+        c_noise = torch.as_tensor(c_noise, device=x.device)
+        if c_noise.ndim == 0:
+            c_noise = c_noise.expand(x.shape[0])
+        if tuple(c_noise.shape) != (x.shape[0],):
             raise ValueError(
-                f"noise_label must have shape ({x.shape[0]},) (one per sample), got {tuple(noise_label.shape)}"
+                f"c_noise must have shape ({x.shape[0]},) (one per sample), got {tuple(c_noise.shape)}"
             )
-        return noise_label
+        return c_noise
 
     @property
     def data_shape(self) -> tuple[int, int, int]:
         """Shape of one sample: (C, H, W)."""
         return (self.num_channels, self.image_size, self.image_size)
 
-    def forward(self, x: Tensor, noise_label: Tensor) -> Tensor:
-        """x (B, C, H, W), noise_label (B,) -> (B, C, H, W): the score (VE, scale_by_sigma) or raw output."""
-        noise_label = self._check_inputs(x, noise_label)
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None) -> Tensor:
+        """x (B, C, H, W), c_noise (B,) -> (B, C, H, W); ``cond`` must be None (the network is unconditional)."""
+        if cond is not None:
+            raise ValueError(f"{type(self).__name__} is unconditional: it takes no cond (class or augmentation labels)")
+        c_noise = self._check_inputs(x, c_noise)
         it = iter(self.all_modules)
         act = self.act
 
         if self.embedding_type == "fourier":
-            temb = next(it)(torch.log(noise_label))
+            temb = next(it)(c_noise)
         else:
-            temb = timestep_embedding(noise_label, self.nf)
+            temb = timestep_embedding(c_noise, self.nf)
         if self.conditional:
             dense_0, dense_1 = next(it), next(it)
             temb = dense_1(act(dense_0(temb.to(dense_0.weight.dtype))))
@@ -307,15 +307,12 @@ class NCSNpp(nn.Module):
             h = conv(act(norm(h)))
         assert next(it, None) is None, "internal error: not all modules were used"
 
-        if self.scale_by_sigma:
-            h = h / noise_label.reshape(-1, 1, 1, 1)
         return h
 
 
 class DDPMpp(NCSNpp):
     """DDPM++ score network: NCSN++ with the official DDPM++ cont. (VP) CIFAR-10 defaults
-    (BigGAN blocks, no FIR, no progressive paths, positional embedding of t * (N - 1), no sigma scaling).
-    The output is the noise prediction for VP-type SDEs."""
+    (BigGAN blocks, no FIR, no progressive paths, positional embedding)."""
 
     def __init__(
         self,
@@ -339,7 +336,6 @@ class DDPMpp(NCSNpp):
         fourier_scale: float = 16.0,
         init_scale: float = 0.0,
         nonlinearity: str = "swish",
-        scale_by_sigma: bool = False,
         centered: bool = True,
     ) -> None:
         super().__init__(
@@ -349,6 +345,6 @@ class DDPMpp(NCSNpp):
             skip_rescale=skip_rescale, resblock_type=resblock_type, progressive=progressive,
             progressive_input=progressive_input, progressive_combine=progressive_combine,
             embedding_type=embedding_type, fourier_scale=fourier_scale, init_scale=init_scale,
-            nonlinearity=nonlinearity, scale_by_sigma=scale_by_sigma, centered=centered,
+            nonlinearity=nonlinearity, centered=centered,
         )
 

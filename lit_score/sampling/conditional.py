@@ -10,9 +10,12 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from lit_score.sampling.base import SampleResult, SeededNoise, seeded_prior
+from lit_score.sampling.base import SampleResult
+
+from lit_score.rng import SeededNoise, seeded_prior
 from lit_score.sampling.pc import PCSampler
-from lit_score.sdes import SDE, ScoreFn
+from lit_score.diffusion.denoiser import Denoiser
+from lit_score.diffusion.sdes import SDE
 
 Transform = Callable[[Tensor], Tensor]
 
@@ -29,7 +32,7 @@ def _replace_known(sde: SDE, data: Tensor, mask: Tensor, noise: Callable[[], Ten
     return project
 
 
-def inpaint(sampler: PCSampler, score_fn: ScoreFn, sde: SDE, data: Tensor, mask: Tensor,
+def inpaint(sampler: PCSampler, D: Denoiser, sde: SDE, data: Tensor, mask: Tensor,
             seeds: Sequence[int] | Tensor) -> SampleResult:
     """Fill in where ``mask`` is 0, keeping ``data`` where it is 1 (mask broadcasts against data (B, ...))."""
     if len(seeds) != data.shape[0]:
@@ -40,7 +43,7 @@ def inpaint(sampler: PCSampler, score_fn: ScoreFn, sde: SDE, data: Tensor, mask:
     x = seeded_prior(sde, seeds, shape, data.device)
     x = x * (1 - mask) + data * mask
     identity = lambda v: v  # noqa: E731
-    return sampler.sample(score_fn, sde, shape, seeds, data.device, x_init=x,
+    return sampler.sample(D, sde, shape, seeds, data.device, x_init=x,
                           project=_replace_known(sde, data, mask, noise, identity, identity))
 
 
@@ -51,7 +54,7 @@ def decoupling_matrix(channels: int = 3) -> Tensor:
     return q * torch.sign(q[0, 0])
 
 
-def colorize(sampler: PCSampler, score_fn: ScoreFn, sde: SDE, gray: Tensor, seeds: Sequence[int] | Tensor,
+def colorize(sampler: PCSampler, D: Denoiser, sde: SDE, gray: Tensor, seeds: Sequence[int] | Tensor,
              channels: int = 3) -> SampleResult:
     """Colour images (B, C, ...) whose channel mean is ``gray`` (B, 1, ...)."""
     if gray.dim() < 2 or gray.shape[1] != 1:
@@ -68,5 +71,5 @@ def colorize(sampler: PCSampler, score_fn: ScoreFn, sde: SDE, gray: Tensor, seed
     noise = SeededNoise([int(s) + 2**32 for s in seeds], shape, gray.device)
     x = seeded_prior(sde, seeds, shape, gray.device)
     x = back(to(x) * (1 - mask) + to(data) * mask)
-    return sampler.sample(score_fn, sde, shape, seeds, gray.device, x_init=x,
+    return sampler.sample(D, sde, shape, seeds, gray.device, x_init=x,
                           project=_replace_known(sde, data, mask, noise, to, back))

@@ -13,8 +13,11 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from lit_score.sampling.base import SampleResult, Sampler, seeded_prior, time_vector
-from lit_score.sdes import SDE, ScoreFn, _bcast
+from lit_score.diffusion.denoiser import Denoiser
+from lit_score.sampling.base import SampleResult, Sampler, denoise, time_vector
+
+from lit_score.rng import seeded_prior
+from lit_score.diffusion.sdes import SDE, ScoreFn, bcast
 
 # Dormand & Prince (1980) tableau: nodes C, stages A, 5th-order weights B5, 4th-order weights B4 (FSAL).
 C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
@@ -181,12 +184,6 @@ def probability_flow(score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...]) -> Vec
     return field
 
 
-def tweedie_denoise(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor) -> Tensor:
-    """E[x_0 | x_t] = (x_t + std(t)^2 score(x_t, t)) / scale(t) (Tweedie's formula)."""
-    scale, std = sde.marginal_prob(torch.ones_like(t), t)
-    return (x + _bcast(std**2, x) * score_fn(x, t)) / _bcast(scale, x)
-
-
 class ODESampler(Sampler):
     """Solves the probability-flow ODE from T to eps with adaptive Dormand-Prince (RK45) on the device.
 
@@ -210,14 +207,14 @@ class ODESampler(Sampler):
         self.rtol, self.atol, self.eps, self.denoise = rtol, atol, eps, denoise
         self.step_control, self.max_steps = step_control, max_steps
 
-    def sample(self, score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
+    def sample(self, D: Denoiser, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
                device: torch.device | str = "cpu") -> SampleResult:
         x = seeded_prior(sde, seeds, shape, device)
-        sol = dopri5(probability_flow(score_fn, sde, shape), x.flatten(1), sde.T, self.eps, self.rtol, self.atol,
+        sol = dopri5(probability_flow(D.score, sde, shape), x.flatten(1), sde.T, self.eps, self.rtol, self.atol,
                      self.max_steps, step_control=self.step_control)
         x = sol.y.reshape(x.shape)
         nfe, nfe_mean = int(sol.nfe.max()), float(sol.nfe.double().mean())
         if self.denoise:
-            x = tweedie_denoise(score_fn, sde, x, time_vector(self.eps, x))
+            x = denoise(D, sde, x, time_vector(self.eps, x))
             nfe, nfe_mean = nfe + 1, nfe_mean + 1
         return SampleResult(x, nfe, nfe_mean)

@@ -14,9 +14,10 @@ import torch
 from torch import Tensor
 
 from lit_score.registry import Registry
-from lit_score.sampling.base import (CountingScore, SampleResult, Sampler, SeededNoise, seeded_prior,
-                                     time_vector)
-from lit_score.sdes import SDE, VESDE, VPSDE, ReverseSDE, ScoreFn, _bcast, table_on
+from lit_score.diffusion.denoiser import Counted, Denoiser
+from lit_score.sampling.base import SampleResult, Sampler, time_vector
+from lit_score.rng import SeededNoise, seeded_prior
+from lit_score.diffusion.sdes import SDE, VESDE, VPSDE, ReverseSDE, ScoreFn, bcast, table_on
 
 
 @dataclass
@@ -53,7 +54,7 @@ def euler_maruyama(s: PCState, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     dt = -s.sde.T / s.sde.N
     drift, diffusion = s.rsde.sde(x, t)
     x_mean = x + drift * dt
-    return x_mean + _bcast(diffusion, x) * math.sqrt(-dt) * s.noise(), x_mean
+    return x_mean + bcast(diffusion, x) * math.sqrt(-dt) * s.noise(), x_mean
 
 
 @PREDICTORS.register("reverse_diffusion")
@@ -64,7 +65,7 @@ def reverse_diffusion(s: PCState, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]
                          f"beta_max = {s.sde.beta_1} steps; got {s.sde.N}")
     f, G = s.rsde.discretize(x, t)
     x_mean = x - f
-    return x_mean + _bcast(G, x) * s.noise(), x_mean
+    return x_mean + bcast(G, x) * s.noise(), x_mean
 
 
 @PREDICTORS.register("ancestral_sampling")
@@ -74,16 +75,16 @@ def ancestral_sampling(s: PCState, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor
     if isinstance(s.sde, VESDE):
         sigma = table_on(s.sde.discrete_sigmas, x.device, x.dtype)[i]
         adjacent = s.sde.adjacent_sigma(i).to(x.dtype)
-        x_mean = x + s.score_fn(x, t) * _bcast(sigma**2 - adjacent**2, x)
+        x_mean = x + s.score_fn(x, t) * bcast(sigma**2 - adjacent**2, x)
         std = torch.sqrt(adjacent**2 * (sigma**2 - adjacent**2) / sigma**2)
-        return x_mean + _bcast(std, x) * s.noise(), x_mean
+        return x_mean + bcast(std, x) * s.noise(), x_mean
     if isinstance(s.sde, VPSDE):
         if float(s.sde.discrete_betas.max()) >= 1:  # a host-side table: no device synchronisation
             raise ValueError(f"ancestral sampling of a VPSDE needs discrete betas < 1, i.e. more than "
                              f"beta_max = {s.sde.beta_1} steps; got {s.sde.N}")
         beta = table_on(s.sde.discrete_betas, x.device, x.dtype)[i]
-        x_mean = (x + _bcast(beta, x) * s.score_fn(x, t)) / _bcast(torch.sqrt(1.0 - beta), x)
-        return x_mean + _bcast(torch.sqrt(beta), x) * s.noise(), x_mean
+        x_mean = (x + bcast(beta, x) * s.score_fn(x, t)) / bcast(torch.sqrt(1.0 - beta), x)
+        return x_mean + bcast(torch.sqrt(beta), x) * s.noise(), x_mean
     raise TypeError(f"ancestral sampling exists for VESDE and VPSDE only, not {type(s.sde).__name__}")
 
 
@@ -132,8 +133,8 @@ def langevin(s: PCState, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
             eps = (s.snr * _norm(z).mean() / _norm(grad).mean()) ** 2 * 2 * alpha
         else:
             eps = (s.snr * std) ** 2 * 2 * alpha
-        x_mean = x + _bcast(eps, x) * grad
-        x = x_mean + _bcast(torch.sqrt(eps * 2), x) * z
+        x_mean = x + bcast(eps, x) * grad
+        x = x_mean + bcast(torch.sqrt(eps * 2), x) * z
     return x, x_mean
 
 
@@ -152,8 +153,8 @@ def annealed_langevin(s: PCState, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]
         half, noise_std = alpha / 2, torch.sqrt(alpha)
     x_mean = x
     for _ in range(s.n_steps_each):
-        x_mean = x + _bcast(half, x) * s.score_fn(x, t)
-        x = x_mean + s.noise() * _bcast(noise_std, x)
+        x_mean = x + bcast(half, x) * s.score_fn(x, t)
+        x = x_mean + s.noise() * bcast(noise_std, x)
     return x, x_mean
 
 
@@ -222,12 +223,12 @@ class PCSampler(Sampler):
         per_level = (self.predictor is not no_predictor) + self.n_steps_each * (self.corrector is not no_corrector)
         return (self.steps or sde.N) * per_level
 
-    def sample(self, score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
+    def sample(self, D: Denoiser, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
                device: torch.device | str = "cpu", x_init: Tensor | None = None,
                project: Projection | None = None) -> SampleResult:
         """``project(x, x_mean, t)``, if given, runs after each time step (conditional generation, appendix I)."""
         sde = rediscretize(sde, self.steps or sde.N)
-        counted = CountingScore(score_fn)
+        counted = Counted(D)
         noise = SeededNoise(seeds, shape, device)
         x = seeded_prior(sde, seeds, shape, device) if x_init is None else x_init
         eps = default_eps(sde) if self.eps is None else self.eps
@@ -236,7 +237,7 @@ class PCSampler(Sampler):
         std_last = float(sde.marginal_prob(torch.zeros(1), grid[-1:].to(x.dtype))[1])
         if self.corrector_name == "ald" and std_last <= 0:
             raise ValueError("annealed Langevin needs a positive noise level at the last time; raise eps")
-        state = PCState(sde, sde.reverse(counted), counted, noise, self.snr, self.n_steps_each, self.step_lr,
+        state = PCState(sde, sde.reverse(counted.score), counted.score, noise, self.snr, self.n_steps_each, self.step_lr,
                         std_last, self.step_rule)
         ops = [self.corrector, self.predictor] if self.order == "corrector_first" else [self.predictor, self.corrector]
         ops = [op for op in ops if op not in (no_predictor, no_corrector)]

@@ -1,6 +1,6 @@
 """Fast samplers through the sigma view of any lit-score SDE (Karras et al. 2022, eq. 4):
 x_t = s(t) (x_0 + sigma(t) n), so x_hat = x_t / s(t) follows the VE ODE dx_hat/dsigma = (x_hat - D(x_hat; sigma)) / sigma
-with the denoiser D(x_hat; sigma) = x_hat + sigma^2 s(t) score(s(t) x_hat, t), t = t(sigma) (Tweedie's formula).
+with the model's denoiser D (``lit_score.diffusion.denoiser``), called directly.
 """
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import torch
 from torch import Tensor
 
 from lit_score.registry import Registry
-from lit_score.sampling.base import CountingScore, SampleResult, Sampler, SeededNoise
-from lit_score.sdes import SDE, ScoreFn, _bcast
+from lit_score.diffusion.denoiser import Counted, Denoiser
+from lit_score.sampling.base import SampleResult, Sampler
+from lit_score.rng import SeededNoise
+from lit_score.diffusion.sdes import SDE
 
-Denoiser = Callable[[Tensor, Tensor], Tensor]  # D(x_hat (B, ...), sigma (B,))
 Schedule = Callable[[SDE, int, float, float], Tensor]  # (sde, n, sigma_min, sigma_max) -> sigma_0 > ... > sigma_{n-1}
 SCHEDULES: Registry[Schedule] = Registry("sigma schedule")
 
@@ -55,17 +56,6 @@ def sigma_steps(sde: SDE, steps: int, schedule: str, sigma_min: float | None, si
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {lo}, {hi}")
     sigmas = SCHEDULES[schedule](sde, steps, lo, hi)
     return torch.cat([sigmas, sigmas.new_zeros(1)])
-
-
-def denoiser(score_fn: ScoreFn, sde: SDE) -> Denoiser:
-    """D(x_hat; sigma) = x_hat + sigma^2 s(t) score(s(t) x_hat, t(sigma))."""
-
-    def D(x_hat: Tensor, sigma: Tensor) -> Tensor:
-        t = sde.t_from_sigma(sigma)
-        s = _bcast(sde.scale(t), x_hat)
-        return x_hat + _bcast(sigma, x_hat) ** 2 * s * score_fn(s * x_hat, t)
-
-    return D
 
 
 def edm_sample(D: Denoiser, x: Tensor, sigmas: Tensor, noise: Callable[[], Tensor], S_churn: float = 0.0,
@@ -109,9 +99,9 @@ def dpm_solver_pp_2m(D: Denoiser, x: Tensor, sigmas: Tensor) -> Tensor:
     return x
 
 
-def float32_net(score_fn: ScoreFn) -> ScoreFn:
-    """score_fn for a float64 sampler: inputs cast to float32 (the network's dtype), output back to float64."""
-    return lambda x, t: score_fn(x.float(), t.float()).double()
+def float32_net(D: Denoiser) -> Callable[[Tensor, Tensor], Tensor]:
+    """D for a float64 sampler: inputs cast to float32 (the network's dtype), output back to float64."""
+    return lambda x, sigma: D(x.float(), sigma.float()).double()
 
 
 class _SigmaSampler(Sampler):
@@ -123,15 +113,15 @@ class _SigmaSampler(Sampler):
         self.steps, self.schedule, self.sigma_min, self.sigma_max = steps, schedule, sigma_min, sigma_max
         self.float64 = float64
 
-    def _start(self, score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
+    def _start(self, D: Denoiser, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
                device: torch.device | str):
         sigmas = sigma_steps(sde, self.steps, self.schedule, self.sigma_min, self.sigma_max)
-        counted = CountingScore(score_fn)
+        counted = Counted(D)
         noise = SeededNoise(seeds, shape, device)
         x = noise() * float(sigmas[0])
         if self.float64:  # as EDM's sampler: float64 state, the network in its own dtype
-            return denoiser(float32_net(counted), sde), x.double(), sigmas, noise, counted
-        return denoiser(counted, sde), x, sigmas, noise, counted
+            return float32_net(counted), x.double(), sigmas, noise, counted
+        return counted, x, sigmas, noise, counted
 
 
 class EDMSampler(_SigmaSampler):
@@ -157,9 +147,9 @@ class EDMSampler(_SigmaSampler):
     def planned_nfe(self, sde: SDE) -> int:
         return 2 * self.steps - 1  # Heun at each level, Euler on the last step to sigma = 0
 
-    def sample(self, score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
+    def sample(self, D: Denoiser, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
                device: torch.device | str = "cpu") -> SampleResult:
-        D, x, sigmas, noise, counted = self._start(score_fn, sde, shape, seeds, device)
+        D, x, sigmas, noise, counted = self._start(D, sde, shape, seeds, device)
         x = edm_sample(D, x, sigmas, noise, self.S_churn, self.S_min, self.S_max, self.S_noise)
         return SampleResult(x.float(), counted.nfe)  # x_hat at sigma = 0 is x_0
 
@@ -174,7 +164,7 @@ class DPMSolverPP(_SigmaSampler):
     def planned_nfe(self, sde: SDE) -> int:
         return self.steps
 
-    def sample(self, score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
+    def sample(self, D: Denoiser, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
                device: torch.device | str = "cpu") -> SampleResult:
-        D, x, sigmas, _, counted = self._start(score_fn, sde, shape, seeds, device)
+        D, x, sigmas, _, counted = self._start(D, sde, shape, seeds, device)
         return SampleResult(dpm_solver_pp_2m(D, x, sigmas).float(), counted.nfe)

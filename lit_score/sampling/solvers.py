@@ -15,11 +15,11 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from lit_score.sampling.base import (CountingScore, SampleResult, Sampler, SeededNoise, seeded_prior,
-                                     time_vector)
-from lit_score.sampling.ode import tweedie_denoise
-from lit_score.sampling.sigma import Denoiser, _SigmaSampler
-from lit_score.sdes import SDE, VESDE, ScoreFn, _bcast
+from lit_score.diffusion.denoiser import Counted, Denoiser
+from lit_score.rng import SeededNoise, seeded_prior
+from lit_score.sampling.base import SampleResult, Sampler, denoise, time_vector
+from lit_score.sampling.sigma import _SigmaSampler
+from lit_score.diffusion.sdes import SDE, VESDE, ScoreFn, bcast
 
 Noise = Callable[[], Tensor]
 
@@ -242,17 +242,17 @@ def adaptive_sde(score_fn: ScoreFn, sde: SDE, x: Tensor, noise: Noise, eps: floa
             return x, nfe
         nfe += 2 * running.long()
         z = noise().to(x)
-        hb, sq = _bcast(h, x), _bcast(h.sqrt(), x)
+        hb, sq = bcast(h, x), bcast(h.sqrt(), x)
         drift, g = rsde.sde(x, t)
-        K1 = -hb * drift + _bcast(g, x) * sq * z
+        K1 = -hb * drift + bcast(g, x) * sq * z
         drift2, g2 = rsde.sde(x + K1, t - h)
-        K2 = -hb * drift2 + _bcast(g2, x) * sq * z
+        K2 = -hb * drift2 + bcast(g2, x) * sq * z
         x_em, x_heun = x + K1, x + (K1 + K2) / 2
         delta = torch.clamp(reltol * torch.maximum(x_prev.abs(), x_em.abs()), min=abstol)
         q = ((x_em - x_heun) / delta).pow(2).flatten(1)
         err = q.mean(1).sqrt() if per_image else q.mean().sqrt().expand(B)
         accept = err <= 1
-        a = _bcast(accept, x)
+        a = bcast(accept, x)
         x, x_prev = torch.where(a, x_heun, x), torch.where(a, x_em, x_prev)
         t = torch.where(accept, t - h, t)
         h = torch.minimum((t - eps).clamp_min(0), safety * h * err.clamp_min(1e-12) ** -exp)
@@ -277,9 +277,9 @@ class _OneEvalPerStep(_SigmaSampler):
     def planned_nfe(self, sde: SDE) -> int:
         return self.steps
 
-    def sample(self, score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
+    def sample(self, D: Denoiser, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
                device: torch.device | str = "cpu") -> SampleResult:
-        D, x, sigmas, noise, counted = self._start(score_fn, sde, shape, seeds, device)
+        D, x, sigmas, noise, counted = self._start(D, sde, shape, seeds, device)
         return SampleResult(self._solve(D, x, sigmas, noise).float(), counted.nfe)
 
 
@@ -401,13 +401,13 @@ class AdaptiveSDESampler(Sampler):
         self.abstol, self.reltol, self.safety, self.exp, self.h_init = abstol, reltol, safety, exp, h_init
         self.eps, self.step_control, self.denoise, self.max_iters = eps, step_control, denoise, max_iters
 
-    def sample(self, score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
+    def sample(self, D: Denoiser, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
                device: torch.device | str = "cpu") -> SampleResult:
         eps = self.eps if self.eps is not None else (1e-5 if isinstance(sde, VESDE) else 1e-3)
-        counted = CountingScore(score_fn)
+        counted = Counted(D)
         x = seeded_prior(sde, seeds, shape, device)
-        x, _ = adaptive_sde(counted, sde, x, SeededNoise(seeds, shape, device), eps, self.abstol, self.reltol,
+        x, _ = adaptive_sde(counted.score, sde, x, SeededNoise(seeds, shape, device), eps, self.abstol, self.reltol,
                             self.safety, self.exp, self.h_init, self.step_control == "image", self.max_iters)
         if self.denoise:
-            x = tweedie_denoise(counted, sde, x, time_vector(eps, x))
+            x = denoise(counted, sde, x, time_vector(eps, x))
         return SampleResult(x, counted.nfe)

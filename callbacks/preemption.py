@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lit_score.checkpoint_io import AtomicCheckpointIO
+from lit_score.runtime.checkpoint_io import AtomicCheckpointIO
 
 
 def _signal(name: str) -> signal.Signals:
@@ -108,7 +108,7 @@ class Preemption(L.Callback):
     records the signal; every rank learns at each step boundary whether any rank received one, so all stop at
     the same step. A second Ctrl-C aborts at once (the previous checkpoint stays).
 
-    Also: checkpoints are written atomically (:class:`lit_score.checkpoint_io.AtomicCheckpointIO`), ``last.ckpt``
+    Also: checkpoints are written atomically (:class:`lit_score.runtime.checkpoint_io.AtomicCheckpointIO`), ``last.ckpt``
     is replaced in place (the ModelCheckpoint's version counter is off, so no ``last-v1.ckpt``), a resumed run's
     TensorBoard events purge the steps after the checkpoint (``purge_step``), and in ``predict``, ``test`` and
     ``validate`` a signal stops the run after the current batch with :class:`Interrupted`.

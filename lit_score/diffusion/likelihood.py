@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from lit_score.data_space import DataSpace
-from lit_score.sampling.base import seeded_normal
+from lit_score.rng import seeded_normal
 from lit_score.sampling.ode import dopri5
-from lit_score.sdes import SDE, ScoreFn
+from lit_score.diffusion.sdes import SDE, ScoreFn
 
 Probe = Literal["rademacher", "gaussian", "exact"]
 PROBES = ("rademacher", "gaussian", "exact")

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from lit_score.errors import ConfigurationError
-from lit_score.resources import experiment_names, packaged_experiment
+from lit_score.cli.resources import experiment_names, packaged_experiment
 
 DEFAULTS_KEY = "defaults"
 

@@ -12,18 +12,18 @@ import sys
 from collections.abc import Callable
 
 from lit_score.errors import ConfigurationError, report, run_reporting_errors
-from lit_score.threads import configure_threads, pop_threads_arg
+from lit_score.cli.threads import configure_threads, pop_threads_arg
 
 
 # Subcommand -> (module, function taking the remaining arguments and returning the exit status); loaded on use.
 TOOLS: dict[str, tuple[str, str]] = {
-    "submit": ("lit_score.slurm", "submit_main"),
-    "export": ("lit_score.export", "export_main"),
-    "export-diffusers": ("lit_score.diffusers_interop", "export_main"),
-    "import-diffusers": ("lit_score.diffusers_interop", "import_main"),
-    "export-ema": ("lit_score.tools", "export_ema_main"),
-    "sigma-max": ("lit_score.tools", "sigma_max_main"),
-    "posthoc-ema": ("lit_score.tools", "posthoc_ema_main"),
+    "submit": ("lit_score.cli.submit", "submit_main"),
+    "export": ("lit_score.interop.export", "export_main"),
+    "export-diffusers": ("lit_score.interop.diffusers", "export_main"),
+    "import-diffusers": ("lit_score.interop.diffusers", "import_main"),
+    "export-ema": ("lit_score.cli.tools", "export_ema_main"),
+    "sigma-max": ("lit_score.cli.tools", "sigma_max_main"),
+    "posthoc-ema": ("lit_score.cli.tools", "posthoc_ema_main"),
 }
 
 
@@ -35,7 +35,7 @@ def tool(name: str) -> Callable[[list[str]], int]:
 
 def main() -> None:
     """Console script ``lit-score``. ``--threads N`` anywhere sets the CPU threads (default: the CPUs the process
-    may use, see :mod:`lit_score.threads`)."""
+    may use, see :mod:`lit_score.cli.threads`)."""
     try:
         sys.argv[1:], threads = pop_threads_arg(sys.argv[1:])
         configure_threads(threads)
@@ -45,6 +45,6 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in TOOLS:
         run = tool(sys.argv[1])
         sys.exit(run_reporting_errors(lambda: run(sys.argv[2:])))
-    from lit_score.cli import fit_main
+    from lit_score.cli.lightning_cli import fit_main
 
     sys.exit(run_reporting_errors(fit_main))

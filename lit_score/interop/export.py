@@ -20,9 +20,11 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from lit_score.losses import Loss, loss_config
-from lit_score.sdes import SDE
+from lit_score.diffusion.denoiser import Preconditioning
+from lit_score.diffusion.losses import Loss
+from lit_score.diffusion.sdes import SDE
 from lit_score.errors import CheckpointError
+from lit_score.runtime.upgrade import upgrade_checkpoint, upgrade_model_config
 
 FORMAT = "lit-score"
 FORMAT_VERSION = 1
@@ -40,6 +42,7 @@ class Pretrained:
     net: nn.Module
     sde: SDE
     loss: Loss
+    precond: Preconditioning
     config: dict[str, Any]
 
 
@@ -55,9 +58,13 @@ def _read_checkpoint(ckpt_path: Path) -> dict[str, Any]:
     if not ckpt_path.is_file():
         raise PretrainedError(f"checkpoint not found: {ckpt_path}")
     try:
-        return torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - reported in one line
         raise PretrainedError(f"cannot read {ckpt_path} as a lit-score checkpoint: {type(err).__name__}: {err}")
+    try:
+        return upgrade_checkpoint(checkpoint)
+    except ValueError as err:
+        raise PretrainedError(f"{ckpt_path}: {err}")
 
 
 def _ema_settings(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
@@ -116,7 +123,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, weights: str =
     init_args = net.get("init_args") or {}
     config = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "lit_score_version": lit_score_version(),
-        "net": net, "sde": hparams["sde"], "loss": loss_config(hparams.get("loss"), hparams),
+        "net": net, "sde": hparams["sde"], "loss": hparams["loss"], "precond": hparams.get("precond"),
         "data": {k: init_args.get(k) for k in ("num_channels", "image_size", "centered")},
         "data_space": hparams.get("data_space"),  # shape, range, quantisation (None: an older checkpoint)
         "weights": weights, "ema": _ema_settings(checkpoint) if weights == "ema" else None,
@@ -158,7 +165,7 @@ A score-based generative model (Song et al. 2021) trained with lit-score {config
 
 ```python
 import torch
-from lit_score.module import ScoreModel
+from lit_score.runtime.module import ScoreModel
 from lit_score.sampling import EDMSampler
 
 model = ScoreModel.from_pretrained("{name}").eval()
@@ -208,22 +215,23 @@ def _loss_name(loss: Any) -> str:
     return loss.get("class_path", "?") if isinstance(loss, dict) else str(loss)
 
 
-def build(config: dict[str, Any]) -> tuple[nn.Module, SDE, Loss]:
-    """The network, the SDE and the loss of a config's class_path/init_args, with fresh weights."""
+def build(config: dict[str, Any]) -> tuple[nn.Module, SDE, Loss, Preconditioning | None]:
+    """The network, SDE, loss and preconditioning (None: the loss's default) of a config's class_path/init_args
+    (``model_options``), with fresh weights."""
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--net", type=nn.Module)
     parser.add_argument("--sde", type=SDE)
     parser.add_argument("--loss", type=Loss)
+    parser.add_argument("--precond", type=Preconditioning | None, default=None)
     try:
-        loss = loss_config(config.get("loss"))
-        parsed = parser.parse_object({"net": config["net"], "sde": config["sde"], "loss": loss})
+        parsed = parser.parse_object({k: config[k] for k in ("net", "sde", "loss", "precond")})
         built = parser.instantiate(parsed)
     except Exception as err:  # noqa: BLE001 - jsonargparse's message, in one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PretrainedError(f"cannot build the network, SDE and loss of {CONFIG_NAME}: {first}")
-    return built.net, built.sde, built.loss
+        raise PretrainedError(f"cannot build the network, SDE, loss and preconditioning of {CONFIG_NAME}: {first}")
+    return built.net, built.sde, built.loss, built.precond
 
 
 def check_state(net: nn.Module, state: dict[str, Tensor], source: str) -> None:
@@ -257,20 +265,21 @@ def load_pretrained(folder: str | Path) -> Pretrained:
     """The network (with its exported weights), SDE, loss and config of an export folder."""
     config = read_config(folder)
     state = load_weights(folder)
-    net, sde, loss = build(config)
+    net, sde, loss, precond = build(model_options(folder, config))
     check_state(net, state, str(Path(folder) / WEIGHTS_NAME))
     net.load_state_dict(state, strict=True)
-    return Pretrained(net=net, sde=sde, loss=loss, config=config)
+    return Pretrained(net=net, sde=sde, loss=loss, precond=precond, config=config)
 
 
-def model_options(folder: str | Path) -> dict[str, Any]:
-    """The model options an export fixes (network, SDE, loss), as ``--ckpt_path`` takes them from a checkpoint."""
-    config = read_config(folder)
+def model_options(folder: str | Path, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model options an export fixes (network, SDE, loss, preconditioning), as ``--ckpt_path`` takes them
+    from a checkpoint; exports of earlier releases are read as today's (``lit_score.runtime.upgrade``)."""
+    config = read_config(folder) if config is None else config
     try:
-        loss = loss_config(config.get("loss"))
+        config = upgrade_model_config(config)
     except ValueError as err:
         raise PretrainedError(f"{Path(folder) / CONFIG_NAME}: {err}")
-    return {"net": config["net"], "sde": config["sde"], "loss": loss}
+    return {k: config.get(k) for k in ("net", "sde", "loss", "precond")}
 
 
 # -- command line ---------------------------------------------------------------------------------------------------

@@ -15,17 +15,17 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from omegaconf.errors import OmegaConfBaseException
 
 from lit_score.callbacks.dashboard import Dashboard
-from lit_score.allocation import check_allocation
-from lit_score.checkpoint_io import CorruptCheckpointError, checkpoint_problem, corrupt_message
-from lit_score.config import ConfigError, expand_config_args
+from lit_score.cli.allocation import check_allocation
+from lit_score.runtime.checkpoint_io import CorruptCheckpointError, checkpoint_problem, corrupt_message
+from lit_score.cli.config import ConfigError, expand_config_args
 from lit_score.data_space import data_space_of
 from lit_score.errors import CheckpointError, ConfigurationError
-from lit_score.export import WEIGHTS_NAME, check_state, load_weights, model_options
-from lit_score.losses import loss_config
-from lit_score.module import ScoreModel
-from lit_score.preemption import Preemption
-from lit_score.resume import RandomState, resume_args
-from lit_score.threads import affinity_cpus
+from lit_score.interop.export import WEIGHTS_NAME, check_state, load_weights, model_options
+from lit_score.runtime.module import ScoreModel
+from lit_score.runtime.upgrade import upgrade_model_config
+from lit_score.callbacks.preemption import Preemption
+from lit_score.callbacks.resume import RandomState, resume_args
+from lit_score.cli.threads import affinity_cpus
 
 
 class ScoreCLI(LightningCLI):
@@ -51,7 +51,7 @@ class ScoreCLI(LightningCLI):
         # Interpolated by the EMA callback of experiments/base/trainer.yaml, so an architecture's YAML sets it.
         parser.add_argument("--ema_rate", type=float, default=0.9999,
                             help="EMA rate of the experiment (score_sde: 0.999 for NCSN++, 0.9999 for DDPM++)")
-        # Every fit can be pre-empted and resumed exactly: see lit_score.preemption and lit_score.resume.
+        # Every fit can be pre-empted and resumed exactly: see lit_score.callbacks.preemption and lit_score.callbacks.resume.
         parser.add_lightning_class_args(RandomState, "random_state")
         parser.add_lightning_class_args(Preemption, "preemption")
         # TensorBoard's custom-scalars layout and HParams tab: see lit_score.callbacks.dashboard.
@@ -116,7 +116,7 @@ class ScoreCLI(LightningCLI):
             raise
 
 
-FROM_CHECKPOINT = ("net", "sde", "loss")
+FROM_CHECKPOINT = ("net", "sde", "loss", "precond")
 # Trainer options whose int means a count (of batches, steps) and whose float means a fraction.
 COUNT_OR_FRACTION = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
                      "val_check_interval", "overfit_batches")
@@ -168,14 +168,11 @@ def checkpoint_model_config(ckpt_path: str | Path) -> dict:
         ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
     except Exception as err:  # noqa: BLE001 - reported as a one-line CLI error
         raise CheckpointError(f"cannot read the checkpoint {ckpt_path}: {type(err).__name__}: {err}") from err
-    hparams = ckpt.get("hyper_parameters") or {}
-    saved = {key: hparams[key] for key in FROM_CHECKPOINT if key in hparams}
-    if "net" in saved:  # a checkpoint from before losses were objects names its loss (or none: dsm)
-        try:
-            saved["loss"] = loss_config(saved.get("loss"), hparams)
-        except ValueError as err:
-            raise CheckpointError(f"the checkpoint {ckpt_path}: {err}") from err
-    return saved
+    try:
+        hparams = upgrade_model_config(ckpt.get("hyper_parameters") or {})
+    except ValueError as err:
+        raise CheckpointError(f"the checkpoint {ckpt_path}: {err}") from err
+    return {key: hparams[key] for key in FROM_CHECKPOINT if key in hparams}
 
 
 def pretrained_folder(folder: str) -> tuple[str, dict]:

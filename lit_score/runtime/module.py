@@ -1,7 +1,11 @@
-"""The LightningModule: a noise-conditional network s_theta(x, t), an SDE and a score-matching loss."""
+"""The LightningModule: a noise-conditional network, its preconditioning (the denoiser), an SDE and a loss."""
 from __future__ import annotations
 
+import copy
+import io
 import warnings
+from pathlib import Path
+from typing import IO, Any
 
 import lightning as L
 import torch
@@ -10,48 +14,56 @@ from torch.utils.data import DistributedSampler, SequentialSampler
 
 from lit_score.data_space import DataSpace
 from lit_score.distributed import gather_to_all
-from lit_score.likelihood import Likelihood
-from lit_score.losses import DSMLoss, Loss
+from lit_score.diffusion.denoiser import Counted, NetworkDenoiser, Preconditioning
+from lit_score.diffusion.likelihood import Likelihood
+from lit_score.diffusion.losses import DSMLoss, Loss
 from lit_score.progress import Progress, planned_nfe
 from lit_score.sampling.base import SampleResult, Sampler
-from lit_score.sdes import SDE, ScoreFn
+from lit_score.diffusion.sdes import SDE, ScoreFn
+from lit_score.runtime.upgrade import EMA, upgrade_checkpoint
 
 
 class ScoreModel(L.LightningModule):
-    """Trains ``net`` with a denoising score-matching ``loss`` under ``sde``.
+    """Trains the denoiser D(x_hat; sigma, cond) of ``net`` under ``precond`` with ``loss``; ``sde`` gives its
+    sigma view and the samplers' time variable, prior and discretisation.
 
     Args:
-        net: noise-conditional network, ``net(x, noise_label)``; its data shape comes from the DataModule.
-        sde: forward SDE (VESDE, VPSDE, subVPSDE or a subclass of ``lit_score.sdes.SDE``).
-        loss: the objective and the parametrisation it trains (``lit_score.losses``): ``DSMLoss`` (continuous,
-            Song et al. 2021; the default), ``SMLDLoss`` (discrete NCSN, needs a VESDE), ``DDPMLoss`` (discrete,
-            needs a VPSDE) or ``EDMLoss`` (Karras et al. 2022, preconditioned).
+        net: noise-conditional network F, ``net(x, c_noise)``; its data shape comes from the DataModule.
+        sde: forward SDE (VESDE, VPSDE, subVPSDE or a subclass of ``lit_score.diffusion.sdes.SDE``).
+        loss: the objective (``lit_score.diffusion.losses``): ``DSMLoss`` (continuous, Song et al. 2021; the
+            default), ``SMLDLoss`` (discrete NCSN, needs a VESDE), ``DDPMLoss`` (discrete, needs a VPSDE) or
+            ``EDMLoss`` (Karras et al. 2022).
+        precond: how F's output becomes the denoiser (``lit_score.diffusion.denoiser``); default: the loss's
+            (score_sde's for DSMLoss, the discrete levels for SMLDLoss / DDPMLoss, ``EDMPrecond`` for EDMLoss).
         lr, betas, adam_eps, weight_decay: Adam settings.
         warmup: steps of linear learning-rate warm-up.
         channels_last: keep images and the network in channels-last memory format.
         compile: compile the network with ``torch.compile``.
         sampler: how ``sample`` / ``lit-score predict`` draw images (default: the PC sampler).
-        likelihood: how ``lit-score test`` measures bits/dim (``lit_score.likelihood.Likelihood``; default settings).
+        likelihood: how ``lit-score test`` measures bits/dim (``lit_score.diffusion.likelihood.Likelihood``; default settings).
         data_space: shape, range and quantisation of the data (``lit_score.data_space.DataSpace`` or its dict); the
             CLI passes the DataModule's. Saved in the hyperparameters, so checkpoints carry it; without it, it is
             inferred from the network (its ``data_shape`` and ``centered``; 8-bit levels for images).
     """
 
-    def __init__(self, net: nn.Module, sde: SDE, loss: Loss | None = None, lr: float = 2e-4,
+    def __init__(self, net: nn.Module, sde: SDE, loss: Loss | None = None, precond: Preconditioning | None = None,
+                 lr: float = 2e-4,
                  betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8, weight_decay: float = 0.0,
                  warmup: int = 5000, channels_last: bool = False, compile: bool = False,
                  sampler: Sampler | None = None, likelihood: Likelihood | None = None,
                  data_space: DataSpace | dict | None = None) -> None:
         super().__init__()
         if isinstance(loss, str):
-            raise TypeError(f"loss is an object now, not a name: instead of {loss!r} give e.g. "
-                            "lit_score.losses.DSMLoss() (in a YAML: loss: {class_path: lit_score.losses.DSMLoss})")
+            raise TypeError(f"loss is an object now, not a name: instead of {loss!r} give e.g. DSMLoss() (in a "
+                            "YAML: loss: {class_path: lit_score.diffusion.losses.DSMLoss})")
         loss = DSMLoss() if loss is None else loss
-        loss.check(net, sde)
+        precond = loss.default_precond(sde) if precond is None else precond
+        loss.check(sde, precond)
         with warnings.catch_warnings():  # `lit-score` saves the network's config here, so checkpoints reload alone
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
             self.save_hyperparameters(ignore=["data_space"])
-        self.net, self.sde, self.sampler, self.loss = net, sde, sampler, loss
+        self.net, self.sde, self.sampler, self.loss, self.precond = net, sde, sampler, loss, precond
+        self.ema: nn.Module | None = None  # the EMA network, beside net (EDM); see sampling_net
         self.likelihood = likelihood or Likelihood()
         self._data_space = data_space_from(data_space, net)
         self.hparams["data_space"] = self._data_space and self._data_space.to_dict()  # plain: weights_only loads
@@ -61,18 +73,51 @@ class ScoreModel(L.LightningModule):
 
     @classmethod
     def from_pretrained(cls, folder: str, **kwargs) -> "ScoreModel":
-        """The model of a ``lit-score export`` folder (network with its weights, SDE and loss from its config.json);
-        ``kwargs``: the other ScoreModel options (sampler, likelihood, ...)."""
-        from lit_score.export import load_pretrained
+        """The model of a ``lit-score export`` folder (network with its weights, SDE, loss and preconditioning from
+        its config.json); ``kwargs``: the other ScoreModel options (sampler, likelihood, ...)."""
+        from lit_score.interop.export import load_pretrained
 
         pretrained = load_pretrained(folder)
         kwargs.setdefault("data_space", pretrained.config.get("data_space"))
-        return cls(net=pretrained.net, sde=pretrained.sde, loss=pretrained.loss, **kwargs)
+        return cls(net=pretrained.net, sde=pretrained.sde, loss=pretrained.loss, precond=pretrained.precond, **kwargs)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path | IO, map_location: Any = None, strict: bool | None = None,
+                             **kwargs: Any) -> "ScoreModel":
+        """The model of a lit-score checkpoint, of this release or an earlier one (``lit_score.runtime.upgrade``),
+        read with ``torch.load(weights_only=True)``; ``kwargs`` override saved hyper-parameters."""
+        checkpoint = upgrade_checkpoint(torch.load(checkpoint_path, map_location="cpu", weights_only=True))
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        buffer.seek(0)
+        return super().load_from_checkpoint(buffer, map_location=map_location, strict=strict, weights_only=True,
+                                            **kwargs)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Read an earlier release's checkpoint as today's, and make the EMA network its weights go into."""
+        upgrade_checkpoint(checkpoint)
+        if self.ema is None and any(k.startswith(EMA) for k in checkpoint.get("state_dict", {})):
+            self.add_ema()
+
+    def add_ema(self) -> nn.Module:
+        """Give the model an EMA network beside ``net`` (a frozen copy of it), if it has none; returns it."""
+        if self.ema is None:
+            self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        return self.ema
+
+    @property
+    def sampling_net(self) -> nn.Module:
+        """The weights to sample with: the EMA network when the model has one, else the trained one."""
+        return self.ema if self.ema is not None else self.net
+
+    def denoiser(self, net: nn.Module | None = None) -> NetworkDenoiser:
+        """D(x_hat; sigma, cond) of ``net`` (default: the weights to sample with) under the preconditioning."""
+        return NetworkDenoiser(self.sampling_net if net is None else net, self.precond, self.sde)
 
     @property
     def score_fn(self) -> ScoreFn:
-        """s_theta(x, t) with the network's current weights."""
-        return self.loss.score_fn(self.net, self.sde)
+        """grad log p_t(x) of the denoiser with the weights to sample with."""
+        return self.denoiser().score
 
     @property
     def data_space(self) -> DataSpace:
@@ -99,8 +144,8 @@ class ScoreModel(L.LightningModule):
                progress: Progress | None = None) -> SampleResult:
         """One sample per seed with ``sampler`` (default: the model's), counted into ``progress`` if given."""
         sampler = self.sampler_in_use(sampler)
-        score_fn = self.score_fn if progress is None else progress.wrap(self.score_fn, len(seeds))
-        result = sampler.sample(score_fn, self.sde, self.data_shape, seeds, self.device)
+        D = self.denoiser() if progress is None else Counted(self.denoiser(), progress.counter(len(seeds)))
+        result = sampler.sample(D, self.sde, self.data_shape, seeds, self.device)
         if progress is not None:
             progress.batch_done(len(seeds), result.nfe)
         return result
@@ -206,8 +251,9 @@ class ScoreModel(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def compute_loss(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return self.loss(self.net, self.sde, x, generator)
+    def compute_loss(self, x: Tensor, generator: torch.Generator | None = None, net: nn.Module | None = None) -> Tensor:
+        """The loss of ``net`` (default: the trained network) on the batch x."""
+        return self.loss(self.denoiser(self.net if net is None else net), x, generator)
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         loss = self.compute_loss(self._prepare(batch))

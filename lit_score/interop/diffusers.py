@@ -1,7 +1,7 @@
 """diffusers interop: lit-score networks to and from diffusers' ``UNet2DModel`` with its scheduler.
 
     lit-score export-diffusers CKPT_OR_EXPORT_DIR OUT_DIR     # a diffusers pipeline folder (unet/, scheduler/)
-    lit-score import-diffusers DIFFUSERS_DIR OUT_DIR          # a lit-score export folder (see lit_score.export)
+    lit-score import-diffusers DIFFUSERS_DIR OUT_DIR          # a lit-score export folder (see lit_score.interop.export)
 
 NCSN++ (VE) maps to UNet2DModel's score-SDE blocks (``SkipDownBlock2D``, ``AttnSkipDownBlock2D``,
 ``SkipUpBlock2D``, ``AttnSkipUpBlock2D``: BigGAN ResNets with FIR resampling, the ``input_skip`` / ``output_skip``
@@ -26,12 +26,12 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from lit_score.export import (CARD_NAME, CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME, PretrainedError,
+from lit_score.interop.export import (CARD_NAME, CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME, PretrainedError,
                               load_pretrained, lit_score_version, model_card)
-from lit_score.losses import DSMLoss, loss_config
+from lit_score.diffusion.losses import DSMLoss
 
 NCSNPP, DDPMPP = "lit_score.networks.NCSNpp", "lit_score.networks.DDPMpp"
-VESDE, VPSDE = "lit_score.sdes.VESDE", "lit_score.sdes.VPSDE"
+VESDE, VPSDE = "lit_score.diffusion.sdes.VESDE", "lit_score.diffusion.sdes.VPSDE"
 FIR_KERNEL = (1, 3, 3, 1)  # diffusers' ResnetBlock2D(kernel="fir") and Fir{Up,Down}sample2D hard-code it
 RESNET = {"GroupNorm_0": "norm1", "Conv_0": "conv1", "Dense_0": "time_emb_proj", "GroupNorm_1": "norm2",
           "Conv_1": "conv2", "Conv_2": "conv_shortcut"}
@@ -391,7 +391,7 @@ def export_diffusers(source: str | Path, out_dir: str | Path) -> Path:
     (DDPMScheduler with the SDE's linear betas, epsilon prediction); returns ``out_dir``."""
     import tempfile
 
-    from lit_score.export import export_checkpoint
+    from lit_score.interop.export import export_checkpoint
 
     source, out_dir = Path(source), Path(out_dir)
     if source.is_file():
@@ -511,7 +511,7 @@ def import_diffusers(folder: str | Path, out_dir: str | Path, **sde: float | int
     pretrained = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "lit_score_version": lit_score_version(),
         "net": {"class_path": class_path, "init_args": args}, "sde": sde_config,
-        "loss": loss_config("dsm"), "data": {k: args[k] for k in ("num_channels", "image_size", "centered")},
+        "loss": {"class_path": "lit_score.diffusion.losses.DSMLoss", "init_args": {}}, "data": {k: args[k] for k in ("num_channels", "image_size", "centered")},
         "weights": "diffusers", "ema": None, "global_step": 0, "epoch": 0,
         "experiment": {"name": None, "imported_from": str(folder)},
     }

@@ -12,7 +12,7 @@ EMA weights as the EMA callback stores them (``ema_state_dict``, same keys), the
 samples with the EMA weights. Files are read with ``torch.load(weights_only=True)`` only: a pickle that would
 build arbitrary Python objects (and so could run code) is refused.
 
-    python -m lit_score.convert checkpoint_26.pth --experiment cifar10_ncsnpp_deep_continuous_ve --out x.ckpt
+    python -m lit_score.interop.score_sde checkpoint_26.pth --experiment cifar10_ncsnpp_deep_continuous_ve --out x.ckpt
 """
 from __future__ import annotations
 
@@ -31,10 +31,10 @@ from torch import Tensor
 
 from lit_score.callbacks.ema import CHECKPOINT_KEY as EMA_KEY
 from lit_score.callbacks.ema import EMA, WEIGHTS_NOTE
-from lit_score.checkpoint_io import sha256
+from lit_score.runtime.checkpoint_io import sha256
 from lit_score.errors import CheckpointError
-from lit_score.module import ScoreModel
-from lit_score.sdes import VESDE
+from lit_score.runtime.module import ScoreModel
+from lit_score.diffusion.sdes import VESDE
 
 PREFIX = "net."
 CONVERSION_KEY = "lit_score_conversion"
@@ -243,10 +243,10 @@ def convert_file(source: str | Path, experiment: str | Path, out: str | Path,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lit_score.convert CHECKPOINT --experiment NAME --out OUT.ckpt [--model.x y ...]``."""
+    """``python -m lit_score.interop.score_sde CHECKPOINT --experiment NAME --out OUT.ckpt [--model.x y ...]``."""
     known = "\n".join(f"  {c.official:40s} -> {c.experiment}" for c in OFFICIAL_CONFIGS.values())
     parser = argparse.ArgumentParser(
-        prog="python -m lit_score.convert", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m lit_score.interop.score_sde", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Convert a score_sde_pytorch checkpoint_N.pth into a lit-score checkpoint.",
         epilog=f"Official configs and their experiments:\n{known}\n\nFurther arguments (e.g. --model.sde.init_args.N "
                f"2000) override the experiment's config as on the lit-score command line.")
@@ -258,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         checkpoint = convert_file(args.checkpoint, args.experiment, args.out, overrides)
     except (ConversionError, FileNotFoundError) as err:
-        print(f"lit_score.convert: error: {err}", file=sys.stderr)
+        print(f"lit_score.interop.score_sde: error: {err}", file=sys.stderr)
         return 2
     info = checkpoint[CONVERSION_KEY]
     print(f"wrote {args.out}: step {checkpoint['global_step']}, {len(checkpoint['state_dict'])} tensors, "

@@ -17,7 +17,7 @@ from torch import Tensor
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
-def _bcast(v: Tensor, x: Tensor) -> Tensor:
+def bcast(v: Tensor, x: Tensor) -> Tensor:
     """Reshape a per-sample vector (B,) so it broadcasts against x (B, ...)."""
     return v.reshape(v.shape + (1,) * (x.dim() - v.dim()))
 
@@ -122,20 +122,6 @@ class SDE(abc.ABC):
         drift, diffusion = self.sde(x, t)
         return drift * dt, diffusion * math.sqrt(dt)
 
-    # network parametrisation (official score_sde convention, models/utils.get_score_fn)
-    def noise_label(self, t: Tensor, discrete: bool = False) -> Tensor:
-        """What the network is conditioned on: 999 t for continuously trained VP-type networks."""
-        if discrete:
-            raise ValueError(f"{type(self).__name__} has no discrete training objective; use loss 'dsm'")
-        return t * 999
-
-    def score_from_output(self, output: Tensor, t: Tensor, discrete: bool = False) -> Tensor:
-        """Turn the network output into a score; VP-type networks predict the noise, score = -eps / std(t)."""
-        if discrete:
-            raise ValueError(f"{type(self).__name__} has no discrete training objective; use loss 'dsm'")
-        std = self.marginal_prob(torch.zeros_like(t), t)[1]
-        return -output / _bcast(std, output)
-
     def reverse(self, score_fn: ScoreFn, probability_flow: bool = False) -> "ReverseSDE":
         """The reverse-time SDE (eq. 6), or the probability-flow ODE (eq. 13) when probability_flow."""
         return ReverseSDE(self, score_fn, probability_flow)
@@ -152,14 +138,14 @@ class ReverseSDE:
         drift, diffusion = self.forward.sde(x, t)
         score = self.score_fn(x, t)
         coef = 0.5 if self.probability_flow else 1.0
-        drift = drift - _bcast(diffusion, x) ** 2 * score * coef
+        drift = drift - bcast(diffusion, x) ** 2 * score * coef
         return drift, torch.zeros_like(diffusion) if self.probability_flow else diffusion
 
     def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Reverse of the forward SDE's own discretisation (reverse diffusion, Song et al. 2021 eq. 46-47)."""
         f, G = self.forward.discretize(x, t)
         coef = 0.5 if self.probability_flow else 1.0
-        rev_f = f - _bcast(G, x) ** 2 * self.score_fn(x, t) * coef
+        rev_f = f - bcast(G, x) ** 2 * self.score_fn(x, t) * coef
         return rev_f, torch.zeros_like(G) if self.probability_flow else G
 
 
@@ -220,17 +206,6 @@ class VESDE(SDE):
         sigma, adjacent = table_on(self.discrete_sigmas, t.device)[i], self.adjacent_sigma(i)
         return torch.zeros_like(x), torch.sqrt(sigma**2 - adjacent**2)
 
-    def noise_label(self, t: Tensor, discrete: bool = False) -> Tensor:
-        """sigma(t); for SMLD-trained networks the discrete sigma of level round((T - t)(N - 1) / T) counted
-        from sigma_max down, as the official code's discrete labels."""
-        if not discrete:
-            return self.sigma(t)
-        level = torch.round((self.T - t) * (self.N - 1) / self.T).long()
-        return table_on(self.discrete_sigmas, t.device, t.dtype)[self.N - 1 - level]
-
-    def score_from_output(self, output: Tensor, t: Tensor, discrete: bool = False) -> Tensor:
-        return output
-
 
 class _VPFamily(SDE):
     """Shared linear beta schedule beta(t) = beta_min + t (beta_max - beta_min)."""
@@ -253,7 +228,7 @@ class _VPFamily(SDE):
         return 2 * B / (self.beta_0 + torch.sqrt(self.beta_0**2 + 2 * d * B))
 
     def drift(self, x: Tensor, t: Tensor) -> Tensor:
-        return -0.5 * _bcast(self.beta(t), x) * x
+        return -0.5 * bcast(self.beta(t), x) * x
 
     def scale(self, t: Tensor) -> Tensor:
         return torch.exp(-0.5 * self.integral_beta(t))
@@ -289,7 +264,7 @@ class VPSDE(_VPFamily):
 
     def marginal_prob(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         B = self.integral_beta(t)
-        return _bcast(torch.exp(-0.5 * B), x) * x, torch.sqrt(-torch.expm1(-B))
+        return bcast(torch.exp(-0.5 * B), x) * x, torch.sqrt(-torch.expm1(-B))
 
     def sigma(self, t: Tensor) -> Tensor:
         return torch.sqrt(torch.expm1(self.integral_beta(t)))
@@ -297,23 +272,12 @@ class VPSDE(_VPFamily):
     def t_from_sigma(self, sigma: Tensor) -> Tensor:
         return self.t_from_integral_beta(torch.log1p(sigma**2))
 
-    def noise_label(self, t: Tensor, discrete: bool = False) -> Tensor:
-        """999 t (continuous training), or t (N - 1) for DDPM-trained networks, which saw step indices."""
-        return t * (self.N - 1) if discrete else t * 999
-
-    def score_from_output(self, output: Tensor, t: Tensor, discrete: bool = False) -> Tensor:
-        """-eps / std with std(t), or sqrt(1 - alpha_bar_i) at the step index i for DDPM-trained networks."""
-        if not discrete:
-            return super().score_from_output(output, t)
-        std = table_on(self.sqrt_1m_alphas_cumprod, t.device, output.dtype)[self.timestep(t)]
-        return -output / _bcast(std, output)
-
     def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """DDPM discretisation: x_i = sqrt(1 - beta_i) x_{i-1} + sqrt(beta_i) z (Song et al. 2021, eq. 46)."""
         i = self.timestep(t)
         beta = table_on(self.discrete_betas, t.device)[i]
         alpha = table_on(self.alphas, t.device)[i]
-        return _bcast(torch.sqrt(alpha), x) * x - x, torch.sqrt(beta)
+        return bcast(torch.sqrt(alpha), x) * x - x, torch.sqrt(beta)
 
 
 class subVPSDE(_VPFamily):
@@ -324,7 +288,7 @@ class subVPSDE(_VPFamily):
 
     def marginal_prob(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         B = self.integral_beta(t)
-        return _bcast(torch.exp(-0.5 * B), x) * x, -torch.expm1(-B)
+        return bcast(torch.exp(-0.5 * B), x) * x, -torch.expm1(-B)
 
     def sigma(self, t: Tensor) -> Tensor:
         return 2 * torch.sinh(0.5 * self.integral_beta(t))

@@ -11,8 +11,9 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from lit_score.diffusion.denoiser import Denoiser
+from lit_score.diffusion.sdes import SDE, ScoreFn
 from lit_score.registry import Registry
-from lit_score.sdes import SDE, ScoreFn
 
 
 class GaussianMixture:
@@ -81,8 +82,39 @@ class GaussianMixture:
         return (-(r * diff / v).sum(1)).reshape(x.shape).to(x.dtype)
 
     def score_fn(self, sde: SDE) -> ScoreFn:
-        """The exact score s(x, t) of p_t under ``sde``, usable wherever a network's score is."""
+        """The exact score s(x, t) of p_t under ``sde``."""
         return lambda x, t: self.score(x, sde, t)
+
+    def posterior_mean(self, x_hat: Tensor, sigma: Tensor | float) -> Tensor:
+        """E[x_0 | x_0 + sigma n = x_hat] = sum_k r_k (mu_k + s_k^2 / (s_k^2 + sigma^2) (x_hat - mu_k)), with r_k the
+        posterior weights of the components, in x_hat's shape and dtype."""
+        y = x_hat.reshape(x_hat.shape[0], -1).double()
+        if y.shape[1] != self.dim:
+            raise ValueError(f"this mixture lives in R^{self.dim}, got samples with {y.shape[1]} elements")
+        s2 = torch.as_tensor(sigma, dtype=torch.float64, device=y.device).expand(y.shape[0])[:, None, None] ** 2
+        mu, var = self.means.to(y.device), self.stds.to(y.device) ** 2
+        diff = y[:, None, :] - mu
+        v = var + s2
+        logr = -0.5 * (diff**2 / v + torch.log(2 * math.pi * v)).sum(-1) + torch.log(self.weights.to(y.device))
+        r = torch.softmax(logr, dim=1)[..., None]
+        return (r * (mu + var / v * diff)).sum(1).reshape(x_hat.shape).to(x_hat.dtype)
+
+    def denoiser(self, sde: SDE) -> "MixtureDenoiser":
+        """The exact denoiser (and score) of this mixture under ``sde``, usable wherever a model's is."""
+        return MixtureDenoiser(self, sde)
+
+
+class MixtureDenoiser(Denoiser):
+    """The ideal denoiser of a Gaussian mixture, D = E[x_0 | x_hat], with its exact score (no Tweedie round trip)."""
+
+    def __init__(self, mixture: GaussianMixture, sde: SDE) -> None:
+        self.mixture, self.sde = mixture, sde
+
+    def __call__(self, x_hat, sigma, cond=None):
+        return self.mixture.posterior_mean(x_hat, sigma)
+
+    def score(self, x, t, cond=None):
+        return self.mixture.score(x, self.sde, t)
 
 
 TOY_DENSITIES: Registry[Callable[[], GaussianMixture]] = Registry("toy density")

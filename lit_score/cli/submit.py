@@ -10,10 +10,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from lit_score.cli import ScoreCLI
-from lit_score.config import expand_config_args
+from lit_score.cli.lightning_cli import ScoreCLI
+from lit_score.cli.config import expand_config_args
 from lit_score.errors import UserError
-from lit_score.resources import sbatch_dir
+from lit_score.cli.resources import sbatch_dir
 
 GPU_ACCELERATORS = ("gpu", "cuda", "auto")
 

@@ -1,0 +1,206 @@
+"""Denoising score-matching objectives: continuous (Song et al. 2021, eq. 7), the discrete SMLD / DDPM ones and
+EDM's (Karras et al. 2022), as functions and as the ``Loss`` objects a YAML names by class_path."""
+from __future__ import annotations
+
+import abc
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from lit_score.diffusion.denoiser import (DDPMSteps, EDMPrecond, NetworkDenoiser, NoisePrediction, Preconditioning,
+                                          ScorePrediction, SMLDLevels, edm_weighting, lognormal_sigma)
+from lit_score.registry import Registry
+from lit_score.diffusion.sdes import SDE, VESDE, VPSDE, ScoreFn, bcast
+
+ModelFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _reduce(losses: Tensor, reduce_mean: bool) -> Tensor:
+    """Per-sample reduction over data dimensions: mean, or half the sum as the official code."""
+    flat = losses.flatten(1)
+    return flat.mean(1) if reduce_mean else 0.5 * flat.sum(1)
+
+
+def _randn(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    if generator is None:
+        return torch.randn_like(x)
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+
+
+def _rand(n: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
+    if generator is None:
+        return torch.rand(n, device=like.device, dtype=like.dtype)
+    return torch.rand(n, generator=generator, dtype=like.dtype).to(like.device)
+
+
+def dsm_loss(score_fn: ScoreFn, sde: SDE, x: Tensor, eps: float = 1e-5, reduce_mean: bool = True,
+             likelihood_weighting: bool = False, generator: torch.Generator | None = None) -> Tensor:
+    """Continuous denoising score matching with t ~ U(eps, T) (Song et al. 2021, eq. 7).
+
+    lambda(t) = std(t)^2 by default, or g(t)^2 with likelihood_weighting (Song et al. 2021b, "Maximum likelihood
+    training of score-based diffusion models").
+    """
+    t = _rand(x.shape[0], x, generator) * (sde.T - eps) + eps
+    z = _randn(x, generator)
+    mean, std = sde.marginal_prob(x, t)
+    score = score_fn(mean + bcast(std, x) * z, t)
+    if likelihood_weighting:
+        g2 = sde.diffusion(t) ** 2
+        losses = _reduce(torch.square(score + z / bcast(std, x)), reduce_mean) * g2
+    else:
+        losses = _reduce(torch.square(score * bcast(std, x) + z), reduce_mean)
+    return losses.mean()
+
+
+def smld_loss(model_fn: ModelFn, sde: VESDE, x: Tensor, reduce_mean: bool = False,
+              generator: torch.Generator | None = None) -> Tensor:
+    """Discrete NCSN objective over the geometric noise levels of a VE SDE, weighted by sigma^2 (Song & Ermon 2019, eq. 5-6).
+
+    The network is conditioned on sigma and (with scale_by_sigma) outputs the score.
+    """
+    if not isinstance(sde, VESDE):
+        raise TypeError(f"the SMLD loss needs a VESDE, got {type(sde).__name__}")
+    idx = (_rand(x.shape[0], x, generator) * sde.N).long().clamp(max=sde.N - 1)
+    sigma = sde.discrete_sigmas.to(x.device, x.dtype)[idx]
+    noise = _randn(x, generator) * bcast(sigma, x)
+    score = model_fn(x + noise, sigma)
+    target = -noise / bcast(sigma, x) ** 2
+    return (_reduce(torch.square(score - target), reduce_mean) * sigma**2).mean()
+
+
+def ddpm_loss(model_fn: ModelFn, sde: VPSDE, x: Tensor, reduce_mean: bool = True,
+              generator: torch.Generator | None = None) -> Tensor:
+    """Discrete DDPM noise-prediction objective (Ho et al. 2020, eq. 14); the network sees the step index."""
+    if not isinstance(sde, VPSDE):
+        raise TypeError(f"the DDPM loss needs a VPSDE, got {type(sde).__name__}")
+    idx = (_rand(x.shape[0], x, generator) * sde.N).long().clamp(max=sde.N - 1)
+    a = sde.sqrt_alphas_cumprod.to(x.device, x.dtype)[idx]
+    s = sde.sqrt_1m_alphas_cumprod.to(x.device, x.dtype)[idx]
+    noise = _randn(x, generator)
+    out = model_fn(bcast(a, x) * x + bcast(s, x) * noise, idx.to(x.dtype))
+    return _reduce(torch.square(out - noise), reduce_mean).mean()
+
+
+def edm_loss(D: Callable[[Tensor, Tensor], Tensor], x: Tensor, P_mean: float = -1.2, P_std: float = 1.2,
+             sigma_data: float = 0.5, reduce_mean: bool = True, generator: torch.Generator | None = None) -> Tensor:
+    """E_sigma,n[lambda(sigma) |D(x + sigma n; sigma) - x|^2] with ln sigma ~ N(P_mean, P_std^2) and
+    lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (Karras et al. 2022, eq. 2 and Table 1)."""
+    sigma = lognormal_sigma(x.shape[0], P_mean, P_std, x, generator)
+    n = _randn(x, generator)
+    out = D(x + bcast(sigma, x) * n, sigma)
+    return (_reduce(torch.square(out - x), reduce_mean) * edm_weighting(sigma, sigma_data)).mean()
+
+
+LOSSES: Registry[type["Loss"]] = Registry("loss")
+
+
+class Loss(abc.ABC):
+    """A training objective of the model's denoiser D (``lit_score.diffusion.denoiser``); ``ScoreModel`` calls
+    ``loss(D, x)``. Each loss names the parametrisation it trains by default (``default_precond``)."""
+
+    def __init__(self, reduce_mean: bool = True) -> None:
+        self.reduce_mean = bool(reduce_mean)
+
+    def default_precond(self, sde: SDE) -> Preconditioning:
+        """The preconditioning a model trained with this loss has when its YAML names none."""
+        return ScorePrediction() if isinstance(sde, VESDE) else NoisePrediction()
+
+    def check(self, sde: SDE, precond: Preconditioning) -> None:
+        """Raise when the loss cannot train a network parametrised by ``precond`` under ``sde``."""
+        precond.check(sde)
+
+    @abc.abstractmethod
+    def __call__(self, D: NetworkDenoiser, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The batch's mean loss."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+@LOSSES.register("dsm")
+class DSMLoss(Loss):
+    """Continuous denoising score matching, t ~ U(eps, T) (Song et al. 2021, eq. 7), of the denoiser's score.
+    Default parametrisation: score_sde's (``NoisePrediction`` for VP-type SDEs, ``ScorePrediction`` for VE).
+
+    Args:
+        eps: smallest time sampled.
+        reduce_mean: average over the data dimensions (else half-sum them, as the official code).
+        likelihood_weighting: weight by g(t)^2 instead of std(t)^2.
+    """
+
+    def __init__(self, eps: float = 1e-5, reduce_mean: bool = True, likelihood_weighting: bool = False) -> None:
+        super().__init__(reduce_mean)
+        if not 0 <= eps < 1:
+            raise ValueError(f"DSMLoss eps must be in [0, 1), got {eps}")
+        self.eps, self.likelihood_weighting = float(eps), bool(likelihood_weighting)
+
+    def __call__(self, D, x, generator=None):
+        return dsm_loss(D.score, D.sde, x, self.eps, self.reduce_mean, self.likelihood_weighting, generator)
+
+
+@LOSSES.register("smld")
+class SMLDLoss(Loss):
+    """The discrete NCSN objective over a VE SDE's N geometric noise levels (Song & Ermon 2019, eq. 5-6), of a
+    network parametrised by ``SMLDLevels``."""
+
+    def __init__(self, reduce_mean: bool = False) -> None:
+        super().__init__(reduce_mean)
+
+    def default_precond(self, sde: SDE) -> Preconditioning:
+        return SMLDLevels()
+
+    def check(self, sde: SDE, precond: Preconditioning) -> None:
+        if not isinstance(sde, VESDE) or not isinstance(precond, SMLDLevels):
+            raise TypeError(f"SMLDLoss needs a VESDE and the SMLDLevels preconditioning, got {type(sde).__name__} "
+                            f"and {type(precond).__name__}; use lit_score.diffusion.losses.DSMLoss otherwise")
+
+    def __call__(self, D, x, generator=None):
+        score = lambda x_t, sigma: D.score(x_t, D.sde.t_from_sigma(sigma))  # noqa: E731
+        return smld_loss(score, D.sde, x, self.reduce_mean, generator)
+
+
+@LOSSES.register("ddpm")
+class DDPMLoss(Loss):
+    """The discrete DDPM noise-prediction objective over a VP SDE's N steps (Ho et al. 2020, eq. 14), of a network
+    parametrised by ``DDPMSteps`` (it sees the step index)."""
+
+    def default_precond(self, sde: SDE) -> Preconditioning:
+        return DDPMSteps()
+
+    def check(self, sde: SDE, precond: Preconditioning) -> None:
+        if not isinstance(sde, VPSDE) or not isinstance(precond, DDPMSteps):
+            raise TypeError(f"DDPMLoss needs a VPSDE and the DDPMSteps preconditioning, got {type(sde).__name__} "
+                            f"and {type(precond).__name__}; use lit_score.diffusion.losses.DSMLoss otherwise")
+
+    def __call__(self, D, x, generator=None):
+        noise_prediction = lambda x_i, i: D.net(x_i, D.precond.step_label(i, D.sde))  # noqa: E731
+        return ddpm_loss(noise_prediction, D.sde, x, self.reduce_mean, generator)
+
+
+@LOSSES.register("edm")
+class EDMLoss(Loss):
+    """EDM's objective: ln sigma ~ N(P_mean, P_std^2), weight (sigma^2 + sigma_data^2) / (sigma sigma_data)^2, on the
+    denoiser (Karras et al. 2022, section 5, Table 1); default parametrisation ``EDMPrecond(sigma_data)``. The SDE
+    plays no part in training; it gives the samplers their time variable, prior and sigma range (EDM's: ``VESDE``
+    with sigma 0.002 to 80).
+
+    Args:
+        P_mean, P_std: the log-normal distribution of training noise levels.
+        sigma_data: the data's standard deviation (0.5 for images in [-1, 1]).
+        reduce_mean: average over the data dimensions (else half-sum them).
+    """
+
+    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5,
+                 reduce_mean: bool = True) -> None:
+        super().__init__(reduce_mean)
+        if P_std <= 0 or sigma_data <= 0:
+            raise ValueError(f"EDMLoss needs P_std > 0 and sigma_data > 0, got {P_std}, {sigma_data}")
+        self.P_mean, self.P_std, self.sigma_data = float(P_mean), float(P_std), float(sigma_data)
+
+    def default_precond(self, sde: SDE) -> Preconditioning:
+        return EDMPrecond(self.sigma_data)
+
+    def __call__(self, D, x, generator=None):
+        return edm_loss(D, x, self.P_mean, self.P_std, self.sigma_data, self.reduce_mean, generator)

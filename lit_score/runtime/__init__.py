@@ -1,0 +1,1 @@
+"""The Lightning runtime: the LightningModule (``ScoreModel``), checkpoint files and reading old ones."""
