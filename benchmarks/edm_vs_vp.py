@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out-dir", type=Path, default=Path("bench_edm_vs_vp"))
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "edm_vs_vp.png")
     args = parser.parse_args(argv)
-    from lit_score.diffusion.ema import find_snapshots, reconstruct, write_checkpoint
+    from lit_score.cli.tools import write_checkpoint
+    from lit_score.diffusion.ema import find_snapshots, reconstruct
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     results = {}

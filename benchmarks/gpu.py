@@ -32,8 +32,9 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.training import (VARIANTS, BareLoop, NetConfig, Variant, _lightning_parts, _maxrss_mib,
+from benchmarks.training import (VARIANTS, BareLoop, NetConfig, Variant, lightning_parts, maxrss_mib,
                                  gpu_bf16_peak_tflops, quiet_lightning, sync, train_step_flops)
+from lit_score.diffusion.denoiser import Denoiser
 
 TRAIN_VARIANTS = {"fp32": VARIANTS["fp32"], "bf16": VARIANTS["bf16"],
                   "bf16 + channels_last": Variant("bf16 + channels_last", bf16=True, channels_last=True),
@@ -106,7 +107,7 @@ def reset_peak(device: torch.device) -> None:
 
 def peak_mib(device: torch.device) -> float:
     """torch.cuda.max_memory_allocated on a GPU; on CPU the process's resident high-water mark (all sections so far)."""
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _maxrss_mib()
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else maxrss_mib()
 
 
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
@@ -142,18 +143,22 @@ def train_step(suite: Suite, name: str, variant_key: str) -> list[dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------------------------- sampling
-def _score(name: str, suite: Suite, bf16: bool):
-    from lit_score.diffusion.score import get_score_fn
+class AutocastDenoiser(Denoiser):
+    """``inner`` evaluated under bf16 autocast when ``bf16``, its output in float32."""
 
+    def __init__(self, inner: Denoiser, device: torch.device, bf16: bool) -> None:
+        self.inner, self.sde, self.device, self.bf16 = inner, inner.sde, device, bf16
+
+    def __call__(self, x_hat, sigma, cond=None):
+        with autocast(self.device, self.bf16):
+            return self.inner(x_hat, sigma, cond).float()
+
+
+def _denoiser(name: str, suite: Suite, bf16: bool):
+    """The network's denoiser (ScoreModel's with DSMLoss), its SDE and the network."""
     net, sde, _ = NetConfig(name, tiny=suite.sizes.tiny).build()
     net = net.to(suite.device).eval()
-    score = get_score_fn(sde, net)
-
-    def fn(x, t):
-        with autocast(suite.device, bf16):
-            return score(x, t).float()
-
-    return fn, sde, net
+    return AutocastDenoiser(NetConfig.denoiser(net, sde), suite.device, bf16), sde, net
 
 
 def sampling(suite: Suite) -> list[dict[str, Any]]:
@@ -161,37 +166,37 @@ def sampling(suite: Suite) -> list[dict[str, Any]]:
 
     s, device, rows = suite.sizes, suite.device, []
     for bf16 in (False, True):
-        score, sde, net = _score("ncsnpp", suite, bf16)
+        D, sde, net = _denoiser("ncsnpp", suite, bf16)
         shape = (3, NetConfig("ncsnpp", tiny=s.tiny).image_size, NetConfig("ncsnpp", tiny=s.tiny).image_size)
         with torch.no_grad():
-            EDMSampler(steps=2).sample(score, sde, shape, range(s.sample_batch), device)  # warm-up
+            EDMSampler(steps=2).sample(D, sde, shape, range(s.sample_batch), device)  # warm-up
             reset_peak(device)
             sync(device)
             t0 = time.perf_counter()
-            result = EDMSampler(steps=s.edm_steps).sample(score, sde, shape, range(s.sample_batch), device)
+            result = EDMSampler(steps=s.edm_steps).sample(D, sde, shape, range(s.sample_batch), device)
             sync(device)
             sec = time.perf_counter() - t0
         rows.append({"network": "ncsnpp", "setting": f"EDM Heun {s.edm_steps} levels, {'bf16' if bf16 else 'fp32'}",
                      "batch": s.sample_batch, "nfe": result.nfe, "images_per_s": s.sample_batch / sec,
                      "ms": 1e3 * sec, "peak_mib": peak_mib(device)})
-    score, sde, net = _score("ncsnpp", suite, False)
+    D, sde, net = _denoiser("ncsnpp", suite, False)
     size = NetConfig("ncsnpp", tiny=s.tiny).image_size
     shape, steps = (3, size, size), 3
     x, t = torch.randn(s.pc_batch, *shape, device=device), torch.full((s.pc_batch,), 0.5, device=device)
     with torch.no_grad():
-        score(x, t)
+        D.score(x, t)
         evals = []
         for _ in range(3):
             sync(device)
             t0 = time.perf_counter()
-            score(x, t)
+            D.score(x, t)
             sync(device)
             evals.append(time.perf_counter() - t0)
         sampler = PCSampler("reverse_diffusion", "langevin", snr=0.16, steps=steps, denoise=False)
-        sampler.sample(score, sde, shape, range(s.pc_batch), device)
+        sampler.sample(D, sde, shape, range(s.pc_batch), device)
         sync(device)
         t0 = time.perf_counter()
-        result = sampler.sample(score, sde, shape, range(s.pc_batch), device)
+        result = sampler.sample(D, sde, shape, range(s.pc_batch), device)
         sync(device)
         per_step = (time.perf_counter() - t0) / steps
     ev = statistics.median(evals)
@@ -263,10 +268,10 @@ def synthetic_cifar(n: int, seed: int = 0) -> torch.Tensor:
 def training_run(suite: Suite) -> list[dict[str, Any]]:
     """lit-score's own training (lightning.Trainer fitting ScoreModel with EMA) for ``run_seconds``; the loss of the
     first and the last tenth of the steps."""
-    from lit_score.data.cached import _Indices, _keep
+    from lit_score.data.cached import IndexDataset, keep_batch
     from lit_score.diffusion.losses import DSMLoss
 
-    L, EMA, ScoreModel = _lightning_parts()
+    L, EMA, ScoreModel = lightning_parts()
     quiet_lightning()
     s, device = suite.sizes, suite.device
     torch.manual_seed(0)
@@ -280,8 +285,8 @@ def training_run(suite: Suite) -> list[dict[str, Any]]:
         """Indices from the DataLoader, images gathered on the device (as CachedImageDataModule)."""
 
         def train_dataloader(self):
-            return torch.utils.data.DataLoader(_Indices(len(images)), batch_size=s.run_batch, shuffle=True,
-                                               drop_last=True, collate_fn=_keep)
+            return torch.utils.data.DataLoader(IndexDataset(len(images)), batch_size=s.run_batch, shuffle=True,
+                                               drop_last=True, collate_fn=keep_batch)
 
         def on_after_batch_transfer(self, batch, dataloader_idx):
             return images.to(batch.device)[batch] if batch.dtype == torch.long else batch

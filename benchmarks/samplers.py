@@ -21,10 +21,11 @@ from torch import Tensor
 
 from benchmarks.distances import energy_distance
 from benchmarks.report import median_seconds
+from lit_score.diffusion.denoiser import Denoiser
 from lit_score.diffusion.densities import GaussianMixture
 from lit_score.sampling import (IPNDM, AdaptiveSDESampler, DPMSolverPP, DPMSolverPP3M, DPMSolverPPSDE, EDMSampler,
                                 EulerSampler, ODESampler, PCSampler, Sampler, SeededNoise, UniPC, seeded_prior)
-from lit_score.diffusion.sdes import SDE, VESDE, VPSDE
+from lit_score.diffusion.sdes import SDE, VESDE, VPSDE, bcast
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ def run_mixtures(n: int, quick: bool = False) -> list[dict]:
                     continue
                 for setting in solver.settings[:1] if quick else solver.settings:
                     start = time.perf_counter()
-                    result = solver.make(setting).sample(mix.score_fn(sde), sde, (mix.dim,), range(n))
+                    result = solver.make(setting).sample(mix.denoiser(sde), sde, (mix.dim,), range(n))
                     rows.append({"sde": sde_name, "data": mix_name, "sampler": solver.name, "setting": setting,
                                  "nfe": result.nfe, "energy_distance": energy_distance(result.samples, ref),
                                  "mode_error": mode_weight_error(mix, result.samples),
@@ -124,30 +125,44 @@ def quickstart_net() -> tuple[torch.nn.Module, tuple[int, ...]]:
     return DDPMpp(num_channels=1, image_size=size, **cfg["model"]["net"]["init_args"]).eval(), (1, size, size)
 
 
+class FreeDenoiser(Denoiser):
+    """The model of data N(0, I), at next to no cost: D(x_hat; sigma) = x_hat / (1 + sigma^2), and the score -x (its
+    score under VP at every t)."""
+
+    def __init__(self, sde: SDE) -> None:
+        self.sde = sde
+
+    def __call__(self, x_hat, sigma, cond=None):
+        return x_hat / bcast(1 + sigma**2, x_hat)
+
+    def score(self, x, t, cond=None):
+        return -x
+
+
 @torch.no_grad()
 def step_costs(batch: int, reps: int, quick: bool = False) -> dict:
     """Seconds of one quickstart network evaluation, one seeded noise draw, a torch.randn of the same size and the
-    prior, at ``batch`` images; and each solver's own seconds per NFE (its arithmetic and noise, with a score
-    function that costs nothing)."""
-    from lit_score.diffusion.score import get_score_fn
+    prior, at ``batch`` images; and each solver's own seconds per NFE (its arithmetic and noise, with a model
+    that costs nothing)."""
+    from lit_score.diffusion.denoiser import NetworkDenoiser
+    from lit_score.diffusion.losses import DSMLoss
 
     torch.manual_seed(0)
     net, shape = quickstart_net()
     sde = VPSDE(0.1, 20.0)
-    score = get_score_fn(sde, net)
+    D = NetworkDenoiser(net, DSMLoss().default_precond(sde), sde)  # the quickstart model's (DSMLoss) denoiser
     x, t = torch.randn(batch, *shape), torch.full((batch,), 0.5)
     noise = SeededNoise(range(batch), shape)
-    costs = {"batch": batch, "network": median_seconds(lambda: score(x, t), reps),
+    costs = {"batch": batch, "network": median_seconds(lambda: D.score(x, t), reps),
              "noise": median_seconds(noise, 10 * reps), "randn": median_seconds(lambda: torch.randn(x.shape), 10 * reps),
              "prior": median_seconds(lambda: seeded_prior(sde, range(batch), shape), 10 * reps), "solvers": []}
-    free = lambda x_, t_: -x_  # noqa: E731  the score of N(0, I) under VP at every t
     for solver in SOLVERS:
         setting = solver.settings[0 if quick else min(1, len(solver.settings) - 1)]
         sde_s = VESDE(0.01, 50.0) if "VP" not in solver.sdes else sde
         nfe = []
 
         def run() -> None:
-            nfe.append(solver.make(setting).sample(free, sde_s, shape, range(batch)).nfe)
+            nfe.append(solver.make(setting).sample(FreeDenoiser(sde_s), sde_s, shape, range(batch)).nfe)
 
         seconds = median_seconds(run, 1 if quick else 3)
         costs["solvers"].append({"sampler": solver.name, "setting": setting, "nfe": nfe[-1],
@@ -161,11 +176,7 @@ def run_checkpoint(path: str, n: int = 64) -> list[dict]:
     from lit_score.data.digits import load_digits_images
     from lit_score.runtime.module import ScoreModel
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model = ScoreModel.load_from_checkpoint(path, map_location="cpu", weights_only=False)
-    if "ema_state_dict" in ckpt:
-        model.load_state_dict(ckpt["ema_state_dict"])
-    model.eval()
+    model = ScoreModel.load_from_checkpoint(path, map_location="cpu").eval()  # samples with its EMA network
     data = load_digits_images(model.data_shape[-1]) * 2 - 1
     threshold = 1.5 * float(roughness(data).quantile(0.99))
     rows = []

@@ -1,7 +1,7 @@
 """Seconds and network evaluations (NFE) per image of each sampler, at the CIFAR-10 network size.
 
 The network has random weights (the cost of an evaluation does not depend on training). Each sampler runs a few
-steps on a few images; every call of the score network is timed inside the run, so the sampler's own overhead
+steps on a few images; every call of the network (through the denoiser or its score) is timed inside the run, so the sampler's own overhead
 (its arithmetic and noise between the calls) is measured against its baseline, the network calls, in the same
 run. Seconds per image at the sampler's default number of steps are extrapolated per NFE.
 """
@@ -16,9 +16,8 @@ from torch import Tensor
 
 from benchmarks.report import Stat
 from benchmarks.training import NetConfig, sync
+from lit_score.diffusion.denoiser import Denoiser
 from lit_score.sampling import DPMSolverPP, EDMSampler, ODESampler, PCSampler, Sampler
-from lit_score.diffusion.score import get_score_fn
-from lit_score.diffusion.sdes import ScoreFn
 
 
 @dataclass(frozen=True)
@@ -44,19 +43,25 @@ def sampler_cases(sde_n: int) -> list[SamplerCase]:
     ]
 
 
-class TimedScore:
-    """A score function that times each of its calls (device-synchronised)."""
+class TimedDenoiser(Denoiser):
+    """A denoiser that times each of its evaluations, D or score (device-synchronised)."""
 
-    def __init__(self, score_fn: ScoreFn, device: torch.device) -> None:
-        self.score_fn, self.device, self.seconds = score_fn, device, []
+    def __init__(self, inner: Denoiser, device: torch.device) -> None:
+        self.inner, self.sde, self.device, self.seconds = inner, inner.sde, device, []
 
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+    def _timed(self, fn: Callable[[], Tensor]) -> Tensor:
         sync(self.device)
         t0 = time.perf_counter()
-        out = self.score_fn(x, t)
+        out = fn()
         sync(self.device)
         self.seconds.append(time.perf_counter() - t0)
         return out
+
+    def __call__(self, x_hat, sigma, cond=None):
+        return self._timed(lambda: self.inner(x_hat, sigma, cond))
+
+    def score(self, x, t, cond=None):
+        return self._timed(lambda: self.inner.score(x, t, cond))
 
 
 @torch.no_grad()
@@ -70,9 +75,10 @@ def measure_sampling(config: NetConfig, batch: int, steps: int, device: torch.de
     shape = tuple(net.data_shape)
     seeds = list(range(batch))
     rows = []
-    get_score_fn(sde, net)(torch.rand(batch, *shape, device=device), torch.full((batch,), 0.5, device=device))
+    D = NetConfig.denoiser(net, sde)
+    D.score(torch.rand(batch, *shape, device=device), torch.full((batch,), 0.5, device=device))  # warm-up
     for case in sampler_cases(sde.N):
-        timed = TimedScore(get_score_fn(sde, net), device)
+        timed = TimedDenoiser(D, device)
         sync(device)
         t0 = time.perf_counter()
         result = case.make(steps).sample(timed, sde, shape, seeds, device)

@@ -30,7 +30,7 @@ from lit_score.diffusion.losses import DSMLoss, dsm_loss
 from lit_score.networks import DDPMpp, NCSNpp
 from lit_score.networks.layers import AttnBlockpp
 from lit_score.networks.resblocks import ResnetBlockBigGANpp, ResnetBlockDDPMpp
-from lit_score.diffusion.score import get_score_fn
+from lit_score.diffusion.denoiser import NetworkDenoiser
 from lit_score.diffusion.sdes import SDE, VESDE, VPSDE
 
 LR, WARMUP, CLIP, EMA_RATE, EPS = 2e-4, 5000, 1.0, 0.9999, 1e-5
@@ -55,13 +55,18 @@ class NetConfig:
         return int(TINY["image_size"]) if self.tiny else 32
 
     def build(self) -> tuple[nn.Module, SDE, bool]:
-        """(network, SDE, reduce_mean)."""
+        """(network, SDE, reduce_mean); the network's preconditioning is DSMLoss's (``denoiser``)."""
         extra = TINY if self.tiny else {}
         if self.name == "ncsnpp":
-            return NCSNpp(scale_by_sigma=True, centered=False, **extra), VESDE(0.01, 50.0, 1000), False
+            return NCSNpp(centered=False, **extra), VESDE(0.01, 50.0, 1000), False
         if self.name == "ddpmpp":
             return DDPMpp(**extra), VPSDE(0.1, 20.0, 1000), True
         raise ValueError(f"unknown network config {self.name!r}; known: ncsnpp, ddpmpp")
+
+    @staticmethod
+    def denoiser(net: nn.Module, sde: SDE) -> NetworkDenoiser:
+        """The model's denoiser: ``net`` under score_sde's preconditioning (ScoreModel's default with DSMLoss)."""
+        return NetworkDenoiser(net, DSMLoss().default_precond(sde), sde)
 
 
 @dataclass(frozen=True)
@@ -132,7 +137,7 @@ class BareLoop:
         self.params = list(self.net.parameters())
         self.opt = torch.optim.Adam(self.params, lr=LR)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda)
-        self.score_fn = get_score_fn(self.sde, self.net)
+        self.D = NetConfig.denoiser(self.net, self.sde)
         self.loader = random_loader(batch, 64, seed=seed + 1, size=config.image_size)
         self.batches = iter(self.loader)
         self.ema_src = [v for v in self.net.state_dict().values() if v.is_floating_point()]
@@ -154,7 +159,7 @@ class BareLoop:
         return contextlib.nullcontext()
 
     def loss(self, x: Tensor) -> Tensor:
-        return dsm_loss(self.score_fn, self.sde, x, EPS, self.reduce_mean, False)
+        return dsm_loss(self.D.score, self.sde, x, EPS, self.reduce_mean, False)
 
     def step(self) -> dict[str, float]:
         """One training step; returns the seconds of each phase in ``PHASES``."""
@@ -205,7 +210,7 @@ def gpu_bf16_peak_tflops(device: torch.device) -> float | None:
 
 
 # -------------------------------------------------------------------------------------------------- the framework
-def _lightning_parts():
+def lightning_parts():
     """Lightning, the ScoreModel and the EMA callback, imported late (the memory subprocesses of the bare loop
     do without them)."""
     warnings.filterwarnings("ignore", message=".*treespec.*")
@@ -231,7 +236,7 @@ def make_framework(config: NetConfig, device: torch.device, batch: int, steps: i
                    bf16: bool = False, seed: int = 0) -> tuple[Any, Any, DataLoader]:
     """(trainer, ScoreModel, dataloader): the run of ``lit-score fit`` minus logger, checkpoints and progress bar;
     ``callbacks[0]`` goes before the EMA callback, the rest after it."""
-    L, EMA, ScoreModel = _lightning_parts()
+    L, EMA, ScoreModel = lightning_parts()
     quiet_lightning()
     torch.manual_seed(seed)
     net, sde, reduce_mean = config.build()
@@ -249,7 +254,7 @@ def make_framework(config: NetConfig, device: torch.device, batch: int, steps: i
 def step_clock_callbacks(batch: int, device: torch.device, between: Callable[[int], None]) -> list:
     """Two callbacks that time the framework's steps: one first in the list, one last; ``between(step)`` runs
     after each step's end timestamp and is excluded from the framework's time."""
-    L, _, _ = _lightning_parts()
+    L, _, _ = lightning_parts()
 
     class StartMark(L.Callback):
         def __init__(self, clock: "_StepClock") -> None:
@@ -407,7 +412,7 @@ def _rss_mib() -> float:
     return _status_mib("VmRSS")
 
 
-def _maxrss_mib() -> float:
+def maxrss_mib() -> float:
     """Peak resident set size of this address space (VmHWM; getrusage's maxrss survives exec, so a child
     forked from a large parent would report the parent's peak)."""
     try:
@@ -425,7 +430,7 @@ def peak_memory_here(config: NetConfig, side: str, batch: int, device: torch.dev
     torch.cuda.max_memory_allocated and torch.cuda.memory_allocated.
     """
     if side == "framework":
-        L, _, _ = _lightning_parts()
+        L, _, _ = lightning_parts()
         marks: dict[str, float] = {}
 
         class Base(L.Callback):
@@ -441,7 +446,7 @@ def peak_memory_here(config: NetConfig, side: str, batch: int, device: torch.dev
         base = _base(device)
         for _ in range(steps):
             bare.step()
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _maxrss_mib()
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else maxrss_mib()
     return {"peak_mib": peak, "base_mib": base, "rise_mib": peak - base}
 
 

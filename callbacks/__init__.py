@@ -1,8 +1,8 @@
 """Training callbacks: weight EMA, periodic sample grids and FID, all correct under DDP."""
 from lit_score.callbacks.dashboard import Dashboard
-from lit_score.callbacks.ema import EMA, ema_weights, export_ema, load_ema_state_dict
+from lit_score.callbacks.ema import EMA
 from lit_score.callbacks.fid import FID
 from lit_score.callbacks.posthoc_ema import PostHocEMA
 from lit_score.callbacks.sampling import SampleGrid
 
-__all__ = ["Dashboard", "EMA", "ema_weights", "export_ema", "load_ema_state_dict", "FID", "PostHocEMA", "SampleGrid"]
+__all__ = ["Dashboard", "EMA", "FID", "PostHocEMA", "SampleGrid"]

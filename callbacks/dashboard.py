@@ -8,10 +8,12 @@ losses as its metrics (their last values: the final FID).
 from __future__ import annotations
 
 import re
+from argparse import Namespace
+from collections.abc import Mapping
+from dataclasses import asdict, is_dataclass
 from typing import Any
 
 import lightning as L
-from lightning.fabric.utilities.logger import _flatten_dict
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from .ema import EMA
@@ -25,6 +27,25 @@ def _name(obj: Any) -> str:
 
 def _plain(value: Any) -> bool | int | float | str:
     return value if isinstance(value, (bool, int, float, str)) else str(value)
+
+
+def _flatten(params: Mapping[Any, Any], prefix: str = "") -> dict[str, Any]:
+    """``{'a': {'b': 1}, 'c': [{'d': 2}]} -> {'a/b': 1, 'c/0/d': 2}`` (namespaces and dataclasses as dicts)."""
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        key = f"{prefix}/{k}" if prefix else str(k)
+        if is_dataclass(v) and not isinstance(v, type):
+            v = asdict(v)
+        elif isinstance(v, Namespace):
+            v = vars(v)
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key))
+        elif isinstance(v, list) and all(isinstance(item, Mapping) for item in v):
+            for i, item in enumerate(v):
+                out.update(_flatten(item, f"{key}/{i}"))
+        else:
+            out[key] = v
+    return out
 
 
 def sampler_summary(module: L.LightningModule, sampler: Any) -> tuple[str, int | None]:
@@ -77,7 +98,7 @@ def run_hparams(trainer: L.Trainer, module: L.LightningModule) -> dict[str, bool
         out[f"{fid.tag}/sampler"], nfe = sampler_summary(module, fid.sampler)
         out[f"{fid.tag}/nfe"] = nfe if nfe is not None else "adaptive"
         out[f"{fid.tag}/features"] = _name(fid.features)
-    hparams = {k: v for k, v in _flatten_dict(dict(getattr(module, "hparams", {}))).items()
+    hparams = {k: v for k, v in _flatten(dict(getattr(module, "hparams", {}))).items()
                if k.split("/")[0] not in ("net", "sde", "sampler", "likelihood")}
     out.update({f"model/{k}": v for k, v in hparams.items()})
     return {k: _plain(v) for k, v in out.items()}

@@ -14,7 +14,6 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-from lit_score.callbacks.ema import ema_weights
 from lit_score.callbacks.sampling import batched, draw, due, fast_dev_run
 from lit_score.metrics.features import FeatureExtractor
 from lit_score.metrics.frechet import frechet_distance, metric_tag, ordered_statistics
@@ -118,7 +117,7 @@ class FID(L.Callback):
             if self.kid_subset_size is not None and k * self.batch_size < self.kid_features:
                 kept.append(f[:self.kid_features - k * self.batch_size])
 
-        with ema_weights(trainer, pl_module), progress:
+        with progress:  # the samples are of the model's weights to sample with (its EMA)
             stats = ordered_statistics(len(chunks), features_of, self.features.num_features, pl_module.device, keep)
         mean, cov, _ = stats.compute()
         value = frechet_distance(mean, cov, self.reference.mean, self.reference.cov)

@@ -10,12 +10,13 @@ import lightning as L
 from torch import Tensor
 
 from lit_score.diffusion.ema import CHECKPOINT_KEY, SNAPSHOT_DIR, PowerEMA, save_snapshot
+from lit_score.runtime.upgrade import EMA
 
 
 class PostHocEMA(L.Callback):
-    """Tracks the power-function EMAs of ``sigma_rels`` over every floating-point tensor of the module's state and
-    writes each profile to ``<run dir>/posthoc_ema/phema-<step>-<sigma_rel>.pt`` every ``every_n_steps`` optimizer
-    steps and at the end of training.
+    """Tracks the power-function EMAs of ``sigma_rels`` over every floating-point tensor of the module's trained
+    state (its EMA network left out) and writes each profile to ``<run dir>/posthoc_ema/phema-<step>-<sigma_rel>.pt``
+    every ``every_n_steps`` optimizer steps and at the end of training.
 
     The profiles are updated after every optimizer step (once per accumulated batch), from weights that DDP keeps
     identical on every rank, so every rank holds the same averages; rank 0 writes the snapshots. The averages and the
@@ -42,7 +43,8 @@ class PostHocEMA(L.Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / SNAPSHOT_DIR
 
     def _state(self, pl_module: L.LightningModule) -> dict[str, Tensor]:
-        return pl_module.state_dict()
+        """The trained weights: the module's state without its EMA network's (``ema.*``)."""
+        return {k: v for k, v in pl_module.state_dict().items() if not k.startswith(EMA)}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.ema.shadows is not None:

@@ -10,7 +10,6 @@ import torch
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger
 from torch import Tensor
 
-from lit_score.callbacks.ema import ema_weights
 from lit_score.progress import Progress
 from lit_score.sampling.base import Sampler
 
@@ -98,9 +97,8 @@ class SampleGrid(L.Callback):
         from torchvision.utils import make_grid
 
         step = self._last_step = trainer.global_step
-        with ema_weights(trainer, pl_module):
-            samples = draw_all(trainer, pl_module, self.seeds, self.sampler, self.batch_size,
-                               f"sample grid at step {step}")
+        samples = draw_all(trainer, pl_module, self.seeds, self.sampler, self.batch_size,
+                           f"sample grid at step {step}")  # with the model's weights to sample with (its EMA)
         images = pl_module.data_space.to_uint8(samples).cpu()
         grid = make_grid(images, nrow=self.nrow, padding=1)
         run_dir = trainer.log_dir or trainer.default_root_dir  # a collective: every rank asks

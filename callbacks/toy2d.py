@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from lit_score.diffusion.denoiser import Denoiser
 from lit_score.diffusion.densities import GaussianMixture
 from lit_score.diffusion.sdes import SDE, ScoreFn
 from lit_score.rng import SeededNoise
@@ -26,9 +27,10 @@ def langevin_dynamics(score_fn: ScoreFn, x: Tensor, t: float, step: float, n_ste
 
 
 @torch.no_grad()
-def toy2d_figure(score_fn: ScoreFn, sde: SDE, mixture: GaussianMixture, num_samples: int = 1000,
+def toy2d_figure(D: Denoiser, sde: SDE, mixture: GaussianMixture, num_samples: int = 1000,
                  lim: float = 5.0, steps: int = 200):
-    """A matplotlib figure of five panels: learned score, exact score, Langevin, annealed Langevin, reverse SDE."""
+    """A matplotlib figure of five panels of the model whose denoiser is D: learned score, exact score, Langevin,
+    annealed Langevin, reverse SDE."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,17 +44,17 @@ def toy2d_figure(score_fn: ScoreFn, sde: SDE, mixture: GaussianMixture, num_samp
     ax_, ay_ = torch.meshgrid(arrows, arrows, indexing="xy")
     pts = torch.stack([ax_.flatten(), ay_.flatten()], 1)
     t_pts = torch.full((len(pts),), t0)
-    fields = {"learned score": score_fn(pts, t_pts), "exact score": mixture.score(pts, sde, t_pts)}
+    fields = {"learned score": D.score(pts, t_pts), "exact score": mixture.score(pts, sde, t_pts)}
     seeds = range(num_samples)
     std_L = float(sde.marginal_prob(torch.zeros(1), torch.tensor([t0]))[1])  # alpha_L = 0.2 sigma_L^2 at the last level
     start = (torch.rand(num_samples, 2, generator=torch.Generator().manual_seed(0)) * 2 - 1) * lim
     samples = {
-        "Langevin dynamics (one noise level)": langevin_dynamics(score_fn, start.clone(), t0, 0.01, 1000,
+        "Langevin dynamics (one noise level)": langevin_dynamics(D.score, start.clone(), t0, 0.01, 1000,
                                                                  SeededNoise(seeds, (2,))),
         "annealed Langevin dynamics": PCSampler("none", "ald", steps=10, n_steps_each=100, step_lr=0.2 * std_L**2,
-                                                eps=t0).sample(score_fn, sde, (2,), seeds).samples,
+                                                eps=t0).sample(D, sde, (2,), seeds).samples,
         "reverse SDE (Euler-Maruyama)": PCSampler("euler_maruyama", "none", steps=steps).sample(
-            score_fn, sde, (2,), seeds).samples,
+            D, sde, (2,), seeds).samples,
     }
     fig, axes = plt.subplots(1, 5, figsize=(25, 5))
     for ax in axes:
@@ -86,7 +88,7 @@ class Toy2DFigure(Callback):
         if trainer.global_rank != 0:
             return
         pl_module.eval()
-        fig = toy2d_figure(pl_module.score_fn, pl_module.sde, mixture, self.num_samples)
+        fig = toy2d_figure(pl_module.denoiser(), pl_module.sde, mixture, self.num_samples)
         out.mkdir(parents=True, exist_ok=True)
         fig.savefig(out / "toy2d.png", dpi=80)
         from PIL import Image

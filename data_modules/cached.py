@@ -49,7 +49,7 @@ def augment(pixels: Tensor, index: Tensor, epoch: int, seed: int, random_flip: b
     return x * 2.0 - 1.0 if centered else x
 
 
-class _Indices(Dataset):
+class IndexDataset(Dataset):
     """0 .. n - 1, batched as one tensor (the DataLoader gathers nothing else)."""
 
     def __init__(self, n: int) -> None:
@@ -65,7 +65,8 @@ class _Indices(Dataset):
         return torch.as_tensor(indices, dtype=torch.long)
 
 
-def _keep(batch: Tensor) -> Tensor:
+def keep_batch(batch: Tensor) -> Tensor:
+    """The batch as the DataLoader gathered it (``IndexDataset`` batches itself)."""
     return batch
 
 
@@ -118,8 +119,8 @@ class CachedImageDataModule(ImageDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.pixels is None:
             raise RuntimeError("call setup() before train_dataloader()")
-        return ResumableDataLoader(_Indices(len(self.pixels)), batch_size=self.batch_size, shuffle=True,
-                                   seed=self.seed, drop_last=True, collate_fn=_keep)
+        return ResumableDataLoader(IndexDataset(len(self.pixels)), batch_size=self.batch_size, shuffle=True,
+                                   seed=self.seed, drop_last=True, collate_fn=keep_batch)
 
     def pixels_on(self, device: torch.device) -> Tensor:
         """The uint8 training images on ``device``, moved there once."""

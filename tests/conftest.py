@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+from lit_score.diffusion.denoiser import Denoiser
+from lit_score.diffusion.sdes import bcast
 from lit_score.metrics import InceptionV3, RandomConvFeatures, random_inception_weights
 
 
@@ -19,6 +21,38 @@ def null_tolerance(mix, n: int) -> float:
     null = [energy_distance(mix.sample(n, torch.Generator().manual_seed(1000 + 2 * k)),
                             mix.sample(n, torch.Generator().manual_seed(1001 + 2 * k))) for k in range(10)]
     return 3 * max(abs(v) for v in null)
+
+
+class ScoreDenoiser(Denoiser):
+    """A model given by an analytic score function of (x, t) under ``sde``: the score-view samplers and the likelihood
+    call it as it is; D follows from it through the sigma view, D(x_hat; sigma) = x_hat + s sigma^2 score(s x_hat, t)
+    with t = t(sigma), s = s(t) (Tweedie's formula solved for D)."""
+
+    def __init__(self, score_fn, sde) -> None:
+        self.score_fn, self.sde = score_fn, sde
+
+    def __call__(self, x_hat, sigma, cond=None):
+        t = self.sde.t_from_sigma(sigma)
+        s = bcast(self.sde.scale(t), x_hat)
+        return x_hat + bcast(sigma, x_hat) ** 2 * s * self.score_fn(s * x_hat, t)
+
+    def score(self, x, t, cond=None):
+        return self.score_fn(x, t)
+
+
+class Spy(Denoiser):
+    """``inner`` recording every evaluation, of D and of the score alike: (input dtype, noise level or time dtype)."""
+
+    def __init__(self, inner: Denoiser) -> None:
+        self.inner, self.sde, self.calls = inner, inner.sde, []
+
+    def __call__(self, x_hat, sigma, cond=None):
+        self.calls.append((x_hat.dtype, sigma.dtype))
+        return self.inner(x_hat, sigma, cond)
+
+    def score(self, x, t, cond=None):
+        self.calls.append((x.dtype, t.dtype))
+        return self.inner.score(x, t, cond)
 
 
 def require(module: str):

@@ -64,9 +64,14 @@ class Seeds(L.LightningDataModule):
         return DataLoader(SeedDataset(NUM_TEST), batch_size=2)
 
 
-def image_model() -> ScoreModel:
+def image_model(ema: bool = True) -> ScoreModel:
+    """The tiny image model; with ``ema``, an EMA network unlike its trained one (the weights to sample with)."""
     torch.manual_seed(0)
-    return ScoreModel(TinyImageNet(), VPSDE(), sampler=EDMSampler(steps=2), data_space=IMAGES)
+    model = ScoreModel(TinyImageNet(), VPSDE(), sampler=EDMSampler(steps=2), data_space=IMAGES)
+    if ema:
+        with torch.no_grad():
+            model.add_ema().conv.weight.mul_(-0.5)
+    return model
 
 
 def trainer(devices: int, root: str, **kwargs) -> L.Trainer:

@@ -18,9 +18,10 @@ import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lit_score.callbacks.ema import EMA, warmup_decay
+from lit_score.callbacks.ema import EMA
 from lit_score.callbacks.fid import FID
 from lit_score.data import DigitsDataModule
+from lit_score.diffusion.ema import warmup_decay
 from lit_score.metrics import InceptionV3
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,20 +40,22 @@ class FirstDigits(DigitsDataModule):
 
 
 class Probe(L.Callback):
-    """Test instrument: each rank writes its training-weight trajectory, EMA state and FID to rank<r>.pt."""
+    """Test instrument: each rank writes its training-weight (``net``) trajectory, EMA network (``ema``), EMA counter
+    and FID to rank<r>.pt."""
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
         self.record: dict = {"after_step": [], "before_batch": []}
 
     @staticmethod
-    def _weights(pl_module):
-        return {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+    def _weights(pl_module, name="net"):
+        return {k: v.detach().cpu().clone() for k, v in getattr(pl_module, name).state_dict().items()}
 
     def on_train_start(self, trainer, pl_module):
         ema = next(cb for cb in trainer.callbacks if isinstance(cb, EMA))
         self.record |= {"initial": self._weights(pl_module), "initial_updates": ema.num_updates,
-                        "initial_shadow": {k: v.cpu().clone() for k, v in ema.shadow.items()}}
+                        "initial_shadow": self._weights(pl_module, "ema"),
+                        "ema_requires_grad": any(p.requires_grad for p in pl_module.ema.parameters())}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.record["before_batch"].append(self._weights(pl_module))
@@ -65,7 +68,7 @@ class Probe(L.Callback):
         fid = next(cb for cb in trainer.callbacks if isinstance(cb, FID))
         phema = next(cb for cb in trainer.callbacks if type(cb).__name__ == "PostHocEMA")
         self.record["phema"] = [{k: v.cpu().clone() for k, v in s.items()} for s in phema.ema.shadows]
-        self.record |= {"shadow": {k: v.cpu().clone() for k, v in ema.shadow.items()},
+        self.record |= {"shadow": self._weights(pl_module, "ema"),
                         "num_updates": ema.num_updates, "fid": fid.last_value, "kid": fid.last_kid,
                         "world": trainer.world_size}
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -132,6 +135,11 @@ def _events(run_dir: Path) -> EventAccumulator:
     return events
 
 
+def _part(state, prefix):
+    """The tensors of one network in a checkpoint's state_dict, prefix stripped."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def _assert_equal_states(a, b, **tol):
     assert a.keys() == b.keys()
     for k in a:
@@ -155,10 +163,12 @@ def runs(tmp_path_factory, inception_weights):
 
 
 def test_ema_is_identical_on_both_ranks_and_equals_hand_computation(runs):
-    """Property: with 2 processes both ranks hold the same EMA, equal to s <- d_n s + (1 - d_n) w over the
-    (shared) training weights after each step, d_n = min(0.9, (1 + n) / (10 + n))."""
+    """Property: with 2 processes both ranks hold the same EMA network (frozen: no gradient, so DDP leaves it
+    alone), equal to s <- d_n s + (1 - d_n) w over the (shared) training weights after each step,
+    d_n = min(0.9, (1 + n) / (10 + n))."""
     r0, r1 = runs["ranks"]
     assert r0["world"] == r1["world"] == 2 and r0["num_updates"] == r1["num_updates"] == 4
+    assert not r0["ema_requires_grad"] and not r1["ema_requires_grad"]
     _assert_equal_states(r0["shadow"], r1["shadow"])
     for w0, w1 in zip(r0["after_step"], r1["after_step"]):
         _assert_equal_states(w0, w1)
@@ -173,11 +183,12 @@ def test_posthoc_ema_is_identical_on_both_ranks_and_written_once(runs):
     for s0, s1 in zip(r0["phema"], r1["phema"]):
         _assert_equal_states(s0, s1)
     for gamma, shadow in zip((16.9722, 6.9372), r0["phema"]):
+        assert set(shadow) == {"net." + k for k in r0["after_step"][0]}  # the trained network, not the EMA one
         hand = {k: v.double() for k, v in r0["after_step"][0].items() if v.is_floating_point()}
         for n, weights in enumerate(r0["after_step"][1:], start=2):
             beta = (1 - 1 / n) ** (gamma + 1)
             hand = {k: beta * hand[k] + (1 - beta) * weights[k].double() for k in hand}
-        _assert_equal_states({k: shadow[k].double() for k in hand}, hand, rtol=1e-5, atol=1e-6)
+        _assert_equal_states({k: shadow["net." + k].double() for k in hand}, hand, rtol=1e-5, atol=1e-6)
     names = sorted(p.name for p in (runs["run2"] / "posthoc_ema").iterdir())
     assert names == [f"phema-{step:09d}-{s:.6f}.pt" for step in (2, 4) for s in (0.05, 0.1)]
 
@@ -191,23 +202,26 @@ def test_validation_leaves_training_weights_unchanged(runs):
 
 
 def test_one_checkpoint_with_both_weights(runs):
-    """Property: the 2-process run writes one step-4 checkpoint whose ema_state_dict is the ranks' EMA and whose
-    state_dict is the training weights."""
+    """Property: the 2-process run writes one step-4 checkpoint whose state_dict holds the ranks' EMA network as
+    ema.* and the training weights as net.*, and nothing else."""
     assert len(list((runs["run2"] / "checkpoints").glob("*step=4*"))) == 1
     ckpt = torch.load(runs["ckpt"], map_location="cpu", weights_only=False)
-    _assert_equal_states(ckpt["ema_state_dict"], runs["ranks"][0]["shadow"])
-    _assert_equal_states(ckpt["state_dict"], runs["ranks"][0]["after_step"][-1])
+    ema, net = _part(ckpt["state_dict"], "ema."), _part(ckpt["state_dict"], "net.")
+    assert len(ema) + len(net) == len(ckpt["state_dict"]) and "ema_state_dict" not in ckpt
+    _assert_equal_states(ema, runs["ranks"][0]["shadow"])
+    _assert_equal_states(net, runs["ranks"][0]["after_step"][-1])
     assert ckpt["callbacks"]["EMA"]["num_updates"] == 4
 
 
 def test_resume_continues_ema_counter_and_shadow(runs):
-    """Property: the resumed run starts from the checkpoint's counter (4) and EMA weights, and its updates 5 and 6
+    """Property: the resumed run starts from the checkpoint's counter (4) and EMA network, and its updates 5 and 6
     use the decays of n = 5, 6."""
     resumed, ckpt = runs["resumed"], torch.load(runs["ckpt"], map_location="cpu", weights_only=False)
     assert resumed["initial_updates"] == 4 and resumed["num_updates"] == 6
-    _assert_equal_states(resumed["initial_shadow"], ckpt["ema_state_dict"])
-    _assert_equal_states(resumed["initial"], ckpt["state_dict"])
-    expected = _hand_ema(ckpt["ema_state_dict"], resumed["after_step"], 5)
+    ema = _part(ckpt["state_dict"], "ema.")
+    _assert_equal_states(resumed["initial_shadow"], ema)
+    _assert_equal_states(resumed["initial"], _part(ckpt["state_dict"], "net."))
+    expected = _hand_ema(ema, resumed["after_step"], 5)
     _assert_equal_states(resumed["shadow"], expected, rtol=1e-6, atol=1e-7)
 
 

@@ -62,8 +62,12 @@ def instantiate(experiment: Path, tmp_path: Path) -> ScoreCLI:
 
 @pytest.mark.parametrize("experiment", [p for p in EXPERIMENTS if p.stem.startswith("cifar10")], ids=lambda p: p.stem)
 def test_cifar10_networks_build_with_the_data_shape(experiment, tmp_path):
-    """The network is built with the data's channels and resolution, and maps a CIFAR-10 batch to its shape."""
+    """The network is built with the data's channels and resolution, its denoiser maps a CIFAR-10 batch to its
+    shape, and its parametrisation is score_sde's: the scaled score for VE, noise prediction for VP and sub-VP,
+    the discrete levels for the SMLD objective."""
     import torch
+
+    from lit_score.diffusion.denoiser import NoisePrediction, ScorePrediction, SMLDLevels
 
     cli = instantiate(experiment, tmp_path)
     model, data = cli.model, cli.datamodule
@@ -72,8 +76,11 @@ def test_cifar10_networks_build_with_the_data_shape(experiment, tmp_path):
     print(f"{experiment.stem}: {n_params:,} parameters")
     assert n_params > 10_000_000
     with torch.no_grad():
-        out = model.net(torch.zeros(1, 3, 32, 32), model.sde.noise_label(torch.tensor([0.5])))
+        out = model.denoiser(model.net)(torch.zeros(1, 3, 32, 32), model.sde.sigma(torch.tensor([0.5])))
     assert out.shape == (1, 3, 32, 32)
+    expected = (SMLDLevels if "smld" in experiment.stem else ScorePrediction if "_ve" in experiment.stem
+                else NoisePrediction)
+    assert type(model.precond) is expected
 
 
 def test_misspelt_key_on_the_command_line_is_named():
@@ -114,11 +121,10 @@ def test_edm_experiments_build_with_edm_settings(experiment, tmp_path):
     cli = instantiate(ROOT / "experiments" / f"{experiment}.yaml", tmp_path)
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
     loss = model.loss
-    assert type(loss) is EDMLoss and type(loss.precond) is EDMPrecond and loss.precond.sigma_data == 0.5
+    assert type(loss) is EDMLoss and type(model.precond) is EDMPrecond and model.precond.sigma_data == 0.5
     assert (loss.P_mean, loss.P_std, loss.sigma_data) == (-1.2, 1.2, 0.5)
     assert isinstance(model.sampler, EDMSampler) and model.sampler.steps == 18 and model.sampler.S_churn == 0
     assert (model.sde.sigma_min, model.sde.sigma_max) == (0.002, 80.0)
-    assert not getattr(model.net, "scale_by_sigma", False)
     if experiment.startswith("edm_cifar10"):
         ema = next(cb for cb in trainer.callbacks if isinstance(cb, EMA))
         assert (ema.halflife_kimg, ema.rampup_ratio) == (500, 0.05)

@@ -48,9 +48,14 @@ def test_checkpoint_carries_the_space_and_old_checkpoints_infer_it(tmp_path):
     trainer.strategy.connect(model)
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
-    saved = torch.load(path, weights_only=False)["hyper_parameters"]  # this network is an object, not a config
+    saved = torch.load(path, weights_only=True)["hyper_parameters"]  # the network was an object: saved as None
     assert saved["data_space"] == {"shape": [1, 8, 8], "centered": False, "num_levels": 256}
-    assert ScoreModel.load_from_checkpoint(path, weights_only=False).data_space == space
+    assert saved["net"] is None and saved["sde"] is None
+    with pytest.raises(ValueError, match="does not record its net and sde.*net=..., sde=..."):
+        ScoreModel.load_from_checkpoint(path)
+    loaded = ScoreModel.load_from_checkpoint(path, net=DDPMpp(**TINY, centered=False), sde=VPSDE())
+    assert loaded.data_space == space
+    torch.testing.assert_close(loaded.net.state_dict(), model.net.state_dict())
 
     old = ScoreModel(DDPMpp(**TINY, centered=True), VPSDE())
     assert old.data_space == DataSpace((1, 8, 8), centered=True, num_levels=256)

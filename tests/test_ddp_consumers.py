@@ -58,19 +58,25 @@ def test_bits_per_dim_are_the_same_for_one_and_two_processes_and_any_batch_size(
 
 def test_prediction_writer_gathers_uint8_images_to_rank_zero_only(two_processes, one_thread, tmp_path):
     """Each rank keeps uint8 images (a quarter of float32's bytes); rank 0 receives both ranks' shares, rank 1
-    nothing; samples.npz holds every seed once, sorted, with the images of one process."""
+    nothing; samples.npz holds every seed once, sorted, with the images of one process, which are those of the
+    model's EMA network (a model holding only those weights), not of its trained one."""
     gathers = [rank["gather"] for rank in two_processes["ranks"]]
     assert [len(g) for g in gathers] == [1, 1]
     assert [g[0]["local_dtype"] for g in gathers] == ["torch.uint8"] * 2
     assert [g[0]["received"] for g in gathers] == [2, None]
     assert sorted(set(gathers[0][0]["local_seeds"]) | set(gathers[1][0]["local_seeds"])) == list(range(NUM_TEST))
-    one = trainer(1, str(tmp_path))
-    one.callbacks.append(PredictionWriter(output_dir=str(tmp_path / "one")))
-    one.predict(image_model(), Seeds(), return_predictions=False)
+    only_ema, only_net = image_model(ema=False), image_model(ema=False)
+    only_ema.net.load_state_dict(image_model().ema.state_dict())
+    for name, model in (("one", image_model()), ("only_ema", only_ema), ("only_net", only_net)):
+        one = trainer(1, str(tmp_path))
+        one.callbacks.append(PredictionWriter(output_dir=str(tmp_path / name)))
+        one.predict(model, Seeds(), return_predictions=False)
     with np.load(tmp_path / "one" / "samples.npz") as a, np.load(two_processes["out"] / "two" / "samples.npz") as b:
         assert b["seeds"].tolist() == list(range(NUM_TEST)) and a["seeds"].tolist() == b["seeds"].tolist()
         assert b["samples"].dtype == np.uint8 and b["samples"].shape == (NUM_TEST, 4, 4, 1)
         assert np.array_equal(a["samples"], b["samples"]) and int(a["nfe"]) == int(b["nfe"]) == 3
+        with np.load(tmp_path / "only_ema" / "samples.npz") as e, np.load(tmp_path / "only_net" / "samples.npz") as n:
+            assert np.array_equal(e["samples"], b["samples"]) and not np.array_equal(n["samples"], b["samples"])
 
 
 def test_image_folder_is_read_in_setup_not_at_construction(two_processes):

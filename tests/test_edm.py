@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from lit_score.diffusion.likelihood import log_likelihood
-from lit_score.diffusion.losses import DSMLoss, EDMLoss, loss_config
+from lit_score.diffusion.losses import DSMLoss, EDMLoss
 from lit_score.diffusion.densities import GaussianMixture
 from lit_score.runtime.module import ScoreModel
-from lit_score.diffusion.denoiser import EDMPrecond, VEPrecond, VPPrecond, preconditioned_denoiser
+from lit_score.diffusion.denoiser import EDMPrecond, NetworkDenoiser, VEPrecond, VPPrecond
 from lit_score.sampling import EDMSampler, ODESampler, PCSampler
 from lit_score.diffusion.sdes import VESDE, VPSDE
 
@@ -28,17 +28,14 @@ def ideal_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 class EDMOracle(nn.Module):
     """The network F an EDM-preconditioned model needs to be exact, from the paper's Table 1 written out here:
-    it sees c_in x and c_noise = ln(sigma) / 4 (as log(label) when it has a Fourier embedding)."""
+    it sees c_in x and c_noise = ln(sigma) / 4 (whatever its embedding: networks embed the c_noise they get)."""
 
-    def __init__(self, fourier: bool = False) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        if fourier:
-            self.embedding_type = "fourier"
-        self.fourier = fourier
         self.data_shape = (D,)
 
     def forward(self, u, label):
-        sigma = torch.exp(4 * (label.log() if self.fourier else label))[:, None]
+        sigma = torch.exp(4 * label)[:, None]
         root = torch.sqrt(sigma**2 + SIGMA_DATA**2)
         x = u * root
         c_skip, c_out = SIGMA_DATA**2 / root**2, sigma * SIGMA_DATA / root
@@ -47,20 +44,18 @@ class EDMOracle(nn.Module):
 
 class NativeOracle(nn.Module):
     """score_sde's own parametrisation of the exact score: the noise -std score for VP (label 999 t), sigma * score
-    for VE with the Fourier label sigma / 2 (EDM's VE c_noise = ln(sigma / 2))."""
+    for VE with the label EDM's VE c_noise = ln(sigma / 2) (what a Fourier embedding takes)."""
 
     def __init__(self, kind: str) -> None:
         super().__init__()
         self.kind = kind
-        if kind == "ve":
-            self.embedding_type = "fourier"
 
     def forward(self, x, label):
         if self.kind == "vp":
             sde = VPSDE()
             t = label / 999
             return -sde.marginal_prob(torch.zeros_like(t), t)[1][:, None] * GAUSSIAN.score(x, sde, t).to(x)
-        sigma = 2 * label
+        sigma = 2 * label.exp()
         return sigma[:, None] * GAUSSIAN.score(x, VESDE(0.002, 80.0), VESDE(0.002, 80.0).t_from_sigma(sigma)).to(x)
 
 
@@ -71,11 +66,10 @@ def points(n=64, seed=0):
     return x, sigma
 
 
-@pytest.mark.parametrize("fourier", [False, True], ids=["positional", "fourier"])
-def test_edm_preconditioned_oracle_is_the_ideal_denoiser(fourier):
+def test_edm_preconditioned_oracle_is_the_ideal_denoiser():
     """Property: the EDM preconditioning around the network of Table 1's exact target gives E[x0 | x]."""
     x, sigma = points()
-    D_ = preconditioned_denoiser(EDMOracle(fourier), EDMPrecond(SIGMA_DATA))
+    D_ = NetworkDenoiser(EDMOracle(), EDMPrecond(SIGMA_DATA), VESDE(0.002, 80.0))
     torch.testing.assert_close(D_(x, sigma), ideal_denoiser(x, sigma), rtol=1e-10, atol=1e-12)
 
 
@@ -85,7 +79,7 @@ def test_vp_and_ve_preconditionings_are_the_sde_parametrisations(kind):
     x, sigma = points()
     sigma = sigma.clamp(0.01, 40)
     precond = VPPrecond(0.1, 20.0, 1000) if kind == "vp" else VEPrecond()
-    D_ = preconditioned_denoiser(NativeOracle(kind), precond)
+    D_ = NetworkDenoiser(NativeOracle(kind), precond, VPSDE() if kind == "vp" else VESDE(0.002, 80.0))
     torch.testing.assert_close(D_(x, sigma), ideal_denoiser(x, sigma), rtol=1e-8, atol=1e-10)
 
 
@@ -111,8 +105,8 @@ def test_edm_loss_of_the_ideal_denoiser_is_its_closed_form_minimum(one_thread):
     log-normal; tolerance 4 standard errors of 20 independent batch means. A wrong weighting (e.g. 1 / sigma^2, the
     VP/VE loss's) or sigma distribution moves it far outside."""
     loss, sde = EDMLoss(sigma_data=SIGMA_DATA), VESDE(0.002, 80.0)
-    net = EDMOracle()
-    values = [float(loss(net, sde, GAUSSIAN.sample(10_000, torch.Generator().manual_seed(10 + k)).double(),
+    D_ = NetworkDenoiser(EDMOracle(), loss.default_precond(sde), sde)
+    values = [float(loss(D_, GAUSSIAN.sample(10_000, torch.Generator().manual_seed(10 + k)).double(),
                          torch.Generator().manual_seed(100 + k))) for k in range(20)]
     mean, se = np.mean(values), np.std(values, ddof=1) / math.sqrt(len(values))
     expected = edm_minimum()
@@ -143,19 +137,3 @@ def test_probability_flow_likelihood_of_an_edm_model(one_thread):
     result = log_likelihood(model.score_fn, sde, x, torch.arange(16), probe="exact")
     assert (result.logp - GAUSSIAN.log_prob(x.double()).float()).abs().max() < 0.01
 
-
-def test_string_losses_map_to_classes_and_strings_are_refused_by_the_model():
-    """Old checkpoints' loss names become class_path configs with their options; ScoreModel asks for an object."""
-    assert loss_config("dsm", {"reduce_mean": False, "eps": 1e-3, "lr": 1.0}) == {
-        "class_path": "lit_score.diffusion.losses.DSMLoss", "init_args": {"eps": 1e-3, "reduce_mean": False}}
-    assert loss_config(None)["class_path"] == "lit_score.diffusion.losses.DSMLoss"
-    assert loss_config("edm")["class_path"] == "lit_score.diffusion.losses.EDMLoss"
-    with pytest.raises(ValueError, match="unknown loss 'sm'; known: ddpm, dsm, edm, smld"):
-        loss_config("sm")
-    with pytest.raises(TypeError, match="loss is an object now"):
-        ScoreModel(EDMOracle(), VPSDE(), loss="dsm")
-    scaled = nn.Module()
-    scaled.scale_by_sigma = True
-    with pytest.raises(ValueError, match="scale_by_sigma: false"):
-        ScoreModel(scaled, VESDE(), loss=EDMLoss())
-    assert isinstance(ScoreModel(EDMOracle(), VPSDE()).loss, DSMLoss)

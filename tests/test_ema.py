@@ -1,53 +1,69 @@
-"""The EMA callback in one process: the average, its swaps, checkpoints, resume and export."""
+"""The EMA callback in one process: the model's EMA network as a hand-computed average, checkpoints, resume, and the
+EMA network as the weights that validation, sampling and predict use, with no swap."""
 from __future__ import annotations
+
+import copy
+import subprocess
+import sys
 
 import lightning as L
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lit_score.callbacks.ema import EMA, halflife_decay, load_ema_state_dict, warmup_decay
-from lit_score.cli.tools import export_ema_main
+from lit_score.callbacks.ema import EMA
+from lit_score.data_space import DataSpace
+from lit_score.diffusion.ema import halflife_decay, warmup_decay
+from lit_score.diffusion.sdes import VPSDE
+from lit_score.networks import ScoreMLP
+from lit_score.runtime.module import ScoreModel
+from lit_score.sampling import EDMSampler
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Tiny(L.LightningModule):
-    """Linear + BatchNorm (a float buffer to average and an integer one to copy), plain SGD."""
+    """Linear + BatchNorm (a float buffer to average and an integer one to copy), plain SGD, and the model's side of
+    the EMA callback (``net``, ``ema``, ``add_ema``, ``sampling_net``) as ScoreModel has it."""
 
-    def __init__(self, fail_in_validation: bool = False):
+    def __init__(self):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
-        self.fail_in_validation = fail_in_validation
+        self.ema: nn.Module | None = None
         self.validation_weights: list[dict[str, torch.Tensor]] = []
+
+    def add_ema(self) -> nn.Module:
+        if self.ema is None:
+            self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        return self.ema
+
+    @property
+    def sampling_net(self) -> nn.Module:
+        return self.ema if self.ema is not None else self.net
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         return nn.functional.mse_loss(self.net(x), y)
 
     def validation_step(self, batch, batch_idx):
-        self.validation_weights.append({k: v.clone() for k, v in self.state_dict().items()})
-        if self.fail_in_validation:
-            raise RuntimeError("boom")
-
-    def predict_step(self, batch, batch_idx):
-        return {k: v.clone() for k, v in self.state_dict().items()}
+        self.validation_weights.append({k: v.clone() for k, v in self.sampling_net.state_dict().items()})
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        return torch.optim.SGD(self.net.parameters(), lr=0.1)
 
 
 class Recorder(L.Callback):
-    """The training weights after every optimizer step and before every training batch."""
+    """The training weights (``net``) after every optimizer step and before every training batch."""
 
     def __init__(self):
         self.after_step, self.before_batch = [], []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.before_batch.append({k: v.clone() for k, v in pl_module.state_dict().items()})
+        self.before_batch.append({k: v.clone() for k, v in pl_module.net.state_dict().items()})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.after_step.append({k: v.clone() for k, v in pl_module.state_dict().items()})
+        self.after_step.append({k: v.clone() for k, v in pl_module.net.state_dict().items()})
 
 
 def _data(n=12):
@@ -62,12 +78,20 @@ def _trainer(tmp_path, callbacks, **kw):
     return L.Trainer(callbacks=callbacks, **(defaults | kw))
 
 
-def _hand_ema(initial, trajectory, decays):
+def _hand_ema(initial, trajectory, decays, averaged=None):
+    """s <- d s + (1 - d) w over the float tensors (those in ``averaged``, default all), others copied."""
     shadow = {k: v.clone() for k, v in initial.items()}
     for weights, decay in zip(trajectory, decays):
         for k, v in weights.items():
-            shadow[k] = shadow[k] * decay + v * (1 - decay) if v.is_floating_point() else v.clone()
+            mean = v.is_floating_point() and (averaged is None or k in averaged)
+            shadow[k] = shadow[k] * decay + v * (1 - decay) if mean else v.clone()
     return shadow
+
+
+def _assert_states(actual, expected, exact=False):
+    assert actual.keys() == expected.keys()
+    for k, v in expected.items():
+        torch.testing.assert_close(actual[k], v, **({"rtol": 0, "atol": 0} if exact else {}))
 
 
 def test_decay_formulas():
@@ -80,98 +104,66 @@ def test_decay_formulas():
         EMA(rate=1.5)
 
 
-def test_shadow_equals_hand_computation_and_validation_sees_it(tmp_path):
-    """Property: after each step s <- d_n s + (1 - d_n) w with the warm-up decay (integer buffers copied);
-    validation runs on the EMA weights and leaves the training weights as they were."""
+def test_ema_network_equals_hand_computation_and_validation_sees_it(tmp_path):
+    """Property: fit gives the model a frozen EMA network, and after each step ema <- d_n ema + (1 - d_n) net with
+    the warm-up decay (integer buffers copied); only net is optimised; validation runs on the EMA network and
+    leaves the training weights as they were."""
     torch.manual_seed(0)
     model, ema, rec = Tiny(), EMA(rate=0.9), Recorder()
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    initial = {k: v.clone() for k, v in model.net.state_dict().items()}
     trainer = _trainer(tmp_path, [ema, rec], max_steps=6, val_check_interval=3, check_val_every_n_epoch=None,
                        limit_val_batches=1)
     trainer.fit(model, _data(), _data(4))
+    assert model.ema is not None and model.ema is not model.net
+    assert not any(p.requires_grad for p in model.ema.parameters())
+    [group] = trainer.optimizers[0].param_groups
+    assert {id(p) for p in group["params"]} == {id(p) for p in model.net.parameters()}
     decays = [warmup_decay(0.9, n) for n in range(1, 7)]
-    expected = _hand_ema(initial, rec.after_step, decays)
-    assert ema.num_updates == 6 and not ema.swapped
-    for k, v in expected.items():
-        torch.testing.assert_close(ema.shadow[k], v)
-    # validation after step 3: EMA weights inside, training weights before step 4 unchanged
-    val_expected = _hand_ema(initial, rec.after_step[:3], decays[:3])
-    for k, v in val_expected.items():
-        torch.testing.assert_close(model.validation_weights[0][k], v)
-    for k, v in rec.after_step[2].items():
-        assert torch.equal(rec.before_batch[3][k], v)
-    for k, v in rec.after_step[-1].items():
-        assert torch.equal(model.state_dict()[k], v), "fit must end with the training weights in the model"
+    assert ema.num_updates == 6
+    _assert_states(model.ema.state_dict(), _hand_ema(initial, rec.after_step, decays))
+    # validation after step 3: the EMA network's weights, the training weights before step 4 unchanged
+    _assert_states(model.validation_weights[0], _hand_ema(initial, rec.after_step[:3], decays[:3]))
+    _assert_states(rec.before_batch[3], rec.after_step[2], exact=True)
+    _assert_states(model.net.state_dict(), rec.after_step[-1], exact=True)
 
 
-def test_exception_in_validation_restores_training_weights(tmp_path):
-    """Property: when validation raises, the model gets its training weights back."""
+def test_without_buffers_parameters_are_averaged_and_buffers_copied(tmp_path):
+    """Property: buffers=False (the official EMA) averages the parameters only; the EMA network's buffers (BatchNorm's
+    running statistics and count) are the training network's."""
     torch.manual_seed(0)
-    model, ema, rec = Tiny(fail_in_validation=True), EMA(rate=0.5), Recorder()
-    trainer = _trainer(tmp_path, [ema, rec], max_steps=3, val_check_interval=3, check_val_every_n_epoch=None,
-                       limit_val_batches=1)
-    with pytest.raises(RuntimeError, match="boom"):
-        trainer.fit(model, _data(), _data(4))
-    assert not ema.swapped
-    for k, v in rec.after_step[-1].items():
-        assert torch.equal(model.state_dict()[k], v)
-    assert not torch.equal(model.validation_weights[0]["net.0.weight"], rec.after_step[-1]["net.0.weight"])
+    model, rec = Tiny(), Recorder()
+    initial = {k: v.clone() for k, v in model.net.state_dict().items()}
+    _trainer(tmp_path, [EMA(rate=0.8, warmup=False, buffers=False), rec], max_steps=3).fit(model, _data())
+    params = {name for name, _ in model.net.named_parameters()}
+    _assert_states(model.ema.state_dict(), _hand_ema(initial, rec.after_step, [0.8] * 3, averaged=params))
+    assert torch.equal(model.ema.state_dict()["1.running_mean"], rec.after_step[-1]["1.running_mean"])
+    assert not torch.equal(model.ema.state_dict()["0.weight"], rec.after_step[-1]["0.weight"])
 
 
-def test_checkpoint_resume_continues_counter_and_shadow_and_exports(tmp_path, capsys):
-    """Property: a checkpoint holds training weights in state_dict and EMA weights in ema_state_dict; resuming
-    from it continues the counter (decays of updates 4, 5, 6) and the shadow from the saved one; export writes
-    exactly the EMA weights."""
+def test_checkpoint_resume_continues_counter_and_ema_network(tmp_path):
+    """Property: a checkpoint holds the training weights as net.* and the EMA network as ema.* in its state_dict (no
+    other weights); resuming from it continues the counter (decays of updates 4, 5, 6) and the EMA network from the
+    saved one."""
     torch.manual_seed(0)
     first, model = EMA(rate=0.95), Tiny()
     trainer = _trainer(tmp_path / "b", [first], max_steps=3)
     trainer.fit(model, _data())
     ckpt = tmp_path / "step3.ckpt"
     trainer.save_checkpoint(ckpt)
-    saved = torch.load(ckpt, weights_only=False)
-    assert set(saved["weights"]) == {"state_dict", "ema_state_dict"}
-    for k, v in model.state_dict().items():
-        assert torch.equal(saved["state_dict"][k], v)
-        assert torch.equal(saved["ema_state_dict"][k], first.shadow[k])
+    saved = torch.load(ckpt, weights_only=True)
+    assert "ema_state_dict" not in saved and "weights" not in saved
+    net = {k[4:]: v for k, v in saved["state_dict"].items() if k.startswith("net.")}
+    ema = {k[4:]: v for k, v in saved["state_dict"].items() if k.startswith("ema.")}
+    assert len(net) + len(ema) == len(saved["state_dict"])
+    _assert_states(net, model.net.state_dict(), exact=True)
+    _assert_states(ema, model.ema.state_dict(), exact=True)
     assert saved["callbacks"]["EMA"]["num_updates"] == 3
 
-    resumed, rec = EMA(rate=0.95), Recorder()
-    _trainer(tmp_path / "c", [resumed, rec], max_steps=6).fit(Tiny(), _data(), ckpt_path=ckpt)
-    for k, v in saved["state_dict"].items():
-        assert torch.equal(rec.before_batch[0][k], v)
+    resumed, rec, again = EMA(rate=0.95), Recorder(), Tiny()
+    _trainer(tmp_path / "c", [resumed, rec], max_steps=6).fit(again, _data(), ckpt_path=ckpt)
+    _assert_states(rec.before_batch[0], net, exact=True)
     assert resumed.num_updates == 6 and len(rec.after_step) == 3
-    expected = _hand_ema(saved["ema_state_dict"], rec.after_step, [warmup_decay(0.95, n) for n in (4, 5, 6)])
-    for k, v in expected.items():
-        torch.testing.assert_close(resumed.shadow[k], v)
-
-    out = tmp_path / "ema.safetensors"
-    assert export_ema_main([str(ckpt), str(out)]) == 0  # `lit-score export-ema CKPT OUT`
-    exported = load_file(out)
-    assert set(exported) == {k[4:] for k in saved["ema_state_dict"]}
-    for k, v in exported.items():
-        assert torch.equal(v, saved["ema_state_dict"]["net." + k])
-    with pytest.raises(KeyError, match="prefix"):
-        load_ema_state_dict(str(ckpt), prefix="nothing.")
-    with pytest.raises(SystemExit):
-        export_ema_main([str(tmp_path / "missing.ckpt"), str(out)])
-    assert "checkpoint not found" in capsys.readouterr().err
-
-
-def test_predict_from_checkpoint_uses_ema_weights(tmp_path):
-    """Property: predicting with the EMA callback from a checkpoint runs on its EMA weights, then swaps back."""
-    torch.manual_seed(0)
-    trainer = _trainer(tmp_path, [EMA(rate=0.5)], max_steps=3)
-    model = Tiny()
-    trainer.fit(model, _data())
-    ckpt = tmp_path / "last.ckpt"
-    trainer.save_checkpoint(ckpt)
-    saved = torch.load(ckpt, weights_only=False)
-    ema = EMA(rate=0.5)
-    fresh = Tiny()
-    [out] = _trainer(tmp_path, [ema]).predict(fresh, DataLoader(torch.zeros(1, 3)), ckpt_path=ckpt)
-    for k, v in saved["ema_state_dict"].items():
-        assert torch.equal(out[k], v)
-        assert torch.equal(fresh.state_dict()[k], saved["state_dict"][k])
+    _assert_states(again.ema.state_dict(), _hand_ema(ema, rec.after_step, [warmup_decay(0.95, n) for n in (4, 5, 6)]))
 
 
 def test_halflife_counts_global_images_per_optimizer_step(tmp_path):
@@ -183,26 +175,106 @@ def test_halflife_counts_global_images_per_optimizer_step(tmp_path):
     assert ema.decay(8) == pytest.approx(0.5 ** (8 / 10))
 
 
-def test_averaged_block_swaps_in_and_back_also_on_exceptions():
-    """Property: inside `averaged` the model holds the EMA weights; after it (even after an exception) the
-    training weights, and nested blocks do not swap twice."""
+def test_the_callback_refuses_a_model_without_an_ema_network():
+    plain = L.LightningModule()
+    plain.net = nn.Linear(3, 1)
+    with pytest.raises(TypeError, match="add_ema"):
+        EMA().setup(None, plain, "fit")
+
+
+# -- ScoreModel: the EMA network is the weights to sample with ------------------------------------------------------
+VECTORS = DataSpace((4,), centered=False, num_levels=None)
+
+
+def _score_model(net: nn.Module | None = None) -> ScoreModel:
     torch.manual_seed(0)
-    model, ema = Tiny(), EMA(rate=0.5, warmup=False)
-    ema.update(model)
+    return ScoreModel(net or ScoreMLP(num_channels=4, hidden=16, depth=1), VPSDE(), lr=0.05, warmup=0,
+                      sampler=EDMSampler(steps=2), data_space=VECTORS)
+
+
+def _vectors(n: int, seed: int) -> DataLoader:
+    return DataLoader(torch.rand(n, 4, generator=torch.Generator().manual_seed(seed)), batch_size=4)
+
+
+def _save(trainer: L.Trainer, path):
+    """The trainer's checkpoint, without the hyper-parameters: a model built in Python saves its network and SDE as
+    objects (the CLI saves class_path dicts), which torch.load(weights_only=True) refuses."""
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=False)
+    del saved["hyper_parameters"]
+    torch.save(saved, path)
+    return path
+
+
+class States(L.Callback):
+    """net and ema around validation."""
+
+    def __init__(self):
+        self.records: dict[str, dict] = {}
+
+    def _keep(self, when, pl_module):
+        self.records[when] = {name: {k: v.clone() for k, v in getattr(pl_module, name).state_dict().items()}
+                              for name in ("net", "ema")}
+
+    def on_validation_start(self, trainer, pl_module):
+        self._keep("before", pl_module)
+
+    def on_validation_end(self, trainer, pl_module):
+        self._keep("after", pl_module)
+
+
+def test_the_ema_network_is_what_validation_sampling_and_predict_use(tmp_path):
+    """Property: after a fit, net and ema differ; val/loss is the EMA network's loss and validation leaves both
+    networks as they were; model.sample and predict from the checkpoint (a fresh model, which gets its EMA network from
+    the checkpoint's ema.*) sample exactly what a model whose only network holds the EMA weights samples, and not
+    what the trained weights sample."""
+    model, states = _score_model(), States()
+    trainer = _trainer(tmp_path, [EMA(rate=0.5, warmup=False), states], max_steps=3, val_check_interval=3,
+                       check_val_every_n_epoch=None, limit_val_batches=1, enable_checkpointing=False)
+    trainer.fit(model, _vectors(12, 0), _vectors(4, 1))
+    ema_state = model.ema.state_dict()
+    assert any(not torch.equal(v, model.net.state_dict()[k]) for k, v in ema_state.items())
+    for name in ("net", "ema"):
+        _assert_states(states.records["after"][name], states.records["before"][name], exact=True)
+    x = next(iter(_vectors(4, 1)))
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
-    ema.update(model)
-    training = {k: v.clone() for k, v in model.state_dict().items()}
-    averaged = ema.ema_state_dict(model)
-    assert not torch.equal(averaged["net.0.weight"], training["net.0.weight"])
-    with pytest.raises(RuntimeError, match="inside"):
-        with ema.averaged(model):
-            with ema.averaged(model):
-                assert torch.equal(model.state_dict()["net.0.weight"], averaged["net.0.weight"])
-            assert torch.equal(model.state_dict()["net.0.weight"], averaged["net.0.weight"])
-            raise RuntimeError("inside")
-    assert not ema.swapped
-    for k, v in training.items():
-        assert torch.equal(model.state_dict()[k], v)
-    torch.testing.assert_close(averaged["net.0.weight"], training["net.0.weight"] - 0.5)
+        ema_loss = model.compute_loss(x, torch.Generator().manual_seed(0), net=model.ema)
+        net_loss = model.compute_loss(x, torch.Generator().manual_seed(0))
+    assert float(trainer.callback_metrics["val/loss"]) == pytest.approx(float(ema_loss), rel=1e-6)
+    assert abs(float(ema_loss) - float(net_loss)) > 1e-4
+
+    seeds = torch.arange(6)
+    only_ema, only_net = _score_model(copy.deepcopy(model.ema)), _score_model(copy.deepcopy(model.net))
+    expected = only_ema.sample(seeds).samples
+    assert torch.equal(model.eval().sample(seeds).samples, expected)
+    assert not torch.allclose(only_net.sample(seeds).samples, expected)
+
+    ckpt = _save(trainer, tmp_path / "fit.ckpt")
+    fresh = _score_model()
+    [out] = _trainer(tmp_path, []).predict(fresh, DataLoader(seeds, batch_size=6), ckpt_path=ckpt)
+    assert torch.equal(out["samples"], expected)
+    _assert_states(fresh.ema.state_dict(), ema_state, exact=True)
+    _assert_states(fresh.net.state_dict(), model.net.state_dict(), exact=True)
+
+
+def test_a_checkpoint_without_ema_weights_starts_the_ema_network_from_its_training_weights(tmp_path):
+    """Property: resuming with the EMA callback from a checkpoint without ema.* starts the EMA from its net.*."""
+    model = _score_model()
+    trainer = _trainer(tmp_path, [], max_steps=2)
+    trainer.fit(model, _vectors(8, 0))
+    ckpt = _save(trainer, tmp_path / "plain.ckpt")
+    assert not any(k.startswith("ema.") for k in torch.load(ckpt, weights_only=True)["state_dict"])
+    resumed, rec = _score_model(), Recorder()
+    with pytest.warns(UserWarning, match="no EMA weights"):
+        _trainer(tmp_path, [EMA(rate=0.5, warmup=False), rec], max_steps=3).fit(resumed, _vectors(8, 0),
+                                                                               ckpt_path=ckpt)
+    _assert_states(resumed.ema.state_dict(), _hand_ema(rec.before_batch[0], rec.after_step, [0.5]))
+
+
+def test_lit_score_export_ema_names_its_replacement(tmp_path):
+    """`lit-score export-ema` (release 0.1) answers in one line with the command that replaced it."""
+    proc = subprocess.run([sys.executable, "-m", "lit_score", "export-ema", "last.ckpt", "ema.safetensors"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "lit-score: error: `lit-score export-ema` was replaced by `lit-score export CHECKPOINT OUT_DIR --weights ema`"]

@@ -125,6 +125,6 @@ def test_an_argument_a_class_rejects_is_named(tiny):
 def test_every_subcommand_resolves_to_its_function():
     from lit_score.cli.main import TOOLS, tool
 
-    assert {"submit", "export", "export-ema", "sigma-max", "posthoc-ema"} <= set(TOOLS)
+    assert {"submit", "export", "export-diffusers", "sigma-max", "posthoc-ema"} <= set(TOOLS)
     for name in TOOLS:
         assert callable(tool(name)), name

@@ -33,8 +33,7 @@ trainer:
 model:
   net:
     class_path: lit_score.networks.NCSNpp
-    init_args: {nf: 16, ch_mult: [1, 2], num_res_blocks: 1, attn_resolutions: [8], dropout: 0.0,
-                scale_by_sigma: true}
+    init_args: {nf: 16, ch_mult: [1, 2], num_res_blocks: 1, attn_resolutions: [8], dropout: 0.0}
   sde:
     class_path: lit_score.diffusion.sdes.VESDE
     init_args: {sigma_min: 0.01, sigma_max: 10.0, N: 20}

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from lit_score.interop.export import PretrainedError, export_checkpoint, export_main, load_pretrained
+from lit_score.interop.export import export_checkpoint, export_main
+from lit_score.runtime.pretrained import PretrainedError, load_pretrained
 from lit_score.diffusion.losses import DSMLoss
 from lit_score.runtime.module import ScoreModel
 from lit_score.networks import DDPMpp
@@ -55,7 +56,7 @@ def test_export_rebuilds_the_ema_network_without_yaml(checkpoint, exported, one_
     assert type(model.net) is DDPMpp and type(model.sde).__name__ == "VPSDE" and type(model.loss) is DSMLoss
     assert model.sde.beta_1 == pytest.approx(20.0) and model.sde.N == 1000
     ours = outputs(model.net)
-    torch.testing.assert_close(ours, outputs(net_with(ckpt["ema_state_dict"])), rtol=0, atol=0)
+    torch.testing.assert_close(ours, outputs(net_with(ckpt["state_dict"], "ema.")), rtol=0, atol=0)
     assert (ours - outputs(net_with(ckpt["state_dict"]))).abs().max() > 1e-4
     config = json.loads((exported / "config.json").read_text())
     assert config["weights"] == "ema" and config["global_step"] == 2 and config["loss"]["class_path"] == "lit_score.diffusion.losses.DSMLoss"
@@ -114,7 +115,7 @@ def test_lit_score_eval_of_the_folder_equals_that_of_the_checkpoint(checkpoint, 
 def test_raw_weights_when_the_checkpoint_has_no_ema(checkpoint, tmp_path, capsys, one_thread):
     """Property: a checkpoint without EMA weights exports its raw weights and says so."""
     ckpt = torch.load(checkpoint, weights_only=True)
-    del ckpt["ema_state_dict"]
+    ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("ema.")}
     torch.save(ckpt, tmp_path / "no_ema.ckpt")
     assert export_main([str(tmp_path / "no_ema.ckpt"), str(tmp_path / "raw")]) == 0
     assert "no EMA weights" in capsys.readouterr().out
@@ -125,6 +126,32 @@ def test_raw_weights_when_the_checkpoint_has_no_ema(checkpoint, tmp_path, capsys
         export_checkpoint(tmp_path / "no_ema.ckpt", tmp_path / "other", weights="ema")
     with pytest.raises(PretrainedError, match="exists.*--overwrite"):
         export_checkpoint(tmp_path / "no_ema.ckpt", tmp_path / "raw")
+
+
+def _part(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def test_weights_ema_raw_and_auto_of_this_and_a_release_0_1_checkpoint(checkpoint, tmp_path, capsys, one_thread):
+    """Property: `lit-score export CKPT DIR --weights ema` (the one command that writes EMA safetensors) writes the
+    checkpoint's EMA network (ema.* of its state_dict; a 0.1 checkpoint's own EMA key), `--weights raw` its trained
+    network (net.*), and the default (auto) the EMA network."""
+    from safetensors.torch import load_file
+
+    release = ROOT / "tests" / "fixtures" / "release_0_1" / "vp_dsm.ckpt"
+    ours, theirs = torch.load(checkpoint, weights_only=True), torch.load(release, weights_only=True)
+    cases = {"ours": (checkpoint, _part(ours["state_dict"], "ema."), _part(ours["state_dict"], "net.")),
+             "release_0_1": (release, _part(theirs["ema_state_dict"], "net."), _part(theirs["state_dict"], "net."))}
+    for name, (path, ema, raw) in cases.items():
+        assert any(not torch.equal(v, raw[k]) for k, v in ema.items()), name
+        for weights, expected in (("ema", ema), ("auto", ema), ("raw", raw)):
+            out = tmp_path / f"{name}_{weights}"
+            assert export_main([str(path), str(out)] + (["--weights", weights] if weights != "auto" else [])) == 0
+            written = load_file(out / "model.safetensors")
+            assert written.keys() == expected.keys(), (name, weights)
+            assert all(torch.equal(written[k], v) for k, v in expected.items()), (name, weights)
+            assert json.loads((out / "config.json").read_text())["weights"] == ("raw" if weights == "raw" else "ema")
+    capsys.readouterr()
 
 
 def _copy(exported: Path, dst: Path) -> Path:

@@ -86,6 +86,24 @@ def test_centered_and_uncentered_data_give_the_same_bits_per_dim():
     torch.testing.assert_close(bpd01, bpd11, atol=1e-2, rtol=0)  # a wrong offset would differ by 1 bit
 
 
+def test_bits_per_dim_counts_into_a_progress_bar():
+    """Property: given a progress bar (``lit-score test`` and ``lit-score-eval`` pass theirs), bits_per_dim counts its
+    score evaluations and then its images into it, and gives the values it gives without one."""
+    import io
+
+    from lit_score.progress import Progress
+
+    sde, n = VPSDE(), 6
+    _, score = _gaussian_score(0.5, 0.1, sde)
+    x = torch.round(torch.rand(n, 4, generator=torch.Generator().manual_seed(2)) * 255) / 255
+    like, space = Likelihood(rtol=1e-3, atol=1e-3), DataSpace((4,), centered=False)
+    plain, nfe = like.bits_per_dim(score, sde, x, range(n), space)
+    progress = Progress("bpd", n, enabled=True, file=io.StringIO())
+    shown, shown_nfe = like.bits_per_dim(score, sde, x, range(n), space, progress)
+    assert torch.equal(shown, plain) and shown_nfe == nfe
+    assert progress.done == n and progress.last_nfe == nfe and progress.nfe >= nfe
+
+
 def test_dequantisation_stays_in_its_bin():
     """Property: each dequantised value lies in its level's bin [k/256, (k+1)/256), in either data space."""
     x = torch.tensor([[0.0, 1.0, 128 / 255, 3 / 255]])

@@ -32,9 +32,9 @@ SMALL = dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
 FAMILIES = {
     # NCSN++: Fourier embedding, BigGAN blocks, FIR, output-skip pyramid + residual input pyramid
     "ncsnpp": lambda c, s, **kw: NCSNpp(c, s, **dict(SMALL, **kw), progressive="output_skip",
-                                        progressive_input="residual", scale_by_sigma=True),
+                                        progressive_input="residual"),
     # NCSN++ deep: more residual blocks per resolution
-    "ncsnpp_deep": lambda c, s, **kw: NCSNpp(c, s, **dict(SMALL, num_res_blocks=2, **kw), scale_by_sigma=True),
+    "ncsnpp_deep": lambda c, s, **kw: NCSNpp(c, s, **dict(SMALL, num_res_blocks=2, **kw)),
     # DDPM++: positional embedding, BigGAN blocks, no FIR, no pyramids
     "ddpmpp": lambda c, s, **kw: DDPMpp(c, s, **dict(SMALL, **kw)),
     # DDPM++ with DDPM residual blocks (separate up/down-sampling layers)
@@ -43,9 +43,9 @@ FAMILIES = {
 
 
 def _labels(family: str, batch: int) -> torch.Tensor:
-    """sigma for the Fourier-embedded (VE) nets, t * 999 for the positional (VP) nets."""
+    """log sigma for the Fourier-embedded (VE) nets, t * 999 for the positional (VP) nets."""
     if family.startswith("ncsnpp"):
-        return torch.linspace(0.05, 20.0, batch)
+        return torch.linspace(0.05, 20.0, batch).log()
     return torch.linspace(1.0, 999.0, batch)
 
 
@@ -197,8 +197,6 @@ def test_noise_label_conditions_the_output(family: str) -> None:
     x = torch.randn(1, 3, 16, 16).expand(2, -1, -1, -1)
     labels = _labels(family, 2)
     out = net(x, labels)
-    if net.scale_by_sigma:
-        out = out * labels[:, None, None, None]  # remove the explicit 1/sigma to see the network's own dependence
     assert (out[0] - out[1]).abs().max() > 1e-3 * out.abs().max()
 
 
@@ -230,16 +228,31 @@ def test_channels_last_and_bf16_autocast(family: str) -> None:
     assert (low.float() - ref).norm() / ref.norm() < 0.1
 
 
-def test_scale_by_sigma_divides_by_the_label_and_centered_false_maps_to_minus_one_one() -> None:
-    """scale_by_sigma divides the output by sigma; centered=False feeds 2x - 1 to the same network."""
+def test_centered_false_maps_to_minus_one_one_and_the_fourier_label_is_embedded_as_given() -> None:
+    """centered=False feeds 2x - 1 to the same network; the Fourier embedding takes c_noise itself (no log inside):
+    its first layer's output is [sin(2 pi W c), cos(2 pi W c)] of the label given."""
     torch.manual_seed(0)
     base = NCSNpp(3, 16, **SMALL, init_scale=1.0).eval()
-    scaled = NCSNpp(3, 16, **SMALL, init_scale=1.0, scale_by_sigma=True, centered=False).eval()
-    scaled.load_state_dict(base.state_dict())
-    x, sigma = torch.rand(2, 3, 16, 16), torch.tensor([0.5, 4.0])
+    shifted = NCSNpp(3, 16, **SMALL, init_scale=1.0, centered=False).eval()
+    shifted.load_state_dict(base.state_dict())
+    x, c_noise = torch.rand(2, 3, 16, 16), torch.tensor([0.5, 4.0]).log()
     with torch.no_grad():
-        expected = base(2 * x - 1, sigma) / sigma[:, None, None, None]
-        assert torch.allclose(scaled(x, sigma), expected, atol=1e-5)
+        assert torch.allclose(shifted(x, c_noise), base(2 * x - 1, c_noise), atol=1e-5)
+        W = base.all_modules[0].W.double()
+        angles = 2 * math.pi * c_noise.double()[:, None] * W[None, :]
+        expected = torch.cat([angles.sin(), angles.cos()], 1).float()
+        # float32 angles of up to |2 pi W c| ~ 500 rad carry ~3e-5 of round-off
+        torch.testing.assert_close(base.all_modules[0](c_noise), expected, rtol=0, atol=1e-4)
+
+
+def test_unconditional_networks_refuse_cond() -> None:
+    """cond (class or augmentation labels) has its place in every network's signature; an unconditional network
+    says so in one line instead of ignoring it."""
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(ValueError, match="unconditional"):
+        NCSNpp(3, 16, **SMALL)(x, torch.ones(2), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="unconditional"):
+        ScoreMLP(num_channels=2)(torch.randn(2, 2), torch.ones(2), torch.zeros(2, dtype=torch.long))
 
 
 def test_zero_init_scale_makes_a_ddpmpp_output_start_near_zero() -> None:
@@ -257,7 +270,7 @@ def test_wrong_input_shape_raises_value_error_naming_both_shapes() -> None:
         net(torch.randn(2, 1, 16, 16), torch.ones(2))
     with pytest.raises(ValueError, match=r"\(B, 3, 16, 16\).*\(2, 3, 32, 32\)"):
         net(torch.randn(2, 3, 32, 32), torch.ones(2))
-    with pytest.raises(ValueError, match=r"noise_label.*\(2,\).*\(3,\)"):
+    with pytest.raises(ValueError, match=r"c_noise.*\(2,\).*\(3,\)"):
         net(torch.randn(2, 3, 16, 16), torch.ones(3))
 
 
@@ -280,7 +293,7 @@ def test_defaults_follow_the_official_cifar10_configs() -> None:
         "biggan", "none", "residual", "fourier")
     assert (vp.resblock_type, vp.progressive, vp.progressive_input, vp.embedding_type) == (
         "biggan", "none", "none", "positional")
-    assert not vp.scale_by_sigma and vp.centered
+    assert vp.centered
 
 
 # Figures obtained by instantiating the official yang-song/score_sde_pytorch NCSNpp with the official

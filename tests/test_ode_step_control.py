@@ -44,8 +44,8 @@ def test_per_image_step_is_scipy_rk45_on_each_image_alone(sde, eps):
 
 def test_sampler_reports_max_and_mean_nfe_for_both_controls():
     sde, mix = VPSDE(), mixture(8)
-    image = ODESampler(rtol=1e-4, atol=1e-4, step_control="image").sample(mix.score_fn(sde), sde, (8,), range(6))
-    batch = ODESampler(rtol=1e-4, atol=1e-4, step_control="batch").sample(mix.score_fn(sde), sde, (8,), range(6))
+    image = ODESampler(rtol=1e-4, atol=1e-4, step_control="image").sample(mix.denoiser(sde), sde, (8,), range(6))
+    batch = ODESampler(rtol=1e-4, atol=1e-4, step_control="batch").sample(mix.denoiser(sde), sde, (8,), range(6))
     assert image.nfe_mean < image.nfe and batch.nfe_mean == batch.nfe
     with pytest.raises(ValueError, match="step_control"):
         ODESampler(step_control="global")

@@ -99,7 +99,7 @@ def test_pc_sampler_converges_with_nfe(sde_name):
     tol = 3 * max(abs(v) for v in null)
     dist = {}
     for steps in (30, 300):
-        result = PCSampler("reverse_diffusion", "langevin", steps=steps).sample(mix.score_fn(sde), sde, (2,), range(N))
+        result = PCSampler("reverse_diffusion", "langevin", steps=steps).sample(mix.denoiser(sde), sde, (2,), range(N))
         assert result.nfe == 2 * steps
         dist[steps] = energy_distance(result.samples, ref)
     assert dist[300] < tol and dist[300] <= max(dist[30], tol)

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import ScoreDenoiser
 from torch import nn
 
 import lit_score.sampling.pc as pc
@@ -42,7 +43,7 @@ def test_reverse_diffusion_uses_each_level_once_down_to_zero(monkeypatch, sde_na
     monkeypatch.setattr(pc, "SeededNoise", ones)
     added = []
     project = lambda x, x_mean, t: (added.append(float((x - x_mean)[0, 0])), (x, x_mean))[1]  # noqa: E731
-    PCSampler("reverse_diffusion", "none").sample(lambda x, t: torch.zeros_like(x), sde, (1,), [0],
+    PCSampler("reverse_diffusion", "none").sample(ScoreDenoiser(lambda x, t: torch.zeros_like(x), sde), sde, (1,), [0],
                                                   x_init=torch.zeros(1, 1, dtype=torch.float64), project=project)
     levels = np.abs(np.log(np.array(added))[:, None] - np.log(table)[None, :]).argmin(1)
     assert levels.tolist() == list(range(N - 1, -1, -1))
@@ -54,7 +55,7 @@ def test_default_samplers_stop_at_the_official_last_time(sde, last):
     """Property: the default sampler's final score evaluation is at t = 1e-5 for VE, 1e-3 for VP and sub-VP."""
     seen = []
     score = lambda x, t: (seen.append(float(t[0])), -x)[1]  # noqa: E731
-    PCSampler(steps=30 if isinstance(sde, VESDE) else 40).sample(score, sde, (2,), [0])
+    PCSampler(steps=30 if isinstance(sde, VESDE) else 40).sample(ScoreDenoiser(score, sde), sde, (2,), [0])
     default_sampler(sde)  # builds without error for each SDE type
     assert math.isclose(seen[-1], last, rel_tol=1e-3) and math.isclose(seen[0], 1.0)
 
@@ -65,7 +66,7 @@ def test_ve_final_step_removes_the_noise_as_the_official_sampler():
     ending on level 1 (round()) or at t = 1e-3 leaves about 1e-2 or 2e-4."""
     sde = VESDE(0.01, 50.0, N=N)
     score = lambda x, t: -x / sde.sigma(t)[:, None] ** 2  # noqa: E731
-    samples = default_sampler(sde).sample(score, sde, (2,), range(500)).samples
+    samples = default_sampler(sde).sample(ScoreDenoiser(score, sde), sde, (2,), range(500)).samples
     assert float(samples.std()) < 1e-5
 
 
@@ -123,7 +124,7 @@ class SigmaNet(nn.Module):
 def test_smld_trained_network_sees_the_discrete_sigmas(loss):
     """Property: an SMLD-loss model (trained on the N discrete sigmas) is conditioned on the discrete sigma of level
     round((1 - t)(N - 1)) counted from sigma_max down, as the official discrete VE score (continuous=False); a
-    continuously trained one on sigma(t)."""
+    continuously trained one on sigma(t). (The label the network gets is log sigma, as its Fourier embedding takes.)"""
     net = SigmaNet()
     t = torch.tensor([1.0, 0.5004, 0.3, 1e-5], dtype=torch.float64)
     ScoreModel(net, VESDE(0.01, 50.0, N=N), loss=loss).score_fn(torch.zeros(4, 2, dtype=torch.float64), t)
@@ -131,4 +132,4 @@ def test_smld_trained_network_sees_the_discrete_sigmas(loss):
         expected = _smld_sigmas(0.01, 50.0, N)[::-1][np.round((1 - t.numpy()) * (N - 1)).astype(int)]
     else:
         expected = 0.01 * 5000.0 ** t.numpy()
-    np.testing.assert_allclose(net.labels[-1].numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(np.exp(net.labels[-1].numpy()), expected, rtol=1e-5)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ScoreDenoiser
 
 import lit_score.sampling.pc as pc
 from lit_score.sampling import CORRECTORS, PREDICTORS, PCSampler
@@ -76,8 +77,8 @@ def test_pc_sampler_matches_the_official_sampler(monkeypatch, kind, predictor, c
     sde = _sde(kind)
     sampler = PCSampler(predictor, corrector, snr=ref.SNR, n_steps_each=ref.N_STEPS,
                         step_rule="official" if corrector != "none" else None)
-    result = sampler.sample(lambda x, t: ref.gaussian_score(kind, x, t), sde, ref.SHAPE, range(ref.BATCH),
-                            x_init=_get(f"{key}/prior"))
+    result = sampler.sample(ScoreDenoiser(lambda x, t: ref.gaussian_score(kind, x, t), sde), sde, ref.SHAPE,
+                            range(ref.BATCH), x_init=_get(f"{key}/prior"))
     assert noise.used == len(noise.draws)
     assert result.nfe == int(DATA[f"{key}/nfe"])
     _close(result.samples, _get(f"{key}/samples"))
@@ -90,6 +91,6 @@ def test_default_langevin_rule_is_not_the_official_one():
     pc_default = PCSampler("reverse_diffusion", "langevin", snr=ref.SNR, n_steps_each=ref.N_STEPS)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pc, "SeededNoise", lambda *args, **kwargs: noise)
-        out = pc_default.sample(lambda x, t: ref.gaussian_score("ve", x, t), _sde("ve"), ref.SHAPE,
-                                range(ref.BATCH), x_init=_get(f"{key}/prior")).samples
+        out = pc_default.sample(ScoreDenoiser(lambda x, t: ref.gaussian_score("ve", x, t), _sde("ve")), _sde("ve"),
+                                ref.SHAPE, range(ref.BATCH), x_init=_get(f"{key}/prior")).samples
     assert not torch.allclose(out, _get(f"{key}/samples"), rtol=1e-3, atol=1e-3)

@@ -95,8 +95,9 @@ def test_posthoc_ema_state_survives_a_resume_bitwise(tmp_path, one_thread):
 
 
 def test_updates_once_per_optimizer_step_with_accumulation(tmp_path, one_thread):
-    """With 2 batches per optimizer step the profiles are updated once per step, and the reconstruction command
-    writes a checkpoint whose EMA weights are the reconstruction, which `lit-score predict` samples from."""
+    """With 2 batches per optimizer step the profiles are updated once per step (over the trained network, not the
+    EMA network), and the reconstruction command writes a checkpoint (read with weights_only=True) whose EMA
+    network (ema.*) is the reconstruction and whose net.* the template's, which `lit-score predict` samples from."""
     from lit_score.cli.lightning_cli import run_cli
 
     trainer = fit(write_config(tmp_path, "accumulate", [PHEMA]), "acc", "--trainer.accumulate_grad_batches", "2",
@@ -105,22 +106,26 @@ def test_updates_once_per_optimizer_step_with_accumulation(tmp_path, one_thread)
     run_dir = tmp_path / "runs/tiny/acc"
     state = next(v for k, v in last_checkpoint(tmp_path, "acc")["callbacks"].items() if k.startswith("PostHocEMA"))
     assert state["num_updates"] == 6
-    assert sorted({v["step"] for v in snapshot_files(run_dir).values()}) == [4, 6]
+    snapshots = snapshot_files(run_dir)
+    assert sorted({v["step"] for v in snapshots.values()}) == [4, 6]
+    assert all(k.startswith("net.") for snap in snapshots.values() for k in snap["state_dict"])
     out = tmp_path / "ema_0.07.ckpt"
     assert main([str(run_dir), "--sigma-rel", "0.07", "--out", str(out)]) == 0
-    ckpt = torch.load(out, weights_only=False)
+    ckpt = torch.load(out, weights_only=True)
+    template = last_checkpoint(tmp_path, "acc")
     expected, _ = reconstruct(find_snapshots(run_dir), 0.07)
     assert_close = torch.testing.assert_close
-    for k, v in ckpt["ema_state_dict"].items():
-        assert_close(v, expected[k], rtol=0, atol=0)
+    assert "ema_state_dict" not in ckpt and set(ckpt["state_dict"]) == set(template["state_dict"])
+    for k, v in ckpt["state_dict"].items():
+        assert_close(v, expected["net." + k[4:]] if k.startswith("ema.") else template["state_dict"][k], rtol=0, atol=0)
     assert "optimizer_states" not in ckpt and ckpt["posthoc_ema"]["sigma_rel"] == 0.07
     cli = run_cli(["predict", "--config", str(write_config(tmp_path, "predict")), "--ckpt_path", str(out),
                    "--data.init_args.num_samples", "2", "--model.sampler", "EDMSampler",
                    "--model.sampler.steps", "2", "--trainer.logger.init_args.version", "predict"])
     assert cli.trainer.state.finished
-    ema = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "EMA")
-    for k, v in ema.shadow.items():  # the weights predict sampled with
-        assert_close(v.cpu(), expected[k], rtol=0, atol=0)
+    assert cli.model.sampling_net is cli.model.ema  # the weights predict sampled with
+    for k, v in cli.model.ema.state_dict().items():
+        assert_close(v.cpu(), expected["net." + k], rtol=0, atol=0)
     with pytest.raises(SystemExit):
         main([str(run_dir), "--sigma-rel", "0.07"])  # no --out
     assert main([str(tmp_path), "--sigma-rel", "0.07", "--out", str(out)]) == 2  # no snapshots there
@@ -150,5 +155,5 @@ def test_sweep_evaluates_each_sigma_rel(tmp_path, one_thread):
     for r in rows:
         result = json.loads((out / f"eval_{r['sigma_rel']:.3f}" / "results.json").read_text())
         assert result["fid"] == r["fid"] and result["nfe"] == 3
-        assert torch.load(r["checkpoint"], weights_only=False)["posthoc_ema"]["sigma_rel"] == r["sigma_rel"]
+        assert torch.load(r["checkpoint"], weights_only=True)["posthoc_ema"]["sigma_rel"] == r["sigma_rel"]
     assert rows[0]["fid"] != rows[1]["fid"]

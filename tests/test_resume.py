@@ -140,7 +140,8 @@ def assert_equal_tree(actual, expected, where: str) -> None:
 def assert_same_state(resumed: dict, reference: dict) -> None:
     assert resumed["global_step"] == reference["global_step"] == MAX_STEPS
     assert resumed["epoch"] == reference["epoch"]
-    for name in ("state_dict", "optimizer_states", "lr_schedulers", "random_state"):
+    assert any(k.startswith("ema.") for k in reference["state_dict"]), "the EMA network is in the state_dict"
+    for name in ("state_dict", "optimizer_states", "lr_schedulers", "random_state"):  # state_dict: net.* and ema.*
         assert_equal_tree(resumed[name], reference[name], name)
     ema = [k for k in reference["callbacks"] if k.startswith("EMA")]
     assert ema, "the reference run has an EMA callback"

@@ -1,6 +1,7 @@
-"""Samplers against exact Gaussian-mixture scores: with the true score of p_t in place of a network, every sampler
-must draw the mixture. Agreement is an energy distance to true samples below a tolerance set by the spread of the
-energy distance between independent true-sample sets of the same size (the statistic's null distribution)."""
+"""Samplers against exact Gaussian-mixture scores: with the true denoiser and score of p_t in place of a network
+(``GaussianMixture.denoiser``), every sampler must draw the mixture. Agreement is an energy distance to true samples
+below a tolerance set by the spread of the energy distance between independent true-sample sets of the same size
+(the statistic's null distribution)."""
 from __future__ import annotations
 
 import math
@@ -56,7 +57,7 @@ def test_sampler_draws_the_mixture_with_exact_score(reference, sde_name, name):
         pytest.skip("ancestral sampling is defined for VE and VP only (tested to raise below)")
     ref, tol = reference
     sde = SDES[sde_name]()
-    result = SAMPLERS_2D[name]().sample(MIX.score_fn(sde), sde, (2,), range(N))
+    result = SAMPLERS_2D[name]().sample(MIX.denoiser(sde), sde, (2,), range(N))
     assert result.samples.shape == (N, 2) and result.nfe > 0
     assert energy_distance(result.samples, ref) < tol
 
@@ -72,7 +73,7 @@ def test_pc_with_langevin_corrector_draws_the_mixture(reference16, sde_name, ord
     ref, tol = reference16
     sde = SDES[sde_name]()
     sampler = PCSampler("reverse_diffusion", "langevin", snr=0.16, order=order)
-    result = sampler.sample(MIX16.score_fn(sde), sde, (16,), range(500))
+    result = sampler.sample(MIX16.denoiser(sde), sde, (16,), range(500))
     assert result.nfe == 200
     assert energy_distance(result.samples, ref) < tol
 
@@ -80,8 +81,8 @@ def test_pc_with_langevin_corrector_draws_the_mixture(reference16, sde_name, ord
 def test_corrector_order_changes_the_chain():
     """Property: the two orders are different algorithms (not a no-op flag) yet both use the same NFE."""
     sde = SDES["ve"]()
-    a = PCSampler(order="corrector_first").sample(MIX16.score_fn(sde), sde, (16,), range(4))
-    b = PCSampler(order="predictor_first").sample(MIX16.score_fn(sde), sde, (16,), range(4))
+    a = PCSampler(order="corrector_first").sample(MIX16.denoiser(sde), sde, (16,), range(4))
+    b = PCSampler(order="predictor_first").sample(MIX16.denoiser(sde), sde, (16,), range(4))
     assert a.nfe == b.nfe and not torch.allclose(a.samples, b.samples)
 
 
@@ -92,7 +93,7 @@ def test_annealed_langevin_on_discrete_levels_draws_the_mixture(reference):
     ref, tol = reference
     sde = VESDE(0.01, 50.0, N=10)
     sampler = PCSampler("none", "ald", n_steps_each=100, step_lr=2e-5, eps=0.0)
-    result = sampler.sample(MIX.score_fn(sde), sde, (2,), range(N))
+    result = sampler.sample(MIX.denoiser(sde), sde, (2,), range(N))
     assert result.nfe == 1000
     assert energy_distance(result.samples, ref) < tol
 
@@ -113,10 +114,10 @@ def test_image_depends_only_on_its_seed(name):
     """Property: a seed's sample is the same alone and in a batch with other seeds (so any process split agrees)."""
     sde = VPSDE(N=30)
     sampler = ALL_SAMPLERS[name]()
-    together = sampler.sample(MIX.score_fn(sde), sde, (2,), [11, 7, 3]).samples
-    alone = sampler.sample(MIX.score_fn(sde), sde, (2,), [7]).samples
+    together = sampler.sample(MIX.denoiser(sde), sde, (2,), [11, 7, 3]).samples
+    alone = sampler.sample(MIX.denoiser(sde), sde, (2,), [7]).samples
     torch.testing.assert_close(together[1], alone[0], rtol=1e-5, atol=1e-5)
-    again = sampler.sample(MIX.score_fn(sde), sde, (2,), [11, 7, 3]).samples
+    again = sampler.sample(MIX.denoiser(sde), sde, (2,), [11, 7, 3]).samples
     assert torch.equal(together, again)
 
 
@@ -160,8 +161,8 @@ def test_karras_schedule_is_rho_7():
 def test_edm_and_dpm_nfe():
     """Property: Heun uses 2N - 1 evaluations, DPM-Solver++(2M) one per step."""
     sde = VESDE(0.01, 50.0)
-    assert EDMSampler(steps=18).sample(MIX.score_fn(sde), sde, (2,), [0]).nfe == 35
-    assert DPMSolverPP(steps=20).sample(MIX.score_fn(sde), sde, (2,), [0]).nfe == 20
+    assert EDMSampler(steps=18).sample(MIX.denoiser(sde), sde, (2,), [0]).nfe == 35
+    assert DPMSolverPP(steps=20).sample(MIX.denoiser(sde), sde, (2,), [0]).nfe == 20
 
 
 def test_inpainting_samples_near_the_conditional():
@@ -173,7 +174,7 @@ def test_inpainting_samples_near_the_conditional():
     n = 1000
     data = torch.tensor([[2.0, 0.0]]).expand(n, 2)
     mask = torch.tensor([1.0, 0.0])
-    result = inpaint(PCSampler("reverse_diffusion", "none"), MIX.score_fn(sde), sde, data, mask, range(n))
+    result = inpaint(PCSampler("reverse_diffusion", "none"), MIX.denoiser(sde), sde, data, mask, range(n))
     assert torch.allclose(result.samples[:, 0], data[:, 0], atol=1e-2)
     x2 = result.samples[:, 1]
     assert abs(float(x2.mean()) - 1.5) < 0.15 and abs(float(x2.std()) - 0.8) < 0.15
@@ -187,8 +188,8 @@ def test_colorization_keeps_the_gray_and_picks_the_matching_colour():
     sde = VESDE(0.01, 5.0, N=100)
     n = 200
     gray = torch.tensor([0.5, -0.5]).repeat_interleave(n // 2).reshape(n, 1, 1, 1)
-    score = lambda x, t: mix.score(x, sde, t)  # noqa: E731  (pixels (B, 3, 1, 1) are points of R^3)
-    result = colorize(PCSampler("reverse_diffusion", "langevin"), score, sde, gray, range(n))
+    D = mix.denoiser(sde)  # pixels (B, 3, 1, 1) are points of R^3
+    result = colorize(PCSampler("reverse_diffusion", "langevin"), D, sde, gray, range(n))
     x = result.samples.reshape(n, 3)
     torch.testing.assert_close(x.mean(1), gray.flatten(), atol=1e-3, rtol=0)
     assert ((x[: n // 2] - warm).norm(dim=1) < 0.3).float().mean() >= 0.95
@@ -210,9 +211,9 @@ def test_bad_inputs_are_named():
         EDMSampler(schedule="cosine")
     sde = subVPSDE(N=10)
     with pytest.raises(TypeError, match="ancestral sampling exists for VESDE and VPSDE only"):
-        PCSampler("ancestral_sampling", "none").sample(MIX.score_fn(sde), sde, (2,), [0])
+        PCSampler("ancestral_sampling", "none").sample(MIX.denoiser(sde), sde, (2,), [0])
     with pytest.raises(ValueError, match="annealed Langevin needs a positive noise level"):
-        PCSampler("none", "ald", eps=0.0).sample(MIX.score_fn(VPSDE(N=10)), VPSDE(N=10), (2,), [0])
+        PCSampler("none", "ald", eps=0.0).sample(MIX.denoiser(VPSDE(N=10)), VPSDE(N=10), (2,), [0])
     assert {"euler_maruyama", "reverse_diffusion", "ancestral_sampling", "none"} <= set(PREDICTORS.names())
     assert {"langevin", "ald", "none"} <= set(CORRECTORS.names())
     assert isinstance(default_sampler(VESDE()), PCSampler)

@@ -7,6 +7,7 @@ network evaluation plus element-wise kernels with no stall.
 """
 import pytest
 import torch
+from conftest import ScoreDenoiser
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -53,11 +54,11 @@ def host_copies(run) -> list[str]:
     return log
 
 
-def gaussian_score(sde):
-    """Exact score of data N(0, I): x_t ~ N(0, s(t)^2 (1 + sigma(t)^2) I)."""
+def gaussian_model(sde):
+    """Exact score of data N(0, I): x_t ~ N(0, s(t)^2 (1 + sigma(t)^2) I); D from it through the sigma view."""
     def score(x, t):
         return -x / bcast(sde.scale(t) ** 2 * (1 + sde.sigma(t) ** 2), x)
-    return score
+    return ScoreDenoiser(score, sde)
 
 
 SAMPLERS = {
@@ -80,11 +81,11 @@ SAMPLERS = {
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_no_host_sync_or_copy_per_step(name):
     make, sde = SAMPLERS[name]
-    score = gaussian_score(sde)
+    D = gaussian_model(sde)
     counts = []
     for n in (8, 16):
         sampler = make(n)
-        log = host_copies(lambda: sampler.sample(score, sde, (1, 4, 4), range(6), device="meta"))
+        log = host_copies(lambda: sampler.sample(D, sde, (1, 4, 4), range(6), device="meta"))
         counts.append(len(log))
     assert counts[0] == counts[1], f"{name}: host-to-device copies grow with the steps: {counts}"
     # setup: per seeded generator (noise, prior) the seeds and the Philox multipliers; the time grid; SDE tables

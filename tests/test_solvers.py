@@ -17,15 +17,15 @@ import types
 
 import pytest
 import torch
-from conftest import IN_CI, null_tolerance, require
+from conftest import IN_CI, ScoreDenoiser, Spy, null_tolerance, require
 
 from benchmarks.distances import energy_distance
+from lit_score.diffusion.denoiser import Counted
 from lit_score.diffusion.densities import GaussianMixture
 from lit_score.sampling import (AdaptiveSDESampler, DPMSolverPP, DPMSolverPP3M, DPMSolverPPSDE, EDMSampler,
-                                EulerSampler, IPNDM, UniPC, adaptive_sde, denoiser, dpm_solver_pp_3m,
-                                dpm_solver_pp_sde, euler, ipndm, unipc)
+                                EulerSampler, IPNDM, UniPC, adaptive_sde, dpm_solver_pp, euler, ipndm, unipc)
 from lit_score.rng import SeededNoise, seeded_prior
-from lit_score.sampling.sigma import dpm_solver_pp_2m, edm_sample, karras_schedule, sigma_steps
+from lit_score.sampling.sigma import edm_sample, karras_schedule, sigma_steps
 from lit_score.diffusion.sdes import VESDE, VPSDE, subVPSDE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,10 +64,10 @@ def _slope(solve, steps=(64, 128, 256), D=gaussian_denoiser, grid=None) -> float
 DETERMINISTIC = {  # name: (solver on a grid without the final sigma = 0, theoretical order)
     "euler": (euler, 1),
     "edm_heun": (lambda D, x, s: edm_sample(D, x, s, None), 2),
-    "dpm_solver_pp_2m": (dpm_solver_pp_2m, 2),
-    "dpm_solver_pp_2m_heun": (lambda D, x, s: dpm_solver_pp_sde(D, x, s, None, 2, 0.0, solver_type="heun"), 2),
-    "dpm_solver_pp_3m": (dpm_solver_pp_3m, 3),
-    "dpm_solver_pp_3m_sde_eta0": (lambda D, x, s: dpm_solver_pp_sde(D, x, s, None, 3, 0.0), 3),
+    "dpm_solver_pp_2m": (dpm_solver_pp, 2),
+    "dpm_solver_pp_2m_heun": (lambda D, x, s: dpm_solver_pp(D, x, s, None, 2, 0.0, solver_type="heun"), 2),
+    "dpm_solver_pp_3m": (lambda D, x, s: dpm_solver_pp(D, x, s, order=3), 3),
+    "dpm_solver_pp_3m_sde_eta0": (lambda D, x, s: dpm_solver_pp(D, x, s, None, 3, 0.0), 3),
     "unipc_1_bh2": (lambda D, x, s: unipc(D, x, s, 1, "bh2"), 2),
     "unipc_2_bh1": (lambda D, x, s: unipc(D, x, s, 2, "bh1"), 3),
     "unipc_2_bh2": (lambda D, x, s: unipc(D, x, s, 2, "bh2"), 3),
@@ -108,7 +108,7 @@ def test_order_through_the_sde_score_and_sigma_view(sde_name, solver):
     the solver still follows the closed-form flow at its order on the sampler's own grid."""
     sde = _gaussian_sde(sde_name)
     mix = GaussianMixture([1.0], MU[None], S[None])
-    D = denoiser(mix.score_fn(sde), sde)
+    D = ScoreDenoiser(mix.score_fn(sde), sde)
     solve, order = DETERMINISTIC[solver]
     slope = _slope(solve, D=D, grid=lambda n: sigma_steps(sde, n, "karras", None, None)[:-1])
     assert order - 0.3 <= slope <= order + 0.6, f"{solver} on {sde_name}: observed order {slope:.2f}"
@@ -159,7 +159,7 @@ def test_euler_heun_and_2m_match_k_diffusion(kd):
                                kd.sample_euler(gaussian_denoiser, x.clone(), sigmas, disable=True), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(edm_sample(gaussian_denoiser, x, sigmas, None),
                                kd.sample_heun(gaussian_denoiser, x.clone(), sigmas, disable=True), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(dpm_solver_pp_2m(gaussian_denoiser, x, sigmas),
+    torch.testing.assert_close(dpm_solver_pp(gaussian_denoiser, x, sigmas),
                                kd.sample_dpmpp_2m(gaussian_denoiser, x.clone(), sigmas, disable=True),
                                rtol=1e-12, atol=1e-12)
 
@@ -181,7 +181,7 @@ def test_dpm_solver_pp_2m_sde_matches_k_diffusion(kd, eta, solver_type):
     """Property: DPM-Solver++(2M) SDE gives k-diffusion's sample_dpmpp_2m_sde on the same noise sequence."""
     sigmas, x = _grid(), _x0(SIGMA_MAX)
     ours, theirs = _ours_and_theirs()
-    got = dpm_solver_pp_sde(gaussian_denoiser, x, sigmas, ours, 2, eta, 1.0, solver_type)
+    got = dpm_solver_pp(gaussian_denoiser, x, sigmas, ours, 2, eta, 1.0, solver_type)
     expected = kd.sample_dpmpp_2m_sde(gaussian_denoiser, x.clone(), sigmas, disable=True, eta=eta,
                                       noise_sampler=theirs, solver_type=solver_type)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
@@ -194,7 +194,7 @@ def test_dpm_solver_pp_3m_sde_matches_k_diffusion_where_their_formulas_agree(kd,
     difference by half the Taylor coefficient, which the order test shows costs an order."""
     sigmas, x = _grid(3), _x0(SIGMA_MAX)
     ours, theirs = _ours_and_theirs()
-    got = dpm_solver_pp_sde(gaussian_denoiser, x, sigmas, ours, 3, eta)
+    got = dpm_solver_pp(gaussian_denoiser, x, sigmas, ours, 3, eta)
     expected = kd.sample_dpmpp_3m_sde(gaussian_denoiser, x.clone(), sigmas, disable=True, eta=eta,
                                       noise_sampler=theirs)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
@@ -256,10 +256,9 @@ def test_sampler_draws_the_mixture_with_exact_score(reference, sde_name, name):
     ref, tol = reference
     sde = SDES[sde_name]()
     make, nfe = SAMPLERS_2D[name]
-    calls = []
-    score = MIX.score_fn(sde)
-    result = make().sample(lambda x, t: calls.append(1) or score(x, t), sde, (2,), range(N))
-    assert result.nfe == len(calls) and (nfe is None or result.nfe == nfe)
+    D = Counted(MIX.denoiser(sde))
+    result = make().sample(D, sde, (2,), range(N))
+    assert result.nfe == D.nfe and (nfe is None or result.nfe == nfe)
     assert result.samples.shape == (N, 2) and result.samples.dtype == torch.float32
     assert energy_distance(result.samples, ref) < tol
 
@@ -274,7 +273,7 @@ def test_adaptive_per_image_draws_a_16d_mixture(sde_name):
     tolerance. (Its per-image error norm averages over an image's elements; with 2 elements it is too noisy a
     statistic: on the 2-D mixture under VE the energy distance is ~0.1, five times the null level.)"""
     sde = SDES[sde_name]()
-    result = AdaptiveSDESampler().sample(M16.score_fn(sde), sde, (16,), range(500))
+    result = AdaptiveSDESampler().sample(M16.denoiser(sde), sde, (16,), range(500))
     ref = M16.sample(500, torch.Generator().manual_seed(1))
     assert energy_distance(result.samples, ref) < null_tolerance(M16, 500)
 
@@ -292,7 +291,7 @@ def test_adaptive_nfe_falls_as_the_tolerance_loosens():
         assert len(counted) == int(per_image.max()) and per_image.min() < per_image.max()
         nfe.append(len(counted))
     assert nfe[0] > nfe[1] > nfe[2], nfe
-    result = AdaptiveSDESampler(reltol=0.08, abstol=1e-3, eps=1e-5).sample(MIX.score_fn(sde), sde, (2,), range(64))
+    result = AdaptiveSDESampler(reltol=0.08, abstol=1e-3, eps=1e-5).sample(MIX.denoiser(sde), sde, (2,), range(64))
     assert result.nfe == nfe[2] + 1
 
 
@@ -313,8 +312,8 @@ def test_image_depends_only_on_its_seed(name):
     """Property: a seed's sample is the same alone and in a batch with other seeds."""
     sde = VPSDE(N=30)
     sampler = SEEDED[name]()
-    together = sampler.sample(MIX.score_fn(sde), sde, (2,), [11, 7, 3]).samples
-    alone = sampler.sample(MIX.score_fn(sde), sde, (2,), [7]).samples
+    together = sampler.sample(MIX.denoiser(sde), sde, (2,), [11, 7, 3]).samples
+    alone = sampler.sample(MIX.denoiser(sde), sde, (2,), [7]).samples
     torch.testing.assert_close(together[1], alone[0], rtol=1e-5, atol=1e-5)
 
 
@@ -324,13 +323,12 @@ def test_float64_steps_in_float64_and_calls_the_network_in_float32(make):
     """Property: float64 samplers feed the network float32 inputs, return float32 samples, and agree with the
     float32 sampler to float32 accuracy without being the same computation."""
     sde = VESDE(0.01, 50.0)
-    dtypes = []
-    score = MIX.score_fn(sde)
+    spy = Spy(MIX.denoiser(sde))
     sampler = make()
-    x64 = sampler.sample(lambda x, t: dtypes.append((x.dtype, t.dtype)) or score(x, t), sde, (2,), range(200)).samples
-    assert set(dtypes) == {(torch.float32, torch.float32)} and x64.dtype == torch.float32
+    x64 = sampler.sample(spy, sde, (2,), range(200)).samples
+    assert set(spy.calls) == {(torch.float32, torch.float32)} and x64.dtype == torch.float32
     sampler.float64 = False
-    x32 = sampler.sample(score, sde, (2,), range(200)).samples
+    x32 = sampler.sample(MIX.denoiser(sde), sde, (2,), range(200)).samples
     torch.testing.assert_close(x64, x32, rtol=1e-4, atol=1e-4)
     assert not torch.equal(x64, x32)
 
@@ -351,7 +349,7 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="abstol > 0"):
         AdaptiveSDESampler(abstol=0.0)
     with pytest.raises(ValueError, match="needs a noise source"):
-        dpm_solver_pp_sde(gaussian_denoiser, _x0(1.0), _grid(3), None, 2, 1.0)
+        dpm_solver_pp(gaussian_denoiser, _x0(1.0), _grid(3), None, 2, 1.0)
     with pytest.raises(RuntimeError, match="did not reach eps"):
         sde = VPSDE()
         adaptive_sde(MIX.score_fn(sde), sde, seeded_prior(sde, [0], (2,)), SeededNoise([0], (2,)), 1e-3, max_iters=3)

@@ -4,12 +4,15 @@ merge and after command-line overrides (jsonargparse's ``omegaconf+`` mode)."""
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from lit_score.errors import ConfigurationError
 from lit_score.cli.resources import experiment_names, packaged_experiment
+from lit_score.errors import ConfigurationError
+from lit_score.runtime.upgrade import upgrade_class_path
 
 DEFAULTS_KEY = "defaults"
 
@@ -32,8 +35,9 @@ def compose(path: str | Path, _seen: tuple[Path, ...] = ()) -> list[str]:
         content = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    renamed = isinstance(content, dict) and _upgrade_names(content, path)
     if not isinstance(content, dict) or DEFAULTS_KEY not in content:
-        return [str(path)]
+        return [yaml.safe_dump(content, sort_keys=False) if renamed else str(path)]
     defaults = content.pop(DEFAULTS_KEY)
     if isinstance(defaults, str):
         defaults = [defaults]
@@ -44,6 +48,31 @@ def compose(path: str | Path, _seen: tuple[Path, ...] = ()) -> list[str]:
         documents += compose(path.parent / d, (*_seen, resolved))
     documents.append(yaml.safe_dump(content, sort_keys=False))
     return documents
+
+
+def _upgrade_names(content: dict[str, Any], path: Path) -> bool:
+    """Rename the class paths of release 0.1 in a YAML (in place, with a note); refuse its moved options."""
+    net = (content.get("model") or {}).get("net") if isinstance(content.get("model"), dict) else None
+    if isinstance(net, dict) and "scale_by_sigma" in (net.get("init_args") or {}):
+        raise ConfigError(f"{path}: model.net.init_args.scale_by_sigma moved to the preconditioning; delete it (VE "
+                          "models scale by sigma by default) or set model.precond: {class_path: "
+                          "lit_score.diffusion.denoiser.ScorePrediction, init_args: {scale_by_sigma: false}}")
+    renamed: list[str] = []
+
+    def visit(node: Any) -> None:
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in list(items):
+            if key == "class_path" and isinstance(value, str) and upgrade_class_path(value) != value:
+                node[key] = upgrade_class_path(value)
+                renamed.append(f"{value} -> {node[key]}")
+            else:
+                visit(value)
+
+    visit(content)
+    if renamed:
+        print(f"note: {path} uses class paths of lit-score 0.1, read as today's: {'; '.join(renamed)}",
+              file=sys.stderr)
+    return bool(renamed)
 
 
 def expand_config_args(argv: list[str]) -> list[str]:

@@ -20,7 +20,7 @@ from lit_score.runtime.checkpoint_io import CorruptCheckpointError, checkpoint_p
 from lit_score.cli.config import ConfigError, expand_config_args
 from lit_score.data_space import data_space_of
 from lit_score.errors import CheckpointError, ConfigurationError
-from lit_score.interop.export import WEIGHTS_NAME, check_state, load_weights, model_options
+from lit_score.runtime.pretrained import WEIGHTS_NAME, check_state, load_weights, model_options
 from lit_score.runtime.module import ScoreModel
 from lit_score.runtime.upgrade import upgrade_model_config
 from lit_score.callbacks.preemption import Preemption
@@ -101,7 +101,7 @@ class ScoreCLI(LightningCLI):
         if saved and isinstance(self.model, ScoreModel):
             check_model_matches(saved, dict(self.model.hparams))
         if getattr(self, "_pretrained", None):
-            load_pretrained_weights(self.model, self._pretrained, getattr(self, "trainer", None))
+            load_pretrained_weights(self.model, self._pretrained)
 
     def _run_subcommand(self, subcommand: str) -> None:
         # A fit that fails before its first step leaves no run directory behind (no empty version_N).
@@ -181,17 +181,12 @@ def pretrained_folder(folder: str) -> tuple[str, dict]:
     return folder, model_options(folder)
 
 
-def load_pretrained_weights(model: ScoreModel, folder: str, trainer: L.Trainer | None) -> None:
-    """Put an export's weights into the network; they are the (EMA) weights to sample with, so an EMA callback
-    starts from them instead of warning that it has no average."""
-    from lit_score.callbacks.ema import ema_callback
-
+def load_pretrained_weights(model: ScoreModel, folder: str) -> None:
+    """Put an export's weights (the weights to sample with) into the network; in a fit, the EMA callback then
+    starts the model's EMA network from them."""
     state = load_weights(folder)
     check_state(model.net, state, str(Path(folder) / WEIGHTS_NAME))
     model.net.load_state_dict(state, strict=True)
-    ema = ema_callback(trainer) if trainer is not None else None
-    if ema is not None:
-        ema.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _differences(saved: Any, built: Any, prefix: str) -> list[str]:

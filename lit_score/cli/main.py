@@ -1,5 +1,5 @@
 """The ``lit-score`` command (also ``python -m lit_score``): the LightningCLI subcommands ``fit``, ``validate``,
-``test`` and ``predict``, and the tools ``submit``, ``export``, ``export-diffusers``, ``import-diffusers``, ``export-ema``, ``sigma-max`` and
+``test`` and ``predict``, and the tools ``submit``, ``export``, ``export-diffusers``, ``import-diffusers``, ``sigma-max`` and
 ``posthoc-ema``.
 
 A problem with the user's input (:class:`lit_score.errors.UserError`: configuration, data, checkpoint, weights,
@@ -21,9 +21,12 @@ TOOLS: dict[str, tuple[str, str]] = {
     "export": ("lit_score.interop.export", "export_main"),
     "export-diffusers": ("lit_score.interop.diffusers", "export_main"),
     "import-diffusers": ("lit_score.interop.diffusers", "import_main"),
-    "export-ema": ("lit_score.cli.tools", "export_ema_main"),
     "sigma-max": ("lit_score.cli.tools", "sigma_max_main"),
     "posthoc-ema": ("lit_score.cli.tools", "posthoc_ema_main"),
+}
+# Subcommands of earlier releases -> the command that replaced them (said in one line, exit status 2).
+REPLACED: dict[str, str] = {
+    "export-ema": "lit-score export CHECKPOINT OUT_DIR --weights ema",
 }
 
 
@@ -41,6 +44,9 @@ def main() -> None:
         configure_threads(threads)
     except ValueError as err:
         print(report(ConfigurationError(str(err))), file=sys.stderr)
+        sys.exit(2)
+    if len(sys.argv) > 1 and sys.argv[1] in REPLACED:
+        print(f"lit-score: error: `lit-score {sys.argv[1]}` was replaced by `{REPLACED[sys.argv[1]]}`", file=sys.stderr)
         sys.exit(2)
     if len(sys.argv) > 1 and sys.argv[1] in TOOLS:
         run = tool(sys.argv[1])

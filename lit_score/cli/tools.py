@@ -1,6 +1,5 @@
-"""Command-line tools beside training: ``lit-score export-ema``, ``lit-score sigma-max`` and ``lit-score posthoc-ema``.
+"""Command-line tools beside training: ``lit-score sigma-max`` and ``lit-score posthoc-ema``.
 
-    lit-score export-ema CHECKPOINT.ckpt OUTPUT.safetensors
     lit-score sigma-max --config experiments/imagefolder_example.yaml --data.init_args.path DIR
     lit-score posthoc-ema RUN_DIR --sigma-rel 0.07 --out ema_0.07.ckpt
 """
@@ -13,41 +12,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
-import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lit_score.diffusion.densities import GaussianMixture
-from lit_score.diffusion.ema import find_snapshots, reconstruct, write_checkpoint
-from lit_score.rng import SeededNoise
-from lit_score.sampling.pc import PCSampler
-from lit_score.diffusion.sdes import SDE, ScoreFn
+from lit_score.diffusion.ema import CHECKPOINT_KEY, RESULT_KEY, find_snapshots, reconstruct
+from lit_score.runtime.upgrade import EMA, NET, upgrade_checkpoint
 
 SIGMA_MAX_HELP = ("sigma_max for a VE SDE: the largest pairwise Euclidean distance between the training images of a "
                   "data config (Song & Ermon 2020, technique 1), in the model's data space, without flips or "
                   "dequantisation; --max_images (default 10000) searches a random subset chosen by --seed, which "
                   "gives a lower bound; --max_images null searches every image")
-
-
-def export_ema_main(argv: Sequence[str] | None = None) -> int:
-    """``lit-score export-ema CKPT OUT``: a checkpoint's EMA network weights to a safetensors file."""
-    from lit_score.callbacks.ema import export_ema
-
-    parser = argparse.ArgumentParser(prog="lit-score export-ema",
-                                     description="write a checkpoint's EMA network weights to a safetensors file")
-    parser.add_argument("checkpoint", help="a lit-score .ckpt trained with the EMA callback")
-    parser.add_argument("output", help="the .safetensors file to write")
-    parser.add_argument("--prefix", default="net.", help="keep the weights under this prefix, stripped (default net.)")
-    args = parser.parse_args(argv)
-    if not Path(args.checkpoint).is_file():
-        parser.error(f"checkpoint not found: {args.checkpoint}")
-    try:
-        export_ema(args.checkpoint, args.output, args.prefix)
-    except KeyError as err:
-        parser.error(str(err.args[0]))
-    print(f"wrote the EMA weights of {args.checkpoint} to {args.output}")
-    return 0
 
 
 def _data_section(config: str) -> dict:
@@ -98,6 +72,29 @@ def sigma_max_main(argv: Sequence[str] | None = None) -> int:
     print(f"largest pairwise distance: {sigma_max:.4f}")
     print(f"VE SDE (Song & Ermon 2020, technique 1): model.sde.init_args.sigma_max: {sigma_max:.4f}")
     return 0
+
+
+def write_checkpoint(run_dir: Path, state: dict[str, Tensor], info: dict[str, Any], out: Path,
+                     template: Path | None = None) -> Path:
+    """A checkpoint for ``lit-score predict`` / ``lit-score-eval``: the run's last checkpoint (its network, SDE,
+    loss and training weights) with ``state`` (a post-hoc EMA reconstruction, keyed like the trained weights) as its
+    EMA network (``ema.*``), without optimizer or loop state (it does not resume training)."""
+    template = template or run_dir / "checkpoints" / "last.ckpt"
+    if not template.is_file():
+        raise FileNotFoundError(f"{template} is missing: the reconstruction needs a checkpoint of the run for its "
+                                "model; pass --template CKPT")
+    checkpoint = upgrade_checkpoint(torch.load(template, map_location="cpu", weights_only=True))
+    trained = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(EMA)}
+    missing = sorted(set(trained) - set(state))
+    if missing:
+        raise ValueError(f"the snapshots lack {missing[:3]} of {template}'s weights: they are of another model")
+    for key in ("optimizer_states", "lr_schedulers", "loops", CHECKPOINT_KEY):
+        checkpoint.pop(key, None)
+    checkpoint["state_dict"] = trained | {EMA + k[len(NET):]: state[k] for k in trained if k.startswith(NET)}
+    checkpoint[RESULT_KEY] = info
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, out)
+    return out
 
 
 def posthoc_ema_sweep(run_dir: Path, sigma_rels: Sequence[float], out_dir: Path, configs: Sequence[str],

@@ -1,4 +1,6 @@
-"""Post-hoc EMA (Karras et al. 2024, "Analyzing and improving the training dynamics of diffusion models",
+"""The numerics of weight averages. The EMA callback's decays: score_sde's warm-up and EDM's half-life.
+
+Post-hoc EMA (Karras et al. 2024, "Analyzing and improving the training dynamics of diffusion models",
 section 3 and appendix C): power-function EMA profiles tracked during training and snapshotted, and the EMA of any
 other length reconstructed afterwards as the least-squares combination of the snapshots.
 
@@ -27,6 +29,19 @@ SNAPSHOT_DIR = "posthoc_ema"
 SNAPSHOT_RE = re.compile(r"phema-(\d+)-(\d+\.\d+)\.pt$")
 CHECKPOINT_KEY = "posthoc_ema_state"  # the profiles in a Lightning checkpoint
 RESULT_KEY = "posthoc_ema"  # what a reconstructed checkpoint records
+
+
+def warmup_decay(rate: float, num_updates: int) -> float:
+    """Official score_sde decay of update n (1-based): min(rate, (1 + n) / (10 + n))."""
+    return min(rate, (1 + num_updates) / (10 + num_updates))
+
+
+def halflife_decay(batch_images: int, halflife_kimg: float, seen_images: int, rampup_ratio: float | None) -> float:
+    """EDM decay: 0.5 ** (batch / half-life), the half-life in images capped at rampup_ratio * images seen so far."""
+    halflife = halflife_kimg * 1000
+    if rampup_ratio is not None:
+        halflife = min(halflife, seen_images * rampup_ratio)
+    return 0.5 ** (batch_images / max(halflife, 1e-8))
 
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
@@ -166,25 +181,3 @@ def reconstruct(snapshots: Sequence[Snapshot], sigma_rel: float, step: int | Non
     info = {"sigma_rel": float(sigma_rel), "gamma": gamma, "step": step, "relative_residual": residual,
             "snapshots": [s.path.name for s in used], "coefficients": [float(c) for c in x]}
     return state, info
-
-
-def write_checkpoint(run_dir: Path, state: dict[str, Tensor], info: dict[str, Any], out: Path,
-                     template: Path | None = None) -> Path:
-    """A checkpoint for ``lit-score predict`` / ``lit-score-eval``: the run's last checkpoint (its network, SDE,
-    loss and training weights) with ``state`` as its EMA weights, without optimizer or loop state (it does not
-    resume training)."""
-    template = template or run_dir / "checkpoints" / "last.ckpt"
-    if not template.is_file():
-        raise FileNotFoundError(f"{template} is missing: the reconstruction needs a checkpoint of the run for its "
-                                "model; pass --template CKPT")
-    checkpoint = torch.load(template, map_location="cpu", weights_only=False)
-    missing = sorted(set(checkpoint["state_dict"]) - set(state))
-    if missing:
-        raise ValueError(f"the snapshots lack {missing[:3]} of {template}'s weights: they are of another model")
-    for key in ("optimizer_states", "lr_schedulers", "loops", CHECKPOINT_KEY):
-        checkpoint.pop(key, None)
-    checkpoint["ema_state_dict"] = {k: state[k] for k in checkpoint["state_dict"]}
-    checkpoint[RESULT_KEY] = info
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, out)
-    return out

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from lit_score.data_space import DataSpace
+from lit_score.progress import Progress
 from lit_score.rng import seeded_normal
 from lit_score.sampling.ode import dopri5
 from lit_score.diffusion.sdes import SDE, ScoreFn
@@ -92,8 +93,8 @@ def bits_per_dim(logp: Tensor, num_dims: int, centered: bool, num_levels: int | 
 
 
 class Likelihood:
-    """How ``ScoreModel.test_step`` measures test-set bits/dim (``lit-score test``); the data's range and quantisation
-    come from the model's data space.
+    """How test-set bits/dim are measured (``lit-score test`` and ``lit-score-eval``); the data's range and
+    quantisation come from the model's data space.
 
     Args:
         probe: Hutchinson probe distribution, ``rademacher`` or ``gaussian``, or ``exact`` (D VJPs per step).
@@ -107,11 +108,19 @@ class Likelihood:
         self.probe, self.rtol, self.atol, self.eps = probe, rtol, atol, eps
 
     def bits_per_dim(self, score_fn: ScoreFn, sde: SDE, x: Tensor, seeds: Sequence[int] | Tensor,
-                     space: DataSpace) -> tuple[Tensor, int]:
+                     space: DataSpace, progress: Progress | None = None) -> tuple[Tensor, int]:
         """Per-image bits/dim of the data x in ``space`` (dequantised first when quantised), probed and dequantised
-        with each image's seed, and the NFE."""
+        with each image's seed, and the NFE; each image's value depends only on it and its seed, so it is the same
+        in any batch. With ``progress``, every score evaluation is counted into it and the batch is done after.
+
+        ``lit-score test`` (``ScoreModel.test_step``, seed = test-set index) and ``lit-score-eval`` (seed =
+        ``bpd_first_seed`` + index) both measure test-set bits/dim with this."""
         if tuple(x.shape[1:]) != space.shape:
             raise ValueError(f"bits/dim of data of shape {tuple(x.shape[1:])} in a data space of shape {space.shape}")
+        if progress is not None:
+            score_fn = progress.wrap(score_fn, x.shape[0])
         x = space.dequantize(x, seeds)
         result = log_likelihood(score_fn, sde, x, seeds, self.probe, self.rtol, self.atol, self.eps)
+        if progress is not None:
+            progress.batch_done(x.shape[0], result.nfe)
         return bits_per_dim(result.logp, space.num_dims, space.centered, space.num_levels), result.nfe

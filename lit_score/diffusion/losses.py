@@ -10,7 +10,6 @@ from torch import Tensor
 
 from lit_score.diffusion.denoiser import (DDPMSteps, EDMPrecond, NetworkDenoiser, NoisePrediction, Preconditioning,
                                           ScorePrediction, SMLDLevels, edm_weighting, lognormal_sigma)
-from lit_score.registry import Registry
 from lit_score.diffusion.sdes import SDE, VESDE, VPSDE, ScoreFn, bcast
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
@@ -92,9 +91,6 @@ def edm_loss(D: Callable[[Tensor, Tensor], Tensor], x: Tensor, P_mean: float = -
     return (_reduce(torch.square(out - x), reduce_mean) * edm_weighting(sigma, sigma_data)).mean()
 
 
-LOSSES: Registry[type["Loss"]] = Registry("loss")
-
-
 class Loss(abc.ABC):
     """A training objective of the model's denoiser D (``lit_score.diffusion.denoiser``); ``ScoreModel`` calls
     ``loss(D, x)``. Each loss names the parametrisation it trains by default (``default_precond``)."""
@@ -119,7 +115,6 @@ class Loss(abc.ABC):
         return f"{type(self).__name__}({args})"
 
 
-@LOSSES.register("dsm")
 class DSMLoss(Loss):
     """Continuous denoising score matching, t ~ U(eps, T) (Song et al. 2021, eq. 7), of the denoiser's score.
     Default parametrisation: score_sde's (``NoisePrediction`` for VP-type SDEs, ``ScorePrediction`` for VE).
@@ -140,7 +135,6 @@ class DSMLoss(Loss):
         return dsm_loss(D.score, D.sde, x, self.eps, self.reduce_mean, self.likelihood_weighting, generator)
 
 
-@LOSSES.register("smld")
 class SMLDLoss(Loss):
     """The discrete NCSN objective over a VE SDE's N geometric noise levels (Song & Ermon 2019, eq. 5-6), of a
     network parametrised by ``SMLDLevels``."""
@@ -161,7 +155,6 @@ class SMLDLoss(Loss):
         return smld_loss(score, D.sde, x, self.reduce_mean, generator)
 
 
-@LOSSES.register("ddpm")
 class DDPMLoss(Loss):
     """The discrete DDPM noise-prediction objective over a VP SDE's N steps (Ho et al. 2020, eq. 14), of a network
     parametrised by ``DDPMSteps`` (it sees the step index)."""
@@ -179,7 +172,6 @@ class DDPMLoss(Loss):
         return ddpm_loss(noise_prediction, D.sde, x, self.reduce_mean, generator)
 
 
-@LOSSES.register("edm")
 class EDMLoss(Loss):
     """EDM's objective: ln sigma ~ N(P_mean, P_std^2), weight (sigma^2 + sigma_data^2) / (sigma sigma_data)^2, on the
     denoiser (Karras et al. 2022, section 5, Table 1); default parametrisation ``EDMPrecond(sigma_data)``. The SDE

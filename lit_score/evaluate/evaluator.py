@@ -23,7 +23,6 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from lit_score.callbacks.ema import CHECKPOINT_KEY as EMA_KEY
 from lit_score.runtime.checkpoint_io import sha256, state_mismatch
 from lit_score.errors import CheckpointError, ConfigurationError
 from lit_score.distributed import barrier, broadcast, rank_and_world
@@ -37,6 +36,7 @@ from lit_score.metrics.frechet import FeatureStatistics, frechet_distance, metri
 from lit_score.metrics.kid import kernel_inception_distance
 from lit_score.metrics.reference import ReferenceStatistics, cache_path, reference_key, reference_statistics
 from lit_score.runtime.module import ScoreModel
+from lit_score.runtime.upgrade import EMA, sampling_state, upgrade_checkpoint
 from lit_score.progress import Progress, planned_nfe
 from lit_score.sampling.base import Sampler
 
@@ -53,8 +53,8 @@ def describe(obj: Any) -> dict[str, Any]:
 
 
 def load_weights(model: ScoreModel, ckpt_path: str | Path, weights: Weights) -> dict[str, Any]:
-    """Put a lit-score checkpoint's EMA (``ema``) or training (``raw``) weights into ``model`` (weights only, strict);
-    returns what the checkpoint says about itself."""
+    """Make a lit-score checkpoint's EMA network (``ema``) or trained network (``raw``) the weights ``model`` samples
+    with (weights only, strict); returns what the checkpoint says about itself."""
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise CheckpointError(f"checkpoint not found: {ckpt_path}")
@@ -63,15 +63,19 @@ def load_weights(model: ScoreModel, ckpt_path: str | Path, weights: Weights) -> 
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, ... for unreadable or unsafe files
         raise CheckpointError(f"cannot read {ckpt_path} as a lit-score checkpoint with torch.load(weights_only=True): "
                               f"{str(err).splitlines()[0]}") from None
-    key = EMA_KEY if weights == "ema" else "state_dict"
-    if key not in checkpoint:
-        hint = " (trained without the EMA callback? use evaluation.weights: raw)" if weights == "ema" else ""
-        raise CheckpointError(f"{ckpt_path} has no {key!r}{hint}")
-    mismatch = state_mismatch(model, checkpoint[key])
+    state_dict = upgrade_checkpoint(checkpoint).get("state_dict") or {}
+    if weights == "raw":  # the trained network: the state without the EMA network
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(EMA)}
+    elif not any(k.startswith(EMA) for k in state_dict):
+        raise CheckpointError(f"{ckpt_path} has no EMA weights (trained without the EMA callback? use "
+                              "evaluation.weights: raw)")
+    state = sampling_state(state_dict)
+    mismatch = state_mismatch(model.net, state)
     if mismatch:
         raise CheckpointError(f"{ckpt_path} does not fit the experiment's network: {mismatch}; evaluate it with the "
                               "experiment YAML it was trained with")
-    model.load_state_dict(checkpoint[key], strict=True)
+    model.net.load_state_dict(state, strict=True)
+    model.ema = None  # so that model.sampling_net is the network just loaded
     return {"path": str(ckpt_path), "global_step": int(checkpoint.get("global_step", 0)), "weights": weights,
             "converted_from": (checkpoint.get("lit_score_conversion") or {}).get("source")}
 
@@ -85,7 +89,7 @@ class Evaluator:
         num_samples: samples for FID / IS (the paper: 50,000), seeds ``first_seed .. first_seed + num_samples - 1``.
         batch_size: images sampled at once.
         shard_size: images per shard, the unit of work distribution and of resumption.
-        sampler: a ``lit_score.sampling`` sampler (default: the model's own, else ``default_sampler``).
+        sampler: a ``lit_score.sampling`` sampler (default: the model's, ``ScoreModel.sampler_in_use``).
         features: FID feature network (default: ``lit_score.metrics.InceptionV3``, torch-fidelity's TF Inception).
         inception_score: also compute IS.
         classifier: logits for IS (default: ``InceptionV3Logits`` with the feature network's weights).
@@ -175,17 +179,13 @@ class Evaluator:
         start = self.first_seed + index * self.shard_size
         return list(range(start, min(start + self.shard_size, self.first_seed + self.num_samples)))
 
-    def _sampler(self, model: ScoreModel) -> Sampler:
-        from lit_score.sampling import default_sampler
-
-        return self.sampler or model.sampler or default_sampler(model.sde)
-
     def protocol(self, model: ScoreModel, datamodule: L.LightningDataModule, checkpoint: dict[str, Any],
                  config: str | None) -> dict[str, Any]:
         """Everything the numbers depend on; the ``samples`` part fingerprints the shards."""
         samples = {
             "num_samples": self.num_samples, "seeds": [self.first_seed, self.first_seed + self.num_samples - 1],
-            "batch_size": self.batch_size, "shard_size": self.shard_size, "sampler": describe(self._sampler(model)),
+            "batch_size": self.batch_size, "shard_size": self.shard_size,
+            "sampler": describe(model.sampler_in_use(self.sampler)),
             "sde": describe(model.sde), "data_space": model.data_space.to_dict(), "weights": self.weights,
             "checkpoint_sha256": checkpoint["sha256"], "features": self.features.identity,
             "classifier": self.classifier.identity if self.classifier is not None else None,
@@ -267,12 +267,12 @@ class Evaluator:
         store = ShardStore(self.out_dir / "samples", self.fingerprint(protocol["samples"]))
         pending = broadcast(store.pending(self.num_shards) if rank == 0 else None)
         barrier()
-        sampler = self._sampler(model)
+        sampler = model.sampler_in_use(self.sampler)
         mine = pending[rank::world][:self.max_shards]
         with Progress(f"samples for FID@{self.num_samples}", sum(len(self.shard_seeds(i)) for i in mine),
                       planned_nfe(sampler, model.sde)) as progress:
             for index in mine:
-                store.save(index, self._sample_shard(model, sampler, index, device, progress))
+                store.save(index, self._sample_shard(model, sampler, index, progress))
         barrier()
         left = broadcast(len(store.pending(self.num_shards)) if rank == 0 else None)
         if left:
@@ -304,15 +304,12 @@ class Evaluator:
                              f"network {self.features.num_features}; they were made with another network")
         return reference
 
-    def _sample_shard(self, model: ScoreModel, sampler: Sampler, index: int,
-                      device: torch.device | str, progress: Progress) -> dict[str, Any]:
+    def _sample_shard(self, model: ScoreModel, sampler: Sampler, index: int, progress: Progress) -> dict[str, Any]:
         seeds = self.shard_seeds(index)
         images, features, logits, nfe = [], [], [], []
         for start in range(0, len(seeds), self.batch_size):
             chunk = seeds[start:start + self.batch_size]
-            result = sampler.sample(progress.wrap(model.score_fn, len(chunk)), model.sde, model.data_shape, chunk,
-                                    device)
-            progress.batch_done(len(chunk), result.nfe)
+            result = model.sample(chunk, sampler, progress)
             x = model.data_space.to_uint8(result.samples)
             images.append(x.cpu())
             features.append(self.features(x).double().cpu())
@@ -389,9 +386,7 @@ class Evaluator:
                 batch = next(iter(DataLoader(Subset(dataset, rows), batch_size=len(rows))))
                 x = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device)
                 seeds = [self.bpd_first_seed + i for i in rows]
-                bpd, nfe = self.likelihood.bits_per_dim(progress.wrap(model.score_fn, len(rows)), model.sde, x, seeds,
-                                                        model.data_space)
-                progress.batch_done(len(rows), nfe)
+                bpd, nfe = self.likelihood.bits_per_dim(model.score_fn, model.sde, x, seeds, model.data_space, progress)
                 store.save(index, {"rows": [rows[0], rows[-1]], "bpd": bpd.double().cpu(), "nfe": int(nfe)})
         barrier()
         if rank != 0:

@@ -5,10 +5,13 @@
 
 NCSN++ (VE) maps to UNet2DModel's score-SDE blocks (``SkipDownBlock2D``, ``AttnSkipDownBlock2D``,
 ``SkipUpBlock2D``, ``AttnSkipUpBlock2D``: BigGAN ResNets with FIR resampling, the ``input_skip`` / ``output_skip``
-image pyramids, Fourier features of log sigma, the output divided by sigma) with ``ScoreSdeVeScheduler``.
+image pyramids, Fourier features of log sigma, the output divided by sigma) with ``ScoreSdeVeScheduler``: the
+UNet2DModel of sigma is the score, which is the lit-score network under ``ScorePrediction(scale_by_sigma=True,
+log_label=True)`` (it gets log sigma from the preconditioning and does not divide; the preconditioning does).
 A DDPM-type network under the VP SDE (``resblock_type='ddpm'``, ``skip_rescale=False``, attention only in the
-middle) maps to its plain ``DownBlock2D`` / ``UpBlock2D`` with ``DDPMScheduler``. The official DDPM++ (BigGAN
-ResNets, skip_rescale) has no UNet2DModel form. Several settings are fixed in diffusers' code (3 image channels in
+middle) maps to its plain ``DownBlock2D`` / ``UpBlock2D`` with ``DDPMScheduler``: its UNet2DModel predicts the
+noise from the timestep as it is, which is the lit-score network under ``NoisePrediction(log_label=False)``. The
+official DDPM++ (BigGAN ResNets, skip_rescale) has no UNet2DModel form. Several settings are fixed in diffusers' code (3 image channels in
 the skip blocks, 32 attention groups, one norm-group count, ...): :func:`diffusers_problems` names every option
 of a network that does not fit, and why.
 
@@ -26,12 +29,18 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from lit_score.interop.export import (CARD_NAME, CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME, PretrainedError,
-                              load_pretrained, lit_score_version, model_card)
-from lit_score.diffusion.losses import DSMLoss
+from lit_score.interop.export import lit_score_version, model_card
+from lit_score.runtime.pretrained import (CARD_NAME, CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME, Pretrained,
+                                         PretrainedError, load_pretrained)
+from lit_score.diffusion.denoiser import NoisePrediction, Preconditioning, ScorePrediction
 
 NCSNPP, DDPMPP = "lit_score.networks.NCSNpp", "lit_score.networks.DDPMpp"
 VESDE, VPSDE = "lit_score.diffusion.sdes.VESDE", "lit_score.diffusion.sdes.VPSDE"
+# the preconditionings under which the lit-score network computes what UNet2DModel does (config.json's "precond")
+SCORE_PREDICTION = {"class_path": "lit_score.diffusion.denoiser.ScorePrediction",
+                    "init_args": {"scale_by_sigma": True, "log_label": True}}
+NOISE_PREDICTION = {"class_path": "lit_score.diffusion.denoiser.NoisePrediction", "init_args": {"log_label": False}}
+LABEL_STEPS = 1000  # NoisePrediction's label is 999 t: DDPMScheduler's timesteps for N = 1000
 FIR_KERNEL = (1, 3, 3, 1)  # diffusers' ResnetBlock2D(kernel="fir") and Fir{Up,Down}sample2D hard-code it
 RESNET = {"GroupNorm_0": "norm1", "Conv_0": "conv1", "Dense_0": "time_emb_proj", "GroupNorm_1": "norm2",
           "Conv_1": "conv2", "Conv_2": "conv_shortcut"}
@@ -48,8 +57,24 @@ def is_plain(args: dict[str, Any]) -> bool:
 
 
 def diffusers_problems(args: dict[str, Any]) -> list[str]:
-    """Why UNet2DModel cannot express the NCSNpp / DDPMpp of ``args`` (its full init_args); empty when it can."""
+    """Why UNet2DModel cannot express the NCSNpp / DDPMpp of ``args`` (its full init_args); empty when it can.
+    What the network's output means is the model's preconditioning: see :func:`precond_problems`."""
     return _plain_problems(args) if is_plain(args) else _skip_problems(args)
+
+
+def precond_problems(precond: Preconditioning, plain: bool) -> list[str]:
+    """Why the network under ``precond`` does not compute what UNet2DModel does (``plain``: the DDPM-type form with
+    DDPMScheduler, else the score-SDE form with ScoreSdeVeScheduler); empty when it does."""
+    if plain:
+        if type(precond) is NoisePrediction and not precond.log_label:
+            return []
+        return [f"the preconditioning {precond!r}: UNet2DModel with DDPMScheduler predicts the noise (epsilon) "
+                "from the timestep 999 t as it is, which is NoisePrediction(log_label=False)"]
+    if type(precond) is ScorePrediction and precond.scale_by_sigma and precond.log_label:
+        return []
+    return [f"the preconditioning {precond!r}: UNet2DModel's score-SDE form (ScoreSdeVeScheduler) computes the "
+            "score, embedding log sigma with Fourier features and dividing its output by sigma, which is "
+            "ScorePrediction(scale_by_sigma=True, log_label=True)"]
 
 
 def _norm_groups(args: dict[str, Any]) -> set[int]:
@@ -79,10 +104,9 @@ def _plain_problems(args: dict[str, Any]) -> list[str]:
     need(not args["attn_resolutions"],
          f"attention at {list(args['attn_resolutions'])}: diffusers' AttnUpBlock2D attends after every up ResNet, "
          "DDPM++ once per level (only the middle attention is expressible)")
-    need(args["embedding_type"] == "positional" and not args["scale_by_sigma"] and args["conditional"],
-         f"the noise conditioning (embedding_type={args['embedding_type']!r}, scale_by_sigma={args['scale_by_sigma']}, "
-         f"conditional={args['conditional']}): UNet2DModel's positional form embeds the timestep and does not "
-         "divide its output")
+    need(args["embedding_type"] == "positional" and args["conditional"],
+         f"the noise conditioning (embedding_type={args['embedding_type']!r}, conditional={args['conditional']}): "
+         "UNet2DModel's positional form embeds the timestep with sinusoidal positions")
     need(args["nonlinearity"] in ("swish", "silu"), f"nonlinearity={args['nonlinearity']!r}: UNet2DModel uses SiLU")
     need(list(args["ch_mult"])[0] == 1, f"ch_mult={list(args['ch_mult'])}: UNet2DModel ties the time embedding and "
                                         "the first convolution to the first level's channels, so ch_mult[0] must be 1")
@@ -108,10 +132,9 @@ def _skip_problems(args: dict[str, Any]) -> list[str]:
          "UNet2DModel's score-SDE blocks are BigGAN ResNets with output_skip, input_skip and sum; its plain blocks "
          "(progressive and progressive_input 'none') need resblock_type='ddpm' and skip_rescale=False, so the "
          "official DDPM++ (BigGAN, skip_rescale) cannot be expressed")
-    need(args["embedding_type"] == "fourier" and args["scale_by_sigma"] and args["conditional"],
-         f"the noise conditioning (embedding_type={args['embedding_type']!r}, scale_by_sigma={args['scale_by_sigma']}, "
-         f"conditional={args['conditional']}): UNet2DModel's score-SDE form embeds log sigma with Fourier features "
-         "and always divides its output by sigma")
+    need(args["embedding_type"] == "fourier" and args["conditional"],
+         f"the noise conditioning (embedding_type={args['embedding_type']!r}, conditional={args['conditional']}): "
+         "UNet2DModel's score-SDE form embeds log sigma with Fourier features")
     need(args["fir"] and tuple(args["fir_kernel"]) == FIR_KERNEL,
          f"the resampling (fir={args['fir']}, fir_kernel={list(args['fir_kernel'])}): diffusers' skip blocks use FIR "
          f"resampling with the kernel {list(FIR_KERNEL)}, fixed in its code")
@@ -208,10 +231,10 @@ def lit_args(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         args["attn_resolutions"] = [image_size // 2**i for i, b in enumerate(down) if b.startswith("Attn")]
         args.update(fir=True, fir_kernel=list(FIR_KERNEL), skip_rescale=True, resblock_type="biggan",
                     progressive="output_skip", progressive_input="input_skip", progressive_combine="sum",
-                    embedding_type="fourier", scale_by_sigma=True)
+                    embedding_type="fourier")
     else:
         args.update(attn_resolutions=[], fir=False, skip_rescale=False, resblock_type="ddpm", resamp_with_conv=True,
-                    embedding_type="positional", scale_by_sigma=False)
+                    embedding_type="positional")
     try:
         expected = unet_config(args)
     except PretrainedError as err:
@@ -365,9 +388,12 @@ def _diffusers():
     return diffusers
 
 
-def _net_and_sde(pretrained_config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The network's and the SDE's init_args of an export; raises naming everything diffusers cannot express."""
-    net, sde = pretrained_config["net"], pretrained_config["sde"]
+def _net_and_sde(pretrained: Pretrained) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The network's and the SDE's init_args (defaults filled in) of an export; raises naming everything diffusers
+    cannot express, the preconditioning (what the network's output means) included."""
+    net, sde = pretrained.config["net"], pretrained.config["sde"]
+    precond = pretrained.precond or pretrained.loss.default_precond(pretrained.sde)  # None: the loss's default
+    sde_args = {**_init_defaults(type(pretrained.sde)), **(sde.get("init_args") or {})}
     if net["class_path"].rsplit(".", 1)[-1] not in ("NCSNpp", "DDPMpp"):
         raise PretrainedError(f"the network is {net['class_path']}: only NCSN++ / DDPM++ ({NCSNPP}, {DDPMPP}) have "
                               "a diffusers UNet2DModel form")
@@ -380,15 +406,21 @@ def _net_and_sde(pretrained_config: dict[str, Any]) -> tuple[dict[str, Any], dic
     elif not is_plain(args) and sde_name != "VESDE":
         problems.append(f"the SDE is {sde['class_path']}: diffusers' score-SDE scheduler (ScoreSdeVeScheduler) is "
                         "for the VE SDE only")
+    else:
+        problems += precond_problems(precond, is_plain(args))
+        if is_plain(args) and int(sde_args["N"]) != LABEL_STEPS:
+            problems.append(f"N={sde_args['N']}: DDPMScheduler's timestep of t is (N - 1) t, NoisePrediction's "
+                            f"label {LABEL_STEPS - 1} t (score_sde's); they agree for N={LABEL_STEPS} only")
     if problems:
         raise PretrainedError("diffusers' UNet2DModel cannot express this network: " + "; ".join(problems))
-    return args, sde.get("init_args") or {}
+    return args, sde_args
 
 
 def export_diffusers(source: str | Path, out_dir: str | Path) -> Path:
     """A diffusers pipeline folder (``unet/``, ``scheduler/``, ``model_index.json``) of a lit-score .ckpt or export
-    folder: NCSN++ + VE SDE as ScoreSdeVePipeline (ScoreSdeVeScheduler), DDPM-type + VP SDE as DDPMPipeline
-    (DDPMScheduler with the SDE's linear betas, epsilon prediction); returns ``out_dir``."""
+    folder: NCSN++ + VE SDE under ScorePrediction(scale_by_sigma=True, log_label=True) as ScoreSdeVePipeline
+    (ScoreSdeVeScheduler), DDPM-type + VP SDE under NoisePrediction(log_label=False) as DDPMPipeline (DDPMScheduler
+    with the SDE's linear betas, epsilon prediction); returns ``out_dir``."""
     import tempfile
 
     from lit_score.interop.export import export_checkpoint
@@ -400,10 +432,7 @@ def export_diffusers(source: str | Path, out_dir: str | Path) -> Path:
             pretrained = load_pretrained(Path(tmp) / "export")
     else:
         pretrained = load_pretrained(source)
-    if not isinstance(pretrained.loss, DSMLoss) or pretrained.loss.precond is not None:
-        raise PretrainedError(f"the model was trained with {pretrained.loss!r}; diffusers' score-SDE and DDPM "
-                              "schedulers read only the SDE's own parametrisation (DSMLoss without precond)")
-    args, sde = _net_and_sde(pretrained.config)
+    args, sde = _net_and_sde(pretrained)
     diffusers = _diffusers()
     unet = diffusers.UNet2DModel(**unet_config(args))
     _check_keys(pretrained.net.state_dict(), unet.state_dict(), key_map(pretrained.net, args), "UNet2DModel")
@@ -430,15 +459,20 @@ def unet_defaults() -> dict[str, Any]:
             if k != "self" and v.default is not inspect.Parameter.empty}
 
 
-def _defaults(class_path: str = NCSNPP) -> dict[str, Any]:
-    """The init_args defaults of NCSNpp (or DDPMpp)."""
+def _init_defaults(cls: type) -> dict[str, Any]:
+    """The default arguments of ``cls`` (tuples as lists, as a config holds them)."""
     import inspect
 
+    return {k: (list(v.default) if isinstance(v.default, tuple) else v.default)
+            for k, v in inspect.signature(cls.__init__).parameters.items()
+            if k != "self" and v.default is not inspect.Parameter.empty}
+
+
+def _defaults(class_path: str = NCSNPP) -> dict[str, Any]:
+    """The init_args defaults of NCSNpp (or DDPMpp)."""
     from lit_score.networks import DDPMpp, NCSNpp
 
-    cls = DDPMpp if class_path.endswith("DDPMpp") else NCSNpp
-    return {k: (list(v.default) if isinstance(v.default, tuple) else v.default)
-            for k, v in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+    return _init_defaults(DDPMpp if class_path.endswith("DDPMpp") else NCSNpp)
 
 
 def _unet_folder(folder: Path) -> tuple[Path, Path | None]:
@@ -474,12 +508,17 @@ def _sde(scheduler: dict[str, Any], plain: bool, given: dict[str, Any], where: s
     if any(v is None for v in values.values()):
         raise PretrainedError(f"{where} has no scheduler/scheduler_config.json: give the SDE with "
                               f"{', '.join('--' + k for k in values)}")
+    if plain and int(values["N"]) != LABEL_STEPS:
+        raise PretrainedError(f"{where}: N={values['N']} timesteps: DDPMScheduler's timestep of t is (N - 1) t, "
+                              f"lit-score's NoisePrediction label {LABEL_STEPS - 1} t (score_sde's); they agree for "
+                              f"N={LABEL_STEPS} only")
     return {"class_path": class_path, "init_args": {k: (int(v) if k == "N" else float(v)) for k, v in values.items()}}
 
 
 def import_diffusers(folder: str | Path, out_dir: str | Path, **sde: float | int | None) -> Path:
     """A lit-score export folder of a diffusers pipeline or UNet2DModel folder: score-SDE skip blocks as NCSNpp +
-    VESDE (from ScoreSdeVeScheduler), DownBlock2D / UpBlock2D as DDPMpp + VPSDE (from DDPMScheduler); ``sde``
+    VESDE (from ScoreSdeVeScheduler) under ScorePrediction(scale_by_sigma=True, log_label=True), DownBlock2D /
+    UpBlock2D as DDPMpp + VPSDE (from DDPMScheduler) under NoisePrediction(log_label=False); ``sde``
     (sigma_min, sigma_max / beta_min, beta_max, N) stands in for a missing scheduler."""
     from safetensors.torch import load_file, save_file
 
@@ -511,7 +550,9 @@ def import_diffusers(folder: str | Path, out_dir: str | Path, **sde: float | int
     pretrained = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "lit_score_version": lit_score_version(),
         "net": {"class_path": class_path, "init_args": args}, "sde": sde_config,
-        "loss": {"class_path": "lit_score.diffusion.losses.DSMLoss", "init_args": {}}, "data": {k: args[k] for k in ("num_channels", "image_size", "centered")},
+        "loss": {"class_path": "lit_score.diffusion.losses.DSMLoss", "init_args": {}},
+        "precond": NOISE_PREDICTION if is_plain(args) else SCORE_PREDICTION,
+        "data": {k: args[k] for k in ("num_channels", "image_size", "centered")},
         "weights": "diffusers", "ema": None, "global_step": 0, "epoch": 0,
         "experiment": {"name": None, "imported_from": str(folder)},
     }

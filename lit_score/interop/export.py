@@ -12,38 +12,16 @@ import argparse
 import json
 import shutil
 import sys
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lit_score.diffusion.denoiser import Preconditioning
-from lit_score.diffusion.losses import Loss
-from lit_score.diffusion.sdes import SDE
-from lit_score.errors import CheckpointError
-from lit_score.runtime.upgrade import upgrade_checkpoint, upgrade_model_config
-
-FORMAT = "lit-score"
-FORMAT_VERSION = 1
-CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, EXPERIMENT_NAME = "config.json", "model.safetensors", "README.md", "experiment.yaml"
-EMA_KEY = "ema_state_dict"  # lit_score.callbacks.ema.CHECKPOINT_KEY (not imported: callbacks import Lightning)
-NET_PREFIX = "net."
-
-
-class PretrainedError(CheckpointError):
-    """An export folder that cannot be read or does not fit its config (the message names the file and the fix)."""
-
-
-@dataclass
-class Pretrained:
-    net: nn.Module
-    sde: SDE
-    loss: Loss
-    precond: Preconditioning
-    config: dict[str, Any]
+from lit_score.runtime.pretrained import (CARD_NAME, CONFIG_NAME, EXPERIMENT_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME,
+                                         PretrainedError, loss_name)
+from lit_score.runtime.upgrade import EMA, sampling_state, upgrade_checkpoint
 
 
 def lit_score_version() -> str:
@@ -87,12 +65,22 @@ def _experiment(ckpt_path: Path) -> dict[str, Any] | None:
             "checkpoint": ckpt_path.name}
 
 
+def has_ema(checkpoint: dict[str, Any]) -> bool:
+    """Whether an (upgraded) checkpoint holds an EMA network (``ema.*`` in its state dict)."""
+    return any(k.startswith(EMA) for k in checkpoint.get("state_dict") or {})
+
+
 def network_state(checkpoint: dict[str, Any], weights: str) -> dict[str, Tensor]:
-    """The network's tensors (``net.`` stripped) of a checkpoint's ``ema`` or ``raw`` weights."""
-    key = EMA_KEY if weights == "ema" else "state_dict"
-    state = {k[len(NET_PREFIX):]: v for k, v in (checkpoint.get(key) or {}).items() if k.startswith(NET_PREFIX)}
+    """The network's tensors (prefix stripped) of an upgraded checkpoint: its EMA network's (``ema``), its trained
+    network's (``raw``) or the weights it samples with (``auto``: the EMA network's when it has one)."""
+    state_dict = checkpoint.get("state_dict") or {}
+    if weights == "raw":  # the trained network: the state without the EMA network
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(EMA)}
+    elif weights == "ema" and not has_ema(checkpoint):
+        raise PretrainedError("the checkpoint has no EMA weights (trained without the EMA callback); use --weights raw")
+    state = sampling_state(state_dict)
     if not state:
-        raise PretrainedError(f"the checkpoint has no network weights under {key!r}")
+        raise PretrainedError(f"the checkpoint has no {weights} network weights in its state_dict")
     return state
 
 
@@ -113,8 +101,8 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, weights: str =
         raise PretrainedError(f"{ckpt_path} does not record its {' and '.join(missing)} as class_path/init_args "
                               "(it was not saved by the lit-score CLI); load it with your YAML and save it again")
     if weights == "auto":
-        weights = "ema" if EMA_KEY in checkpoint else "raw"
-    elif weights == "ema" and EMA_KEY not in checkpoint:
+        weights = "ema" if has_ema(checkpoint) else "raw"
+    elif weights == "ema" and not has_ema(checkpoint):
         raise PretrainedError(f"{ckpt_path} has no EMA weights (trained without the EMA callback); use --weights raw")
     if (out_dir / CONFIG_NAME).exists() and not overwrite:
         raise PretrainedError(f"{out_dir / CONFIG_NAME} exists; choose another folder or pass --overwrite")
@@ -156,7 +144,7 @@ tags: [score-based, diffusion, sde]
 # {name}
 
 A score-based generative model (Song et al. 2021) trained with lit-score {config['lit_score_version']}:
-`{net['class_path']}` under `{sde['class_path']}` {json.dumps(sde.get('init_args') or {})}, loss `{_loss_name(config['loss'])}`,
+`{net['class_path']}` under `{sde['class_path']}` {json.dumps(sde.get('init_args') or {})}, loss `{loss_name(config['loss'])}`,
 {data.get('num_channels')}x{data.get('image_size')}x{data.get('image_size')} images in {centered}.
 `{WEIGHTS_NAME}` holds the {weights}{ema_line} at training step {config['global_step']}{source};
 `{CONFIG_NAME}` holds the network's and the SDE's arguments.
@@ -185,104 +173,6 @@ upload_folder(repo_id="USER/{name}", folder_path="{name}", repo_type="model")
 
 
 # -- load -----------------------------------------------------------------------------------------------------------
-def read_config(folder: str | Path) -> dict[str, Any]:
-    """``config.json`` of an export folder, checked to be a lit-score export."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise PretrainedError(f"{folder} is not a folder; give the folder `lit-score export` wrote")
-    path = folder / CONFIG_NAME
-    if not path.is_file():
-        raise PretrainedError(f"{path} is missing: {folder} is not a lit-score export; write one with "
-                              f"`lit-score export CHECKPOINT {folder}`")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise PretrainedError(f"{path} is not valid JSON ({err}); export the checkpoint again")
-    if config.get("format") != FORMAT:
-        hint = (f"it is a diffusers {config['_class_name']}: convert it with `lit-score import-diffusers {folder} "
-                "OUT_DIR`" if "_class_name" in config else "export the checkpoint with `lit-score export`")
-        raise PretrainedError(f"{path} is not a lit-score config (no \"format\": \"{FORMAT}\"); {hint}")
-    if config.get("format_version", 0) > FORMAT_VERSION:
-        raise PretrainedError(f"{path} has format_version {config['format_version']}, newer than this lit-score "
-                              f"reads ({FORMAT_VERSION}); upgrade lit-score")
-    for key in ("net", "sde"):
-        if not isinstance(config.get(key), dict) or "class_path" not in config[key]:
-            raise PretrainedError(f"{path} has no {key!r} with a class_path; export the checkpoint again")
-    return config
-
-
-def _loss_name(loss: Any) -> str:
-    return loss.get("class_path", "?") if isinstance(loss, dict) else str(loss)
-
-
-def build(config: dict[str, Any]) -> tuple[nn.Module, SDE, Loss, Preconditioning | None]:
-    """The network, SDE, loss and preconditioning (None: the loss's default) of a config's class_path/init_args
-    (``model_options``), with fresh weights."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--net", type=nn.Module)
-    parser.add_argument("--sde", type=SDE)
-    parser.add_argument("--loss", type=Loss)
-    parser.add_argument("--precond", type=Preconditioning | None, default=None)
-    try:
-        parsed = parser.parse_object({k: config[k] for k in ("net", "sde", "loss", "precond")})
-        built = parser.instantiate(parsed)
-    except Exception as err:  # noqa: BLE001 - jsonargparse's message, in one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PretrainedError(f"cannot build the network, SDE, loss and preconditioning of {CONFIG_NAME}: {first}")
-    return built.net, built.sde, built.loss, built.precond
-
-
-def check_state(net: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """Raise naming ``source`` when ``state``'s keys or shapes do not fit ``net``."""
-    expected = net.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise PretrainedError(
-            f"{source} does not fit the network of {CONFIG_NAME}: {len(missing)} missing key(s) {missing[:3]}, "
-            f"{len(unexpected)} unexpected {unexpected[:3]}; keep the weights and the config.json written together")
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise PretrainedError(
-                f"{source}: {key} has shape {tuple(value.shape)} but the network of {CONFIG_NAME} needs "
-                f"{tuple(expected[key].shape)}; keep the weights and the config.json written together")
-
-
-def load_weights(folder: str | Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    path = Path(folder) / WEIGHTS_NAME
-    if not path.is_file():
-        raise PretrainedError(f"{path} is missing; export the checkpoint again with `lit-score export`")
-    try:
-        return load_file(str(path))
-    except Exception as err:  # noqa: BLE001 - reported in one line
-        raise PretrainedError(f"cannot read {path} as safetensors: {err}; export the checkpoint again")
-
-
-def load_pretrained(folder: str | Path) -> Pretrained:
-    """The network (with its exported weights), SDE, loss and config of an export folder."""
-    config = read_config(folder)
-    state = load_weights(folder)
-    net, sde, loss, precond = build(model_options(folder, config))
-    check_state(net, state, str(Path(folder) / WEIGHTS_NAME))
-    net.load_state_dict(state, strict=True)
-    return Pretrained(net=net, sde=sde, loss=loss, precond=precond, config=config)
-
-
-def model_options(folder: str | Path, config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The model options an export fixes (network, SDE, loss, preconditioning), as ``--ckpt_path`` takes them
-    from a checkpoint; exports of earlier releases are read as today's (``lit_score.runtime.upgrade``)."""
-    config = read_config(folder) if config is None else config
-    try:
-        config = upgrade_model_config(config)
-    except ValueError as err:
-        raise PretrainedError(f"{Path(folder) / CONFIG_NAME}: {err}")
-    return {k: config.get(k) for k in ("net", "sde", "loss", "precond")}
-
-
-# -- command line ---------------------------------------------------------------------------------------------------
 def export_main(argv: Sequence[str]) -> int:
     """``lit-score export CKPT OUT_DIR``."""
     parser = argparse.ArgumentParser(prog="lit-score export", description=export_checkpoint.__doc__)

@@ -3,13 +3,17 @@
 An official ``checkpoint_N.pth`` holds ``{'model', 'ema', 'optimizer', 'step'}``: ``model`` is the state_dict of
 an ``nn.DataParallel``-wrapped NCSNpp (keys prefixed ``module.``, plus a ``sigmas`` buffer), ``ema`` is
 ``{'decay', 'num_updates', 'shadow_params'}`` with ``shadow_params`` the averaged trainable parameters as a list
-in ``parameters()`` order. The converted ``.ckpt`` holds the raw weights as ``state_dict`` (``net.`` prefix), the
-EMA weights as the EMA callback stores them (``ema_state_dict``, same keys), the EMA callback's state,
-``global_step`` and the matching experiment YAML, so that
+in ``parameters()`` order. The converted ``.ckpt`` is a lit-score checkpoint as training writes it: the raw
+weights as the network ``net.*`` and the EMA weights as the EMA network ``ema.*`` of its ``state_dict``, the EMA
+callback's state, ``global_step`` and the model's hyper-parameters (network, SDE, loss and the preconditioning
+under which the official network computes what it was trained to: ``ScorePrediction(scale_by_sigma=True,
+log_label=True)`` for NCSN++ cont. (VE), ``NoisePrediction()`` for DDPM++ cont. (VP, sub-VP), ``SMLDLevels`` /
+``DDPMSteps`` for the discrete objectives), so that
 
     lit-score predict --config experiments/<experiment>.yaml --ckpt_path converted.ckpt
+    ScoreModel.load_from_checkpoint("converted.ckpt")
 
-samples with the EMA weights. Files are read with ``torch.load(weights_only=True)`` only: a pickle that would
+sample with the EMA weights. Files are read with ``torch.load(weights_only=True)`` only: a pickle that would
 build arbitrary Python objects (and so could run code) is refused.
 
     python -m lit_score.interop.score_sde checkpoint_26.pth --experiment cifar10_ncsnpp_deep_continuous_ve --out x.ckpt
@@ -29,14 +33,14 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lit_score.callbacks.ema import CHECKPOINT_KEY as EMA_KEY
-from lit_score.callbacks.ema import EMA, WEIGHTS_NOTE
-from lit_score.runtime.checkpoint_io import sha256
-from lit_score.errors import CheckpointError
-from lit_score.runtime.module import ScoreModel
+from lit_score.diffusion.denoiser import DDPMSteps, NoisePrediction, Preconditioning, ScorePrediction, SMLDLevels
+from lit_score.diffusion.losses import DDPMLoss, SMLDLoss
 from lit_score.diffusion.sdes import VESDE
+from lit_score.errors import CheckpointError
+from lit_score.runtime.checkpoint_io import sha256
+from lit_score.runtime.module import ScoreModel
+from lit_score.runtime.upgrade import EMA, NET
 
-PREFIX = "net."
 CONVERSION_KEY = "lit_score_conversion"
 
 
@@ -183,6 +187,62 @@ def ema_weights(official: Mapping[str, Any], model: ScoreModel, raw: Mapping[str
     return out
 
 
+def official_precond(model: ScoreModel) -> Preconditioning:
+    """The preconditioning under which the official network of ``model`` computes what score_sde trained it to
+    (its ``get_score_fn``): the VE networks divide by sigma (scale_by_sigma), the VP and sub-VP ones predict the
+    noise; Fourier embeddings see the log of the label. The discrete objectives: their levels."""
+    fourier = getattr(model.net, "embedding_type", "fourier") == "fourier"
+    if isinstance(model.loss, SMLDLoss):
+        return SMLDLevels(scale_by_sigma=True, log_label=fourier)
+    if isinstance(model.loss, DDPMLoss):
+        return DDPMSteps(log_label=fourier)
+    if isinstance(model.sde, VESDE):
+        return ScorePrediction(scale_by_sigma=True, log_label=fourier)
+    return NoisePrediction(log_label=fourier)
+
+
+def _as_config(obj: object) -> dict[str, Any]:
+    """class_path/init_args of a loss or preconditioning (their attributes are their arguments)."""
+    return {"class_path": f"{type(obj).__module__}.{type(obj).__qualname__}",
+            "init_args": {k: v for k, v in vars(obj).items() if not k.startswith("_")}}
+
+
+def _same_precond(a: Preconditioning, b: Preconditioning) -> bool:
+    return type(a) is type(b) and vars(a) == vars(b)
+
+
+def hyper_parameters(model: ScoreModel) -> dict[str, Any]:
+    """The model's hyper-parameters as a checkpoint of today's lit-score holds them (class_path/init_args of the
+    network, SDE and loss, and the preconditioning written out), checked to be score_sde's parametrisation."""
+    expected = official_precond(model)
+    if not _same_precond(model.precond, expected):
+        raise ConversionError(
+            f"the experiment's preconditioning {model.precond!r} is not what the official {type(model.net).__name__} "
+            f"computes under {type(model.sde).__name__} with {type(model.loss).__name__}: {expected!r} (score_sde's "
+            "parametrisation); leave model.precond unset or set it to that")
+    hparams = dict(model.hparams)
+    missing = [k for k in ("net", "sde") if not isinstance(hparams.get(k), Mapping) or "class_path" not in hparams[k]]
+    if missing:
+        raise ConversionError(f"the model does not record its {' and '.join(missing)} as class_path/init_args: build "
+                              "it from an experiment YAML (lit_score.evaluate.experiment.load_experiment), as "
+                              "convert_file does")
+    if not isinstance(hparams.get("loss"), Mapping):  # unset in the YAML: the default DSMLoss()
+        hparams["loss"] = _as_config(model.loss)
+    hparams["precond"] = _as_config(model.precond)
+    return hparams
+
+
+def ema_callback_state(ema: Mapping[str, Any], global_step: int) -> tuple[str, dict[str, Any]]:
+    """(state key, state) of lit-score's EMA callback continuing the official EMA: its decay as the rate, its update
+    count (the step when it has none) and the official warm-up when it counted updates."""
+    from lit_score.callbacks.ema import EMA as EMACallback
+
+    num_updates = ema.get("num_updates")
+    callback = EMACallback(rate=float(ema.get("decay", 0.9999)), warmup=num_updates is not None)
+    callback.num_updates = global_step if num_updates is None else _as_int(num_updates, "EMA num_updates")
+    return callback.state_key, callback.state_dict()
+
+
 def _as_int(value: Any, what: str) -> int:
     if isinstance(value, Tensor) and value.numel() == 1:
         return int(value.item())
@@ -195,24 +255,22 @@ def convert(official: Mapping[str, Any], model: ScoreModel, experiment: str | No
             config_path: str | Path | None = None, source: str | None = None,
             source_sha256: str | None = None) -> dict[str, Any]:
     """A Lightning checkpoint dict for ``model`` (a ScoreModel built from the matching experiment) from an official
-    checkpoint dict; raises ``ConversionError`` naming every key or shape that does not fit."""
+    checkpoint dict: the raw weights as ``net.*``, the EMA weights as ``ema.*``, the model's hyper-parameters with
+    score_sde's preconditioning; raises ``ConversionError`` naming every key or shape that does not fit."""
+    hparams = hyper_parameters(model)
     raw = network_weights(official, model)
     checkpoint: dict[str, Any] = {
         "epoch": 0,
         "global_step": _as_int(official.get("step", 0), "'step'"),
         "pytorch-lightning_version": L.__version__,
-        "state_dict": {PREFIX + k: v for k, v in raw.items()},
+        "state_dict": {NET + k: v for k, v in raw.items()},
+        "hyper_parameters": hparams,
         "callbacks": {},
     }
     if "ema" in official:
-        ema = official["ema"]
-        checkpoint[EMA_KEY] = {PREFIX + k: v for k, v in ema_weights(official, model, raw).items()}
-        num_updates = ema.get("num_updates")
-        decay = float(ema.get("decay", 0.9999))
-        checkpoint["callbacks"][EMA().state_key] = {
-            "num_updates": checkpoint["global_step"] if num_updates is None else _as_int(num_updates, "EMA num_updates"),
-            "num_images": 0, "rate": decay, "warmup": num_updates is not None, "halflife_kimg": None}
-        checkpoint["weights"] = dict(WEIGHTS_NOTE)
+        checkpoint["state_dict"].update({EMA + k: v for k, v in ema_weights(official, model, raw).items()})
+        key, state = ema_callback_state(official["ema"], checkpoint["global_step"])
+        checkpoint["callbacks"][key] = state
     checkpoint[CONVERSION_KEY] = {
         "source": source, "source_sha256": source_sha256, "experiment": experiment,
         "config": str(config_path) if config_path is not None else None,

@@ -11,11 +11,16 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from fsspec.utils import get_protocol
 
 from lit_score.errors import CheckpointError
 
 TMP_MARK = ".tmp-"
+
+
+def is_local_file(path: str | Path) -> bool:
+    """Whether ``path`` names a local file (no fsspec protocol such as s3://)."""
+    return get_protocol(str(path)) == "file"
 
 
 def sha256(path: str | Path) -> str:
@@ -85,7 +90,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     the newest good checkpoint beside a file that cannot be read."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
-        if storage_options is not None or not _is_local_file_protocol(path):
+        if storage_options is not None or not is_local_file(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_torch_save(checkpoint, path)
 
@@ -96,7 +101,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except FileNotFoundError:
             raise
         except Exception:
-            problem = checkpoint_problem(path) if _is_local_file_protocol(path) else None
+            problem = checkpoint_problem(path) if is_local_file(path) else None
             if problem is None:
                 raise
             raise CorruptCheckpointError(corrupt_message(path, problem)) from None

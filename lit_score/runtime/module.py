@@ -8,19 +8,19 @@ from pathlib import Path
 from typing import IO, Any
 
 import lightning as L
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DistributedSampler, SequentialSampler
 
 from lit_score.data_space import DataSpace
-from lit_score.distributed import gather_to_all
 from lit_score.diffusion.denoiser import Counted, NetworkDenoiser, Preconditioning
 from lit_score.diffusion.likelihood import Likelihood
 from lit_score.diffusion.losses import DSMLoss, Loss
 from lit_score.progress import Progress, planned_nfe
 from lit_score.sampling.base import SampleResult, Sampler
 from lit_score.diffusion.sdes import SDE, ScoreFn
-from lit_score.runtime.upgrade import EMA, upgrade_checkpoint
+from lit_score.runtime.bpd import BitsPerDimRun
+from lit_score.runtime.upgrade import EMA, NET, upgrade_checkpoint
 
 
 class ScoreModel(L.LightningModule):
@@ -68,14 +68,13 @@ class ScoreModel(L.LightningModule):
         self._data_space = data_space_from(data_space, net)
         self.hparams["data_space"] = self._data_space and self._data_space.to_dict()  # plain: weights_only loads
         self._compiled = False
-        self._test_batches: list[list[int]] | None = None
-        self._test_bpd: list[tuple[int, float, int]] = []
+        self._test_bpd = BitsPerDimRun()
 
     @classmethod
     def from_pretrained(cls, folder: str, **kwargs) -> "ScoreModel":
         """The model of a ``lit-score export`` folder (network with its weights, SDE, loss and preconditioning from
         its config.json); ``kwargs``: the other ScoreModel options (sampler, likelihood, ...)."""
-        from lit_score.interop.export import load_pretrained
+        from lit_score.runtime.pretrained import load_pretrained
 
         pretrained = load_pretrained(folder)
         kwargs.setdefault("data_space", pretrained.config.get("data_space"))
@@ -83,21 +82,43 @@ class ScoreModel(L.LightningModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path | IO, map_location: Any = None, strict: bool | None = None,
-                             **kwargs: Any) -> "ScoreModel":
+                             weights_only: bool | None = None, **kwargs: Any) -> "ScoreModel":
         """The model of a lit-score checkpoint, of this release or an earlier one (``lit_score.runtime.upgrade``),
-        read with ``torch.load(weights_only=True)``; ``kwargs`` override saved hyper-parameters."""
+        read with ``torch.load(weights_only=True)``; ``kwargs`` override saved hyper-parameters (a checkpoint of a
+        model built in Python has no network, SDE or loss config: pass ``net=``, ``sde=`` and the others)."""
+        if weights_only is False:
+            raise ValueError("lit-score reads checkpoints with torch.load(weights_only=True) only (a pickle can run "
+                             "code); checkpoints it writes need nothing more")
         checkpoint = upgrade_checkpoint(torch.load(checkpoint_path, map_location="cpu", weights_only=True))
+        hparams = checkpoint.get("hyper_parameters") or {}
+        missing = [k for k in ("net", "sde") if hparams.get(k) is None and k not in kwargs]
+        if missing:
+            raise ValueError(f"{checkpoint_path} does not record its {' and '.join(missing)} (the model was built in "
+                             f"Python, not from a YAML): pass them, e.g. ScoreModel.load_from_checkpoint(path, "
+                             f"{', '.join(f'{k}=...' for k in missing)})")
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         buffer.seek(0)
         return super().load_from_checkpoint(buffer, map_location=map_location, strict=strict, weights_only=True,
                                             **kwargs)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Hyper-parameters that are objects (a model built in Python) are saved as None, so that every checkpoint
+        reads with ``torch.load(weights_only=True)``; configs from the command line are kept."""
+        hparams = checkpoint.get("hyper_parameters")
+        if isinstance(hparams, dict):
+            checkpoint["hyper_parameters"] = {k: v if _plain(v) else None for k, v in hparams.items()}
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Read an earlier release's checkpoint as today's, and make the EMA network its weights go into."""
+        """Read an earlier release's checkpoint as today's, and make the EMA network its weights go into (or, for a
+        model given one, e.g. by the EMA callback, start it from the checkpoint's trained weights when it has none)."""
         upgrade_checkpoint(checkpoint)
-        if self.ema is None and any(k.startswith(EMA) for k in checkpoint.get("state_dict", {})):
+        state = checkpoint.get("state_dict", {})
+        if self.ema is None and any(k.startswith(EMA) for k in state):
             self.add_ema()
+        elif self.ema is not None and state and not any(k.startswith(EMA) for k in state):
+            rank_zero_warn("the checkpoint holds no EMA weights; the EMA network starts from its trained weights")
+            state.update({EMA + k[len(NET):]: v for k, v in list(state.items()) if k.startswith(NET)})
 
     def add_ema(self) -> nn.Module:
         """Give the model an EMA network beside ``net`` (a frozen copy of it), if it has none; returns it."""
@@ -174,73 +195,23 @@ class ScoreModel(L.LightningModule):
         return {"seeds": batch, "samples": result.samples, "nfe": result.nfe}
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
-        """Test-set bits/dim through the probability-flow ODE (Song et al. 2021, appendix D.2): image i of the test
-        set is dequantised and probed with seed i, so every image's value is the same for any number of processes
-        and batch size; ``on_test_epoch_end`` logs their mean over the test set as test/bpd."""
-        x = self._prepare(batch)
-        indices = self._test_indices(batch_idx, x.shape[0])
-        progress = self._test_progress(x.shape[0])
-        bpd, nfe = self.likelihood.bits_per_dim(progress.wrap(self.score_fn, x.shape[0]), self.sde, x, indices,
-                                                self.data_space)
-        progress.batch_done(x.shape[0], nfe)
-        self._test_bpd += [(i, float(b), int(nfe)) for i, b in zip(indices, bpd.double().tolist())]
+        """Test-set bits/dim through the probability-flow ODE (``lit_score.runtime.bpd``): image i of the test set
+        is dequantised and probed with seed i; ``on_test_epoch_end`` logs their mean as test/bpd."""
+        self._test_bpd.step(self, self._prepare(batch), batch_idx)
 
     def on_test_epoch_start(self) -> None:
-        self._test_batches, self._test_bpd = None, []
+        self._test_bpd = BitsPerDimRun()
 
     def on_test_epoch_end(self) -> None:
-        """Mean bits/dim over every test image once (DDP's padding repeats dropped), summed in image order."""
-        progress = getattr(self, "_bpd_progress", None)
-        if progress is not None:
-            progress.close()
-            self._bpd_progress = None
-        by_index: dict[int, tuple[float, int]] = {}
-        for part in gather_to_all(self._test_bpd):
-            for index, bpd, nfe in part:
-                by_index.setdefault(index, (bpd, nfe))
-        if not by_index:
-            return
-        values = torch.tensor([by_index[i][0] for i in sorted(by_index)], dtype=torch.float64)
-        for key, value in (("bpd", values.mean()), ("nfe", max(nfe for _, nfe in by_index.values())),
-                           ("num_images", len(values))):  # the same on every rank: max keeps it exact
-            self.log(f"test/{key}", float(value), sync_dist=True, reduce_fx="max")
-        self.test_bpd = values
-
-    def _test_indices(self, batch_idx: int, size: int) -> list[int]:
-        """The test-set indices of this process's batch ``batch_idx``, from the test dataloader's batch sampler."""
-        if self._test_batches is None:
-            loaders = self.trainer.test_dataloaders
-            loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-            sampler = getattr(loader, "sampler", None)
-            ordered = isinstance(sampler, SequentialSampler) or (
-                isinstance(sampler, DistributedSampler) and not sampler.shuffle)
-            if not ordered or getattr(loader, "batch_sampler", None) is None:
-                raise ValueError("test-set bits/dim seed each image by its index, so the test dataloader must serve a "
-                                 "map-style dataset in order (no shuffle, no IterableDataset); got sampler "
-                                 f"{type(sampler).__name__}")
-            self._test_batches = [list(b) for b in loader.batch_sampler]
-        indices = self._test_batches[batch_idx]
-        if len(indices) != size:
-            raise RuntimeError(f"test batch {batch_idx} has {size} images but its sampler gave {len(indices)} indices")
-        return [int(i) for i in indices]
-
-    def _test_progress(self, batch_size: int) -> Progress:
-        """The bits/dim bar of this test run: images of this process, NFE of the probability-flow ODE per image."""
-        progress = getattr(self, "_bpd_progress", None)
-        if progress is None:
-            batches = sum(self.trainer.num_test_batches)
-            loaders = self.trainer.test_dataloaders
-            dataset = getattr(loaders[0] if isinstance(loaders, (list, tuple)) else loaders, "dataset", None)
-            total = batches * batch_size
-            if dataset is not None and hasattr(dataset, "__len__"):
-                total = min(total, -(-len(dataset) // self.trainer.world_size))
-            enabled = self.trainer.is_global_zero and self.trainer.progress_bar_callback is not None
-            progress = self._bpd_progress = Progress("test/bpd", total, enabled=enabled)
-        return progress
+        values = self._test_bpd.finish(self)
+        if values is not None:
+            self.test_bpd = values  # per image, in test-set order
 
     def configure_model(self) -> None:
         if self.hparams.channels_last:
-            self.net.to(memory_format=torch.channels_last)
+            for net in (self.net, self.ema):
+                if net is not None:
+                    net.to(memory_format=torch.channels_last)
         if self.hparams.compile and not self._compiled:
             self.net.compile()
             self._compiled = True
@@ -263,7 +234,7 @@ class ScoreModel(L.LightningModule):
     def validation_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         # Fixed noise per batch, so validation losses of different steps are comparable.
         generator = torch.Generator().manual_seed(batch_idx)
-        loss = self.compute_loss(self._prepare(batch), generator)
+        loss = self.compute_loss(self._prepare(batch), generator, net=self.sampling_net)  # the weights to sample with
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
@@ -275,7 +246,7 @@ class ScoreModel(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.adam_eps,
+        optimizer = torch.optim.Adam(self.net.parameters(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.adam_eps,
                                      weight_decay=hp.weight_decay)
         warmup = max(int(hp.warmup), 0)
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -303,3 +274,12 @@ def data_space_from(data_space: DataSpace | dict | None, net: nn.Module) -> Data
         raise ValueError(f"the network takes samples of shape {tuple(net.data_shape)} but the data space is "
                          f"{space.shape}; set the data options (image_size, num_channels) to the network's")
     return space
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is made of dicts, lists and scalars only (what weights_only loading accepts)."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))

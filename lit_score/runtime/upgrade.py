@@ -22,7 +22,7 @@ MOVED = {  # 0.1 module -> today's
     "lit_score.resume": "lit_score.callbacks.resume",
     "lit_score.evaluate.inception_score": "lit_score.metrics.inception_score",
 }
-LOSS_NAMES = {"dsm": "DSMLoss", "smld": "SMLDLoss", "ddpm": "DDPMLoss"}  # losses named by string before 0.1
+LOSS_NAMES = {"dsm": "DSMLoss", "smld": "SMLDLoss", "ddpm": "DDPMLoss", "edm": "EDMLoss"}  # losses named by string before 0.1
 EMA_WEIGHTS_KEY = "ema_state_dict"  # where 0.1 checkpoints keep the EMA weights (keys like the state dict's)
 NET, EMA = "net.", "ema."  # the model's two networks in its state dict
 DENOISER = "lit_score.diffusion.denoiser."
@@ -77,8 +77,8 @@ def upgrade_model_config(config: dict[str, Any]) -> dict[str, Any]:
     """A model's options (checkpoint hyper-parameters or an export's config) with today's class paths, the loss
     as an object and the parametrisation as one ``precond``; today's configs come back unchanged."""
     config = _upgrade_class_paths(copy.deepcopy(config))
-    if "net" not in config or "sde" not in config:
-        return config
+    if not isinstance(config.get("net"), dict) or not isinstance(config.get("sde"), dict):
+        return config  # no configs to read (e.g. a model built in Python)
     loss = config["loss"] = _loss(config.get("loss"), config)
     net_args = config["net"].get("init_args", {}) if isinstance(config["net"], dict) else {}
     loss_args = loss.setdefault("init_args", {})

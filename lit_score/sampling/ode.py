@@ -17,7 +17,7 @@ from lit_score.diffusion.denoiser import Denoiser
 from lit_score.sampling.base import SampleResult, Sampler, denoise, time_vector
 
 from lit_score.rng import seeded_prior
-from lit_score.diffusion.sdes import SDE, ScoreFn, bcast
+from lit_score.diffusion.sdes import SDE, ScoreFn
 
 # Dormand & Prince (1980) tableau: nodes C, stages A, 5th-order weights B5, 4th-order weights B4 (FSAL).
 C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)

@@ -1,9 +1,13 @@
 """Fast samplers through the sigma view of any lit-score SDE (Karras et al. 2022, eq. 4):
 x_t = s(t) (x_0 + sigma(t) n), so x_hat = x_t / s(t) follows the VE ODE dx_hat/dsigma = (x_hat - D(x_hat; sigma)) / sigma
 with the model's denoiser D (``lit_score.diffusion.denoiser``), called directly.
+
+Here: the noise-level schedules, ``SigmaSampler`` (the base of every sampler stepping down them, here and in
+``solvers.py``), EDM's Heun sampler and DPM-Solver++ of orders 1-3 (ODE or SDE), written once.
 """
 from __future__ import annotations
 
+import abc
 import math
 from typing import Callable, Sequence
 
@@ -58,44 +62,95 @@ def sigma_steps(sde: SDE, steps: int, schedule: str, sigma_min: float | None, si
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
+def sigma_like(x: Tensor, value: float) -> Tensor:
+    """The noise level ``value`` once per sample of x, in x's dtype and on its device (what D takes)."""
+    return torch.full((x.shape[0],), float(value), dtype=x.dtype, device=x.device)
+
+
 def edm_sample(D: Denoiser, x: Tensor, sigmas: Tensor, noise: Callable[[], Tensor], S_churn: float = 0.0,
                S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0) -> Tensor:
     """Karras et al. 2022, Algorithm 2 (Algorithm 1, deterministic Heun, when S_churn = 0); x starts at sigma_0."""
     n = len(sigmas) - 1
-    sig = lambda v: torch.full((x.shape[0],), float(v), dtype=x.dtype, device=x.device)  # noqa: E731
     for i in range(n):
         t_cur, t_next = float(sigmas[i]), float(sigmas[i + 1])
         gamma = min(S_churn / n, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
         t_hat = t_cur + gamma * t_cur
         if gamma > 0:
             x = x + math.sqrt(t_hat**2 - t_cur**2) * S_noise * noise()
-        d = (x - D(x, sig(t_hat))) / t_hat
+        d = (x - D(x, sigma_like(x, t_hat))) / t_hat
         x_next = x + (t_next - t_hat) * d
         if t_next > 0:
-            d_prime = (x_next - D(x_next, sig(t_next))) / t_next
+            d_prime = (x_next - D(x_next, sigma_like(x, t_next))) / t_next
             x_next = x + (t_next - t_hat) * (0.5 * d + 0.5 * d_prime)
         x = x_next
     return x
 
 
-def dpm_solver_pp_2m(D: Denoiser, x: Tensor, sigmas: Tensor) -> Tensor:
-    """DPM-Solver++(2M) in the sigma view, lambda = -log sigma (Lu et al. 2022, Algorithm 2); last step first order."""
-    sig = lambda v: torch.full((x.shape[0],), float(v), dtype=x.dtype, device=x.device)  # noqa: E731
-    d_prev, h_prev = None, None
+def _phi2(H: float) -> float:
+    """(H - 1 + e^{-H}) / H: the weight of h D' in int_0^h e^{-(h-u)} D."""
+    return H / 2 - H**2 / 6 + H**3 / 24 if H < 1e-3 else 1 + math.expm1(-H) / H
+
+
+def _phi3(H: float) -> float:
+    """(H^2 / 2 - H + 1 - e^{-H}) / H^2: the weight of h^2 D''."""
+    return H / 6 - H**2 / 24 + H**3 / 120 if H < 1e-3 else (H * H / 2 - H - math.expm1(-H)) / H**2
+
+
+def check_dpm_solver_pp(order: int, eta: float, s_noise: float, solver_type: str) -> None:
+    """Raise unless ``dpm_solver_pp`` takes these options."""
+    if order not in (1, 2, 3):
+        raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}")
+    if eta < 0 or s_noise < 0:
+        raise ValueError(f"need eta >= 0 and s_noise >= 0, got {eta}, {s_noise}")
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+
+
+def dpm_solver_pp(D: Denoiser, x: Tensor, sigmas: Tensor, noise: Callable[[], Tensor] | None = None, order: int = 2,
+                  eta: float = 0.0, s_noise: float = 1.0, solver_type: str = "midpoint") -> Tensor:
+    """Multistep DPM-Solver++ of order 1-3 in the sigma view, lambda = -log sigma (Lu et al. 2022), one evaluation
+    per step; an SDE solver when eta > 0; the step to sigma = 0 is x = D.
+
+    In log-SNR with h = lambda_{i+1} - lambda_i the exact solution of the sigma-view ODE is
+    x_{i+1} = (sigma_{i+1} / sigma_i) x_i + int_0^h e^{-(h - u)} D(lambda_i + u) du; with eta the step is
+    x' = (sigma'/sigma) e^{-eta h} x + (1 - e^{-(1+eta) h}) D + ... + sigma' sqrt(1 - e^{-2 eta h}) s_noise z
+    (eta = 1: SDE-DPM-Solver++, Lu et al. 2022, appendix). Higher-order terms come from the last ``order`` denoiser
+    outputs; the first steps use lower orders. Order 2 with ``solver_type`` "midpoint" is DPM-Solver++(2M) (D
+    extrapolated to the midpoint in lambda, Lu et al. 2022, Algorithm 2), "heun" its exponential-integrator weight.
+    Order 3 is DPM-Solver++(3M): D'' is estimated as 2 f2 from the second divided difference f2; k-diffusion 0.1.1
+    uses f2, which leaves its sample_dpmpp_3m_sde second order (tests/test_solvers.py measures both).
+    """
+    check_dpm_solver_pp(order, eta, s_noise, solver_type)
+    if eta > 0 and noise is None:
+        raise ValueError("the stochastic DPM-Solver++ (eta > 0) needs a noise source")
+    Ds: list[Tensor] = []
+    hs: list[float] = []
     for i in range(len(sigmas) - 1):
-        s_cur, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        d = D(x, sig(s_cur))
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        d = D(x, sigma_like(x, s))
         if s_next == 0:
-            x = d
-            break
-        h = math.log(s_cur / s_next)
-        if d_prev is None:
-            d_hat = d
-        else:
-            r = h_prev / h
-            d_hat = (1 + 1 / (2 * r)) * d - d_prev / (2 * r)
-        x = (s_next / s_cur) * x - math.expm1(-h) * d_hat
-        d_prev, h_prev = d, h
+            return d
+        h = math.log(s / s_next)
+        H = (1 + eta) * h
+        k = min(order, len(Ds) + 1)
+        midpoint = k == 2 and order == 2 and solver_type == "midpoint"
+        d_hat = d
+        if midpoint:
+            r = hs[-1] / h
+            d_hat = (1 + 1 / (2 * r)) * d - Ds[-1] / (2 * r)
+        x_next = (s_next / s) * math.exp(-eta * h) * x - math.expm1(-H) * d_hat
+        if k == 2 and not midpoint:
+            d1 = (d - Ds[-1]) * (h / hs[-1])  # ~ h D'
+            x_next = x_next + _phi2(H) * d1
+        elif k == 3:
+            r0, r1 = hs[-1] / h, hs[-2] / h
+            d1_0, d1_1 = (d - Ds[-1]) / r0, (Ds[-1] - Ds[-2]) / r1
+            f2 = (d1_0 - d1_1) / (r0 + r1)  # second divided difference in units of h
+            x_next = x_next + _phi2(H) * (d1_0 + r0 * f2) + _phi3(H) * 2 * f2  # h D' and h^2 D''
+        if eta > 0:
+            x_next = x_next + s_next * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise * noise().to(x)
+        x = x_next
+        Ds, hs = (Ds + [d])[-2:], (hs + [h])[-2:]
     return x
 
 
@@ -104,27 +159,49 @@ def float32_net(D: Denoiser) -> Callable[[Tensor, Tensor], Tensor]:
     return lambda x, sigma: D(x.float(), sigma.float()).double()
 
 
-class _SigmaSampler(Sampler):
-    def __init__(self, steps: int, schedule: str, sigma_min: float | None, sigma_max: float | None,
-                 float64: bool = False) -> None:
+SIGMA_ARGS = """steps: noise levels N, then a last step to sigma = 0 (NFE = N).
+        schedule: a name in ``SCHEDULES``: karras (rho = 7, default), geometric (log-SNR), uniform (in t).
+        sigma_min, sigma_max: ends of the schedule (default: max(SDE's sigma_min, 0.002) and the SDE's sigma_max).
+        float64: step in float64, calling the network in float32, as EDM's own sampler."""
+
+
+class SigmaSampler(Sampler):
+    __doc__ = f"""A sampler in the sigma view: x_hat starts at sigma_0 from each image's seed and a solver steps it down
+    the schedule's noise levels to sigma = 0, where it is x_0; one network evaluation per level unless ``planned_nfe``
+    says otherwise. Subclasses give ``solve``.
+
+    Args:
+        {SIGMA_ARGS}
+    """
+
+    def __init__(self, steps: int, schedule: str = "karras", sigma_min: float | None = None,
+                 sigma_max: float | None = None, float64: bool = False) -> None:
         SCHEDULES[schedule]
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.steps, self.schedule, self.sigma_min, self.sigma_max = steps, schedule, sigma_min, sigma_max
         self.float64 = float64
 
-    def _start(self, D: Denoiser, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
-               device: torch.device | str):
+    @abc.abstractmethod
+    def solve(self, D: Denoiser, x: Tensor, sigmas: Tensor, noise: Callable[[], Tensor]) -> Tensor:
+        """x_hat at ``sigmas[-1]`` from x at ``sigmas[0]``; ``noise()`` draws each image's next normal variates."""
+
+    def planned_nfe(self, sde: SDE) -> int:
+        return self.steps
+
+    def sample(self, D: Denoiser, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
+               device: torch.device | str = "cpu") -> SampleResult:
         sigmas = sigma_steps(sde, self.steps, self.schedule, self.sigma_min, self.sigma_max)
         counted = Counted(D)
         noise = SeededNoise(seeds, shape, device)
         x = noise() * float(sigmas[0])
+        net = counted
         if self.float64:  # as EDM's sampler: float64 state, the network in its own dtype
-            return float32_net(counted), x.double(), sigmas, noise, counted
-        return counted, x, sigmas, noise, counted
+            net, x = float32_net(counted), x.double()
+        return SampleResult(self.solve(net, x, sigmas, noise).float(), counted.nfe)  # x_hat at sigma = 0 is x_0
 
 
-class EDMSampler(_SigmaSampler):
+class EDMSampler(SigmaSampler):
     """EDM's Heun sampler, deterministic (S_churn = 0, Algorithm 1) or stochastic (Algorithm 2), for any SDE.
 
     Args:
@@ -147,24 +224,23 @@ class EDMSampler(_SigmaSampler):
     def planned_nfe(self, sde: SDE) -> int:
         return 2 * self.steps - 1  # Heun at each level, Euler on the last step to sigma = 0
 
-    def sample(self, D: Denoiser, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
-               device: torch.device | str = "cpu") -> SampleResult:
-        D, x, sigmas, noise, counted = self._start(D, sde, shape, seeds, device)
-        x = edm_sample(D, x, sigmas, noise, self.S_churn, self.S_min, self.S_max, self.S_noise)
-        return SampleResult(x.float(), counted.nfe)  # x_hat at sigma = 0 is x_0
+    def solve(self, D, x, sigmas, noise):
+        return edm_sample(D, x, sigmas, noise, self.S_churn, self.S_min, self.S_max, self.S_noise)
 
 
-class DPMSolverPP(_SigmaSampler):
-    """DPM-Solver++(2M), multistep second order, one evaluation per step (Lu et al. 2022), for any SDE."""
+class DPMSolverPP(SigmaSampler):
+    __doc__ = f"""DPM-Solver++(2M), multistep second order, one evaluation per step (Lu et al. 2022), for any SDE
+    (``DPMSolverPP3M``: the same sampler with ``order = 3``).
+
+    Args:
+        {SIGMA_ARGS}
+    """
+
+    order = 2
 
     def __init__(self, steps: int = 20, schedule: str = "karras", sigma_min: float | None = None,
                  sigma_max: float | None = None, float64: bool = False) -> None:
         super().__init__(steps, schedule, sigma_min, sigma_max, float64)
 
-    def planned_nfe(self, sde: SDE) -> int:
-        return self.steps
-
-    def sample(self, D: Denoiser, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
-               device: torch.device | str = "cpu") -> SampleResult:
-        D, x, sigmas, _, counted = self._start(D, sde, shape, seeds, device)
-        return SampleResult(dpm_solver_pp_2m(D, x, sigmas).float(), counted.nfe)
+    def solve(self, D, x, sigmas, noise):
+        return dpm_solver_pp(D, x, sigmas, order=self.order)

@@ -1,11 +1,11 @@
-"""The fastest published solvers in the sigma view of any lit-score SDE (see ``sigma.py``), plus the adaptive
-reverse-SDE solver of Jolicoeur-Martineau et al. (2021).
+"""The fastest published solvers in the sigma view of any lit-score SDE (see ``sigma.py``, which also holds
+DPM-Solver++ of every order), plus the adaptive reverse-SDE solver of Jolicoeur-Martineau et al. (2021).
 
 Each solver is a pure function ``(D, x, sigmas[, noise], ...) -> x`` stepping x_hat from ``sigmas[0]`` down the
 grid (a final sigma = 0 is a denoising step, x = D(x; sigma)); stochastic ones draw ``noise()`` once per step.
 In log-SNR lambda = -log sigma with h = lambda_{i+1} - lambda_i, the exact solution of the sigma-view ODE is
 x_{i+1} = (sigma_{i+1} / sigma_i) x_i + int_0^h e^{-(h - u)} D(lambda_i + u) du (Lu et al. 2022, DPM-Solver++), which the
-exponential integrators below approximate from past denoiser outputs.
+exponential integrators approximate from past denoiser outputs.
 """
 from __future__ import annotations
 
@@ -18,89 +18,19 @@ from torch import Tensor
 from lit_score.diffusion.denoiser import Counted, Denoiser
 from lit_score.rng import SeededNoise, seeded_prior
 from lit_score.sampling.base import SampleResult, Sampler, denoise, time_vector
-from lit_score.sampling.sigma import _SigmaSampler
+from lit_score.sampling.sigma import (SIGMA_ARGS, DPMSolverPP, SigmaSampler, check_dpm_solver_pp, dpm_solver_pp,
+                                      sigma_like)
 from lit_score.diffusion.sdes import SDE, VESDE, ScoreFn, bcast
 
 Noise = Callable[[], Tensor]
-
-
-def _sig(x: Tensor, v: float) -> Tensor:
-    return torch.full((x.shape[0],), v, dtype=x.dtype, device=x.device)
-
-
-def _phi2(H: float) -> float:
-    """(H - 1 + e^{-H}) / H: the weight of h D' in int_0^h e^{-(h-u)} D."""
-    return H / 2 - H**2 / 6 + H**3 / 24 if H < 1e-3 else 1 + math.expm1(-H) / H
-
-
-def _phi3(H: float) -> float:
-    """(H^2 / 2 - H + 1 - e^{-H}) / H^2: the weight of h^2 D''."""
-    return H / 6 - H**2 / 24 + H**3 / 120 if H < 1e-3 else (H * H / 2 - H - math.expm1(-H)) / H**2
 
 
 def euler(D: Denoiser, x: Tensor, sigmas: Tensor) -> Tensor:
     """Euler's method on dx/dsigma = (x - D(x; sigma)) / sigma (Karras et al. 2022, eq. 3); order 1."""
     for i in range(len(sigmas) - 1):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        x = x + (s_next - s) * (x - D(x, _sig(x, s))) / s
+        x = x + (s_next - s) * (x - D(x, sigma_like(x, s))) / s
     return x
-
-
-def _check_dpm(order: int, eta: float, s_noise: float, solver_type: str) -> None:
-    if order not in (1, 2, 3):
-        raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}")
-    if eta < 0 or s_noise < 0:
-        raise ValueError(f"need eta >= 0 and s_noise >= 0, got {eta}, {s_noise}")
-    if solver_type not in ("midpoint", "heun"):
-        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
-
-
-def dpm_solver_pp_sde(D: Denoiser, x: Tensor, sigmas: Tensor, noise: Noise | None = None, order: int = 3,
-                      eta: float = 1.0, s_noise: float = 1.0, solver_type: str = "midpoint") -> Tensor:
-    """Multistep DPM-Solver++ of order 1-3 (Lu et al. 2022), as an SDE solver when eta > 0.
-
-    With eta the step is x' = (sigma'/sigma) e^{-eta h} x + (1 - e^{-(1+eta) h}) D + ... + sigma' sqrt(1 - e^{-2 eta h}) z
-    (eta = 1: SDE-DPM-Solver++, Lu et al. 2022, appendix); eta = 0 is the ODE solver. Higher-order terms come from
-    divided differences of the last ``order`` denoiser outputs; the first steps use lower orders. ``solver_type``
-    ("midpoint" as DPM-Solver++(2M), or "heun") sets the order-2 term of ``order`` = 2.
-    """
-    _check_dpm(order, eta, s_noise, solver_type)
-    if eta > 0 and noise is None:
-        raise ValueError("the stochastic DPM-Solver++ (eta > 0) needs a noise source")
-    Ds: list[Tensor] = []
-    hs: list[float] = []
-    for i in range(len(sigmas) - 1):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        d = D(x, _sig(x, s))
-        if s_next == 0:
-            return d
-        h = math.log(s / s_next)
-        H = (1 + eta) * h
-        x_next = (s_next / s) * math.exp(-eta * h) * x - math.expm1(-H) * d
-        k = min(order, len(Ds) + 1)
-        if k == 2:
-            d1 = (d - Ds[-1]) * (h / hs[-1])  # ~ h D'
-            midpoint = order == 2 and solver_type == "midpoint"
-            x_next = x_next + (-0.5 * math.expm1(-H) if midpoint else _phi2(H)) * d1
-        elif k == 3:
-            r0, r1 = hs[-1] / h, hs[-2] / h
-            d1_0, d1_1 = (d - Ds[-1]) / r0, (Ds[-1] - Ds[-2]) / r1
-            f2 = (d1_0 - d1_1) / (r0 + r1)  # second divided difference in units of h
-            x_next = x_next + _phi2(H) * (d1_0 + r0 * f2) + _phi3(H) * 2 * f2  # h D' and h^2 D''
-        if eta > 0:
-            x_next = x_next + s_next * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise * noise().to(x)
-        x = x_next
-        Ds, hs = (Ds + [d])[-2:], (hs + [h])[-2:]
-    return x
-
-
-def dpm_solver_pp_3m(D: Denoiser, x: Tensor, sigmas: Tensor) -> Tensor:
-    """DPM-Solver++(3M): multistep third order, one evaluation per step (Lu et al. 2022).
-
-    D'' is estimated as 2 f2 from the second divided difference f2; k-diffusion 0.1.1 uses f2, which leaves its
-    sample_dpmpp_3m_sde second order (tests/test_solvers.py measures both).
-    """
-    return dpm_solver_pp_sde(D, x, sigmas, None, order=3, eta=0.0)
 
 
 def _unipc_psi(h: float, n: int) -> float:
@@ -146,7 +76,7 @@ def unipc(D: Denoiser, x: Tensor, sigmas: Tensor, order: int = 2, variant: str =
     _check_unipc(order, variant)
     n = len(sigmas) - 1
     lam = [-math.log(float(v)) if float(v) > 0 else math.inf for v in sigmas]
-    m = D(x, _sig(x, float(sigmas[0]))) if n > 0 else x
+    m = D(x, sigma_like(x, float(sigmas[0]))) if n > 0 else x
     past: list[tuple[float, Tensor]] = []  # (lambda, D) at earlier points, newest last
     for i in range(n):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -164,7 +94,7 @@ def unipc(D: Denoiser, x: Tensor, sigmas: Tensor, order: int = 2, variant: str =
             x_pred = x_base + B * sum(float(a_k) * d_k for a_k, d_k in zip(a, Dr))
         if i == n - 1:
             return x_pred
-        m_next = D(x_pred, _sig(x, s_next))
+        m_next = D(x_pred, sigma_like(x, s_next))
         if corrector:
             a = _unipc_weights(rs + [1.0], h, B)
             x = x_base + B * (sum(float(a_k) * d_k for a_k, d_k in zip(a[:-1], Dr)) + float(a[-1]) * (m_next - m))
@@ -202,7 +132,7 @@ def ipndm(D: Denoiser, x: Tensor, sigmas: Tensor, order: int = 4, variable: bool
     ds: list[Tensor] = []  # newest first
     for i in range(len(grid) - 1):
         s, s_next = grid[i], grid[i + 1]
-        ds = [(x - D(x, _sig(x, s))) / s] + ds[:order - 1]
+        ds = [(x - D(x, sigma_like(x, s))) / s] + ds[:order - 1]
         if variable:
             w = _adams_bashforth_weights(grid[i::-1][:len(ds)], s_next)
         else:
@@ -260,64 +190,36 @@ def adaptive_sde(score_fn: ScoreFn, sde: SDE, x: Tensor, noise: Noise, eps: floa
                        f"abstol / reltol (now {abstol}, {reltol}) or raise max_iters")
 
 
-_SIGMA_ARGS = """steps: noise levels N, then a last step to sigma = 0 (NFE = N).
-        schedule: a name in ``SCHEDULES`` (karras, geometric, uniform).
-        sigma_min, sigma_max: ends of the schedule (default: max(SDE's sigma_min, 0.002) and the SDE's sigma_max).
-        float64: step in float64, calling the network in float32, as EDM's sampler."""
-
-
-class _OneEvalPerStep(_SigmaSampler):
-    def __init__(self, steps: int, schedule: str, sigma_min: float | None, sigma_max: float | None,
-                 float64: bool) -> None:
-        super().__init__(steps, schedule, sigma_min, sigma_max, float64)
-
-    def _solve(self, D: Denoiser, x: Tensor, sigmas: Tensor, noise: SeededNoise) -> Tensor:
-        raise NotImplementedError
-
-    def planned_nfe(self, sde: SDE) -> int:
-        return self.steps
-
-    def sample(self, D: Denoiser, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
-               device: torch.device | str = "cpu") -> SampleResult:
-        D, x, sigmas, noise, counted = self._start(D, sde, shape, seeds, device)
-        return SampleResult(self._solve(D, x, sigmas, noise).float(), counted.nfe)
-
-
-class EulerSampler(_OneEvalPerStep):
+class EulerSampler(SigmaSampler):
     __doc__ = f"""Euler's method on the sigma-view probability-flow ODE (Karras et al. 2022, eq. 3), for any SDE.
 
     Args:
-        {_SIGMA_ARGS}
+        {SIGMA_ARGS}
     """
 
     def __init__(self, steps: int = 50, schedule: str = "karras", sigma_min: float | None = None,
                  sigma_max: float | None = None, float64: bool = False) -> None:
         super().__init__(steps, schedule, sigma_min, sigma_max, float64)
 
-    def _solve(self, D, x, sigmas, noise):
+    def solve(self, D, x, sigmas, noise):
         return euler(D, x, sigmas)
 
 
-class DPMSolverPP3M(_OneEvalPerStep):
+class DPMSolverPP3M(DPMSolverPP):
     __doc__ = f"""DPM-Solver++(3M), multistep third order, one evaluation per step (Lu et al. 2022), for any SDE.
 
     Args:
-        {_SIGMA_ARGS}
+        {SIGMA_ARGS}
     """
 
-    def __init__(self, steps: int = 20, schedule: str = "karras", sigma_min: float | None = None,
-                 sigma_max: float | None = None, float64: bool = False) -> None:
-        super().__init__(steps, schedule, sigma_min, sigma_max, float64)
-
-    def _solve(self, D, x, sigmas, noise):
-        return dpm_solver_pp_3m(D, x, sigmas)
+    order = 3
 
 
-class DPMSolverPPSDE(_OneEvalPerStep):
+class DPMSolverPPSDE(SigmaSampler):
     __doc__ = f"""DPM-Solver++(2M) SDE / (3M) SDE (Lu et al. 2022, appendix; k-diffusion), each image's noise from its seed.
 
     Args:
-        {_SIGMA_ARGS}
+        {SIGMA_ARGS}
         order: 2 or 3 (multistep order; 1 is SDE-DPM-Solver-1).
         eta: stochasticity (1: the reverse SDE; 0: the ODE solver).
         s_noise: scale of the added noise.
@@ -328,18 +230,18 @@ class DPMSolverPPSDE(_OneEvalPerStep):
                  sigma_max: float | None = None, float64: bool = False, order: int = 3, eta: float = 1.0,
                  s_noise: float = 1.0, solver_type: str = "midpoint") -> None:
         super().__init__(steps, schedule, sigma_min, sigma_max, float64)
-        _check_dpm(order, eta, s_noise, solver_type)
+        check_dpm_solver_pp(order, eta, s_noise, solver_type)
         self.order, self.eta, self.s_noise, self.solver_type = order, eta, s_noise, solver_type
 
-    def _solve(self, D, x, sigmas, noise):
-        return dpm_solver_pp_sde(D, x, sigmas, noise, self.order, self.eta, self.s_noise, self.solver_type)
+    def solve(self, D, x, sigmas, noise):
+        return dpm_solver_pp(D, x, sigmas, noise, self.order, self.eta, self.s_noise, self.solver_type)
 
 
-class UniPC(_OneEvalPerStep):
+class UniPC(SigmaSampler):
     __doc__ = f"""UniPC: UniP-p predictor with the UniC corrector at no extra evaluation (Zhao et al. 2023), for any SDE.
 
     Args:
-        {_SIGMA_ARGS}
+        {SIGMA_ARGS}
         order: predictor order p (1-3); with the corrector the solver has order p + 1.
         variant: B(h) = h ("bh1") or 1 - e^(-h) ("bh2").
         corrector: apply UniC.
@@ -352,15 +254,15 @@ class UniPC(_OneEvalPerStep):
         _check_unipc(order, variant)
         self.order, self.variant, self.corrector = order, variant, corrector
 
-    def _solve(self, D, x, sigmas, noise):
+    def solve(self, D, x, sigmas, noise):
         return unipc(D, x, sigmas, self.order, self.variant, self.corrector)
 
 
-class IPNDM(_OneEvalPerStep):
+class IPNDM(SigmaSampler):
     __doc__ = f"""Improved PNDM: fixed-coefficient Adams-Bashforth of order up to 4 (Zhang & Chen 2023), for any SDE.
 
     Args:
-        {_SIGMA_ARGS}
+        {SIGMA_ARGS}
         order: 1 to 4.
         variable: variable-step Adams-Bashforth coefficients (iPNDM-v).
     """
@@ -372,7 +274,7 @@ class IPNDM(_OneEvalPerStep):
         _check_ipndm(order)
         self.order, self.variable = order, variable
 
-    def _solve(self, D, x, sigmas, noise):
+    def solve(self, D, x, sigmas, noise):
         return ipndm(D, x, sigmas, self.order, self.variable)
 
 
