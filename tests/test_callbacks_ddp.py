@@ -205,7 +205,7 @@ def test_one_checkpoint_with_both_weights(runs):
     """Property: the 2-process run writes one step-4 checkpoint whose state_dict holds the ranks' EMA network as
     ema.* and the training weights as net.*, and nothing else."""
     assert len(list((runs["run2"] / "checkpoints").glob("*step=4*"))) == 1
-    ckpt = torch.load(runs["ckpt"], map_location="cpu", weights_only=False)
+    ckpt = torch.load(runs["ckpt"], map_location="cpu", weights_only=True)
     ema, net = _part(ckpt["state_dict"], "ema."), _part(ckpt["state_dict"], "net.")
     assert len(ema) + len(net) == len(ckpt["state_dict"]) and "ema_state_dict" not in ckpt
     _assert_equal_states(ema, runs["ranks"][0]["shadow"])
@@ -216,7 +216,7 @@ def test_one_checkpoint_with_both_weights(runs):
 def test_resume_continues_ema_counter_and_shadow(runs):
     """Property: the resumed run starts from the checkpoint's counter (4) and EMA network, and its updates 5 and 6
     use the decays of n = 5, 6."""
-    resumed, ckpt = runs["resumed"], torch.load(runs["ckpt"], map_location="cpu", weights_only=False)
+    resumed, ckpt = runs["resumed"], torch.load(runs["ckpt"], map_location="cpu", weights_only=True)
     assert resumed["initial_updates"] == 4 and resumed["num_updates"] == 6
     ema = _part(ckpt["state_dict"], "ema.")
     _assert_equal_states(resumed["initial_shadow"], ema)

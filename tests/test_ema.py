@@ -197,12 +197,9 @@ def _vectors(n: int, seed: int) -> DataLoader:
 
 
 def _save(trainer: L.Trainer, path):
-    """The trainer's checkpoint, without the hyper-parameters: a model built in Python saves its network and SDE as
-    objects (the CLI saves class_path dicts), which torch.load(weights_only=True) refuses."""
+    """The trainer's checkpoint (a model built in Python saves its network and SDE as None: it reads with
+    weights_only=True)."""
     trainer.save_checkpoint(path)
-    saved = torch.load(path, weights_only=False)
-    del saved["hyper_parameters"]
-    torch.save(saved, path)
     return path
 
 
@@ -278,3 +275,12 @@ def test_lit_score_export_ema_names_its_replacement(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
         "lit-score: error: `lit-score export-ema` was replaced by `lit-score export CHECKPOINT OUT_DIR --weights ema`"]
+
+
+def test_a_model_with_ema_weights_fit_without_the_ema_callback_says_they_stay(tmp_path):
+    """Property: fitting a model that has an EMA network without the EMA callback warns that the weights to sample
+    with stay as loaded (they would otherwise silently lag the trained network)."""
+    model = _score_model()
+    model.add_ema()
+    with pytest.warns(UserWarning, match="no EMA callback: it stays as loaded"):
+        _trainer(tmp_path, [], max_steps=1).fit(model, _vectors(4, 0))

@@ -111,7 +111,7 @@ def fit_process(config: Path, version: str, *args: str) -> subprocess.CompletedP
 
 
 def last_checkpoint(tmp_path: Path, version: str) -> dict:
-    return torch.load(tmp_path / "runs/tiny" / version / "checkpoints/last.ckpt", weights_only=False)
+    return torch.load(tmp_path / "runs/tiny" / version / "checkpoints/last.ckpt", weights_only=True)
 
 
 def loss_curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -236,7 +236,7 @@ def test_kill_9_and_restart_is_exact(tmp_path, reference, position):
     killed = fit_process(config, "run")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     last = tmp_path / "runs/tiny/run/checkpoints/last.ckpt"
-    assert (torch.load(last, weights_only=False)["global_step"] if last.exists() else None) == resume_step
+    assert (torch.load(last, weights_only=True)["global_step"] if last.exists() else None) == resume_step
     resumed = fit(write_config(tmp_path, "resume"), "run", "--ckpt_path", "last")
     assert resumed.global_step == MAX_STEPS
     assert_same_state(last_checkpoint(tmp_path, "run"), reference[0])

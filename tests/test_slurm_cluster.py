@@ -160,7 +160,7 @@ def reference_job(cluster, tmp_path_factory):
             log = submission.run_dir(job) / "slurm.out"
             assert state == "COMPLETED", log.read_text()[-4000:] if log.exists() else state
             run_dir = submission.run_dir(job)
-            result["value"] = (torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False), run_dir)
+            result["value"] = (torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True), run_dir)
         return result["value"]
     return get
 
@@ -174,7 +174,7 @@ def loss_curve(run_dir: Path) -> list[tuple[int, float]]:
 def assert_same_as_reference(run_dir: Path, reference: tuple[dict, Path]) -> None:
     """Weights, optimizer, EMA and every rank's random state bitwise those of the uninterrupted job, and the
     same loss curve, one point per step."""
-    final = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)
+    final = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)
     expected, reference_dir = reference
     assert final["global_step"] == expected["global_step"] == MAX_STEPS
     for name in ("state_dict", "optimizer_states", "lr_schedulers", "random_state"):
@@ -249,7 +249,7 @@ def test_one_node_two_tasks_preempted_requeued_and_resumed(cluster, tmp_path):
     job, run_dir, log = run_preempted(cluster, tmp_path, nodes=1, devices=2)
     assert "single_node" in cluster.job_field(job, "Command")
     assert_requeued_and_resumed(cluster, job, run_dir, log, stopped=4)
-    final = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)
+    final = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)
     assert final["global_step"] == MAX_STEPS and len(final["random_state"]) == 2
 
 
@@ -328,7 +328,7 @@ def test_time_limit_warning_preempts_and_the_job_finishes_in_segments(cluster, t
     log = (submission.run_dir(job) / "slurm.out").read_text()
     assert state == "COMPLETED", log[-4000:]
     assert "Pre-emption signal: saving a checkpoint" in log
-    final = torch.load(submission.run_dir(job) / "checkpoints/last.ckpt", weights_only=False)
+    final = torch.load(submission.run_dir(job) / "checkpoints/last.ckpt", weights_only=True)
     assert final["global_step"] == max_steps
 
 

@@ -39,7 +39,7 @@ def test_short_fit_lowers_the_loss_and_writes_one_run_directory(tmp_path):
     assert last < 0.7 * first, (first, last)
     assert len(scalars(run_dir, "val/loss")) == 2
     assert (run_dir / "config.yaml").is_file()
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 120
     assert any(k.startswith("net.") for k in checkpoint["state_dict"])
     reloaded = ScoreModel.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", map_location="cpu")

@@ -27,11 +27,14 @@ class Denoiser(abc.ABC):
     def __call__(self, x_hat: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
         """E[x_0 | x_hat] at noise levels sigma (B,)."""
 
+    def residual(self, x_hat: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+        """D(x_hat; sigma) - x_hat, which a subclass may compute without the cancellation of the difference."""
+        return self(x_hat, sigma, cond) - x_hat
+
     def score(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         """grad log p_t(x) = (D(x / s; sigma) - x / s) / (s sigma^2) (Tweedie's formula; Karras et al. 2022, eq. 3)."""
         sigma, s = self.sde.sigma(t), self.sde.scale(t)
-        x_hat = x / bcast(s, x)
-        return (self(x_hat, sigma, cond) - x_hat) / bcast(s * sigma**2, x)
+        return self.residual(x / bcast(s, x), sigma, cond) / bcast(s * sigma**2, x)
 
 
 class Counted(Denoiser):
@@ -205,11 +208,22 @@ class NetworkDenoiser(Denoiser):
         precond.check(sde)
         self.net, self.precond, self.sde = net, precond, sde
 
-    def __call__(self, x_hat, sigma, cond=None):
+    def _parts(self, x_hat: Tensor, sigma: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """c_skip, c_out (broadcast to x_hat) and F(c_in x_hat; c_noise, cond)."""
         c_skip, c_out, c_in, c_noise = self.precond.coefficients(sigma, self.sde)
         x_in = bcast(c_in, x_hat) * x_hat
         out = self.net(x_in, c_noise) if cond is None else self.net(x_in, c_noise, cond)
-        return bcast(c_skip, x_hat) * x_hat + bcast(c_out, x_hat) * out.to(x_hat.dtype)
+        return bcast(c_skip, x_hat), bcast(c_out, x_hat), out.to(x_hat.dtype)
+
+    def __call__(self, x_hat, sigma, cond=None):
+        c_skip, c_out, out = self._parts(x_hat, sigma, cond)
+        return c_skip * x_hat + c_out * out
+
+    def residual(self, x_hat, sigma, cond=None):
+        """(c_skip - 1) x_hat + c_out F: for score_sde's parametrisations (c_skip = 1) the score is c_out F / (s
+        sigma^2) to float precision at every sigma, as their networks were trained."""
+        c_skip, c_out, out = self._parts(x_hat, sigma, cond)
+        return (c_skip - 1) * x_hat + c_out * out
 
 
 

@@ -120,6 +120,14 @@ class ScoreModel(L.LightningModule):
             rank_zero_warn("the checkpoint holds no EMA weights; the EMA network starts from its trained weights")
             state.update({EMA + k[len(NET):]: v for k, v in list(state.items()) if k.startswith(NET)})
 
+    def on_fit_start(self) -> None:
+        from lit_score.callbacks.ema import EMA as EMACallback
+
+        if self.ema is not None and not any(isinstance(cb, EMACallback) for cb in self.trainer.callbacks):
+            rank_zero_warn("the model has an EMA network (from its checkpoint) but this run has no EMA callback: it "
+                           "stays as loaded while net trains, and sampling, validation and export use it; add "
+                           "lit_score.callbacks.EMA to keep averaging")
+
     def add_ema(self) -> nn.Module:
         """Give the model an EMA network beside ``net`` (a frozen copy of it), if it has none; returns it."""
         if self.ema is None:

@@ -190,7 +190,7 @@ class ODESampler(Sampler):
     Args:
         rtol, atol: local error tolerances.
         eps: final time.
-        denoise: finish with Tweedie's denoiser at eps (one more evaluation).
+        denoise: finish with the denoiser, E[x_0 | x_eps] = D(x_eps / s; sigma(eps)) (one more evaluation).
         step_control: ``image`` (default: a step size per image, so an image depends only on its seed) or
             ``batch`` (one step for the flattened batch, as the official scipy RK45; fewer evaluations for the
             slowest image, but an image depends on its batch-mates).

@@ -287,7 +287,7 @@ class AdaptiveSDESampler(Sampler):
         h_init: first step size in t.
         eps: final time (default: 1e-5 for VE, 1e-3 for VP and sub-VP, as the official code).
         step_control: "image" (a step size per image, so an image depends only on its seed) or "batch".
-        denoise: finish with Tweedie's denoiser at eps (one more evaluation).
+        denoise: finish with the denoiser, E[x_0 | x_eps] = D(x_eps / s; sigma(eps)) (one more evaluation).
         max_iters: give up after this many tries.
     NFE reported: the largest per-image count (2 per try, + 1 with denoise).
     """
