@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -222,6 +223,11 @@ class Preemption(L.Callback):
                 if own is not None:
                     Path(own).unlink(missing_ok=True)
             logger._kwargs["purge_step"] = step or 0
+            # TensorBoard reads a run's files in name order, and a name starts with the second it was made: the new
+            # file must sort after the interrupted run's for its purge to apply (a restart within that second).
+            newest = max((int(p.name.split(".")[3]) for p in earlier), default=0)
+            while int(time.time()) <= newest:
+                time.sleep(0.05)
 
     def _stop_code(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
         code = _encode(self.received, self.received in self.requeue_signals)
