@@ -34,6 +34,7 @@ def two_processes(tmp_path_factory) -> dict:
     return {"out": out, "ranks": [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]}
 
 
+@pytest.mark.slow  # ~20 s: runs with make test-slow (in CI)
 def test_bits_per_dim_are_the_same_for_one_and_two_processes_and_any_batch_size(two_processes, one_thread, tmp_path):
     """Property: image i is dequantised and probed with seed i, whatever process and batch it lands in, so the
     per-image values of 1 process with batches of 2 and 3 and of 2 processes with batches of 2 (the last one

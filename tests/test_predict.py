@@ -63,7 +63,7 @@ SAMPLERS = {
 }
 
 
-FAST = {"pc", "edm_heun", "dpm_solver_pp"}  # the others take ~15 s each (a CLI start): run them with -m slow
+FAST = {"edm_heun", "dpm_solver_pp"}  # the others take ~10-15 s each (a CLI start): run them with -m slow
 
 
 @pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in SAMPLERS])
@@ -82,7 +82,8 @@ def test_predict_writes_grid_and_npz_with_each_sampler(checkpoint, tmp_path, nam
     assert out["png"].dtype == np.uint8 and out["png"].shape == (2 * 10 + 2, 3 * 10 + 2)  # 2 rows x 3 columns of 8x8 + 2 padding
 
 
-@pytest.mark.parametrize("name", ["edm_stochastic", pytest.param("pc", marks=pytest.mark.slow)])
+@pytest.mark.slow  # ~25 s each; 2-process predict of the EMA network also runs in test_callbacks_ddp.py
+@pytest.mark.parametrize("name", ["edm_stochastic", "pc"])
 def test_one_and_two_processes_give_the_same_images(checkpoint, tmp_path, name):
     """Property: the same seeds give byte-identical images on 1 and on 2 DDP processes (gloo, CPU), although DDP
     splits and pads the 6 seeds differently; the writer de-duplicates and orders them by seed."""
