@@ -82,7 +82,7 @@ def test_predict_writes_grid_and_npz_with_each_sampler(checkpoint, tmp_path, nam
     assert out["png"].dtype == np.uint8 and out["png"].shape == (2 * 10 + 2, 3 * 10 + 2)  # 2 rows x 3 columns of 8x8 + 2 padding
 
 
-@pytest.mark.slow  # ~25 s each; 2-process predict of the EMA network also runs in test_callbacks_ddp.py
+@pytest.mark.slow  # ~25 s each; 2-process predict of the EMA network also runs in test_ddp_consumers.py
 @pytest.mark.parametrize("name", ["edm_stochastic", "pc"])
 def test_one_and_two_processes_give_the_same_images(checkpoint, tmp_path, name):
     """Property: the same seeds give byte-identical images on 1 and on 2 DDP processes (gloo, CPU), although DDP
