@@ -94,3 +94,20 @@ def test_discrete_losses_refuse_the_wrong_sde():
         smld_loss(lambda x, s: x, VPSDE(), data(8))
     with pytest.raises(TypeError, match="VESDE"):
         ddpm_loss(lambda x, s: x, VESDE(), data(8))
+
+
+def test_discrete_loss_objects_name_the_sde_and_preconditioning_they_need():
+    """Property: a model with a discrete loss under the wrong SDE or preconditioning stops, naming both."""
+    import pytest
+    from torch import nn
+
+    from lit_score.diffusion.denoiser import NoisePrediction
+    from lit_score.diffusion.losses import DDPMLoss, SMLDLoss
+    from lit_score.runtime.module import ScoreModel
+
+    with pytest.raises(TypeError, match="SMLDLoss needs a VESDE and the SMLDLevels preconditioning, got VPSDE"):
+        ScoreModel(nn.Identity(), VPSDE(), SMLDLoss())
+    with pytest.raises(TypeError, match="DDPMLoss needs a VPSDE and the DDPMSteps preconditioning, got VPSDE and "
+                                        "NoisePrediction"):
+        ScoreModel(nn.Identity(), VPSDE(), DDPMLoss(), precond=NoisePrediction())
+    assert type(ScoreModel(nn.Identity(), VESDE(), SMLDLoss()).precond).__name__ == "SMLDLevels"

@@ -188,7 +188,7 @@ class DDPMSteps(Preconditioning):
         if not isinstance(sde, VPSDE):
             raise TypeError(f"DDPMSteps needs a VPSDE (its DDPM steps), got {type(sde).__name__}")
 
-    def step_label(self, i: Tensor, sde: SDE) -> Tensor:
+    def step_label(self, i: Tensor) -> Tensor:
         """c_noise of discrete step i, the label the DDPM objective trains F with."""
         return _label(i.float(), self.log_label)
 

@@ -135,40 +135,44 @@ class DSMLoss(Loss):
         return dsm_loss(D.score, D.sde, x, self.eps, self.reduce_mean, self.likelihood_weighting, generator)
 
 
-class SMLDLoss(Loss):
+class _DiscreteLoss(Loss):
+    """An objective over an SDE's discrete levels, of a network trained with their preconditioning."""
+
+    sde_type: type[SDE] = SDE
+    precond_type: type[Preconditioning] = Preconditioning
+
+    def default_precond(self, sde: SDE) -> Preconditioning:
+        return self.precond_type()
+
+    def check(self, sde: SDE, precond: Preconditioning) -> None:
+        if not isinstance(sde, self.sde_type) or not isinstance(precond, self.precond_type):
+            raise TypeError(f"{type(self).__name__} needs a {self.sde_type.__name__} and the "
+                            f"{self.precond_type.__name__} preconditioning, got {type(sde).__name__} and "
+                            f"{type(precond).__name__}; use lit_score.diffusion.losses.DSMLoss otherwise")
+
+
+class SMLDLoss(_DiscreteLoss):
     """The discrete NCSN objective over a VE SDE's N geometric noise levels (Song & Ermon 2019, eq. 5-6), of a
     network parametrised by ``SMLDLevels``."""
 
+    sde_type, precond_type = VESDE, SMLDLevels
+
     def __init__(self, reduce_mean: bool = False) -> None:
         super().__init__(reduce_mean)
-
-    def default_precond(self, sde: SDE) -> Preconditioning:
-        return SMLDLevels()
-
-    def check(self, sde: SDE, precond: Preconditioning) -> None:
-        if not isinstance(sde, VESDE) or not isinstance(precond, SMLDLevels):
-            raise TypeError(f"SMLDLoss needs a VESDE and the SMLDLevels preconditioning, got {type(sde).__name__} "
-                            f"and {type(precond).__name__}; use lit_score.diffusion.losses.DSMLoss otherwise")
 
     def __call__(self, D, x, generator=None):
         score = lambda x_t, sigma: D.score(x_t, D.sde.t_from_sigma(sigma))  # noqa: E731
         return smld_loss(score, D.sde, x, self.reduce_mean, generator)
 
 
-class DDPMLoss(Loss):
+class DDPMLoss(_DiscreteLoss):
     """The discrete DDPM noise-prediction objective over a VP SDE's N steps (Ho et al. 2020, eq. 14), of a network
     parametrised by ``DDPMSteps`` (it sees the step index)."""
 
-    def default_precond(self, sde: SDE) -> Preconditioning:
-        return DDPMSteps()
-
-    def check(self, sde: SDE, precond: Preconditioning) -> None:
-        if not isinstance(sde, VPSDE) or not isinstance(precond, DDPMSteps):
-            raise TypeError(f"DDPMLoss needs a VPSDE and the DDPMSteps preconditioning, got {type(sde).__name__} "
-                            f"and {type(precond).__name__}; use lit_score.diffusion.losses.DSMLoss otherwise")
+    sde_type, precond_type = VPSDE, DDPMSteps
 
     def __call__(self, D, x, generator=None):
-        noise_prediction = lambda x_i, i: D.net(x_i, D.precond.step_label(i, D.sde))  # noqa: E731
+        noise_prediction = lambda x_i, i: D.net(x_i, D.precond.step_label(i))  # noqa: E731
         return ddpm_loss(noise_prediction, D.sde, x, self.reduce_mean, generator)
 
 
