@@ -33,13 +33,11 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lit_score.diffusion.denoiser import DDPMSteps, NoisePrediction, Preconditioning, ScorePrediction, SMLDLevels
-from lit_score.diffusion.losses import DDPMLoss, SMLDLoss
 from lit_score.diffusion.sdes import VESDE
 from lit_score.errors import CheckpointError
 from lit_score.runtime.checkpoint_io import sha256
 from lit_score.runtime.module import ScoreModel
-from lit_score.runtime.upgrade import EMA, NET
+from lit_score.runtime.upgrade import EMA, NET, score_sde_precond
 
 CONVERSION_KEY = "lit_score_conversion"
 
@@ -187,38 +185,33 @@ def ema_weights(official: Mapping[str, Any], model: ScoreModel, raw: Mapping[str
     return out
 
 
-def official_precond(model: ScoreModel) -> Preconditioning:
-    """The preconditioning under which the official network of ``model`` computes what score_sde trained it to
-    (its ``get_score_fn``): the VE networks divide by sigma (scale_by_sigma), the VP and sub-VP ones predict the
-    noise; Fourier embeddings see the log of the label. The discrete objectives: their levels."""
+def official_precond(model: ScoreModel) -> dict[str, Any]:
+    """The preconditioning (class_path/init_args) under which the official network of ``model`` computes what
+    score_sde trained it to (its ``get_score_fn``): the VE networks divide by sigma (scale_by_sigma), the VP and
+    sub-VP ones predict the noise; Fourier embeddings see the log of the label."""
     fourier = getattr(model.net, "embedding_type", "fourier") == "fourier"
-    if isinstance(model.loss, SMLDLoss):
-        return SMLDLevels(scale_by_sigma=True, log_label=fourier)
-    if isinstance(model.loss, DDPMLoss):
-        return DDPMSteps(log_label=fourier)
-    if isinstance(model.sde, VESDE):
-        return ScorePrediction(scale_by_sigma=True, log_label=fourier)
-    return NoisePrediction(log_label=fourier)
+    return score_sde_precond(_class_path(model.sde), _class_path(model.loss), isinstance(model.sde, VESDE), fourier)
+
+
+def _class_path(obj: object) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 def _as_config(obj: object) -> dict[str, Any]:
     """class_path/init_args of a loss or preconditioning (their attributes are their arguments)."""
-    return {"class_path": f"{type(obj).__module__}.{type(obj).__qualname__}",
-            "init_args": {k: v for k, v in vars(obj).items() if not k.startswith("_")}}
-
-
-def _same_precond(a: Preconditioning, b: Preconditioning) -> bool:
-    return type(a) is type(b) and vars(a) == vars(b)
+    return {"class_path": _class_path(obj), "init_args": {k: v for k, v in vars(obj).items() if not k.startswith("_")}}
 
 
 def hyper_parameters(model: ScoreModel) -> dict[str, Any]:
     """The model's hyper-parameters as a checkpoint of today's lit-score holds them (class_path/init_args of the
     network, SDE and loss, and the preconditioning written out), checked to be score_sde's parametrisation."""
     expected = official_precond(model)
-    if not _same_precond(model.precond, expected):
+    if _as_config(model.precond) != expected:
+        name, args = expected["class_path"].rpartition(".")[2], expected["init_args"]
+        expected_repr = f"{name}({', '.join(f'{k}={v!r}' for k, v in args.items())})"
         raise ConversionError(
             f"the experiment's preconditioning {model.precond!r} is not what the official {type(model.net).__name__} "
-            f"computes under {type(model.sde).__name__} with {type(model.loss).__name__}: {expected!r} (score_sde's "
+            f"computes under {type(model.sde).__name__} with {type(model.loss).__name__}: {expected_repr} (score_sde's "
             "parametrisation); leave model.precond unset or set it to that")
     hparams = dict(model.hparams)
     missing = [k for k in ("net", "sde") if not isinstance(hparams.get(k), Mapping) or "class_path" not in hparams[k]]

@@ -56,8 +56,10 @@ def _loss(loss: Any, options: dict[str, Any]) -> dict[str, Any]:
             "init_args": {k: options[k] for k in keys if k in options}}
 
 
-def _native_precond(sde: str, loss: str, scale_by_sigma: bool, fourier: bool) -> dict[str, Any]:
-    """The preconditioning equal to what 0.1's SDE and network flags made of the output."""
+def score_sde_precond(sde: str, loss: str, scale_by_sigma: bool, fourier: bool) -> dict[str, Any]:
+    """The preconditioning (class_path/init_args) of score_sde's parametrisation, as 0.1 and the official code
+    read the network's output: by the SDE and loss classes (dotted paths), the network's ``scale_by_sigma`` and
+    whether it embeds with Fourier features (the log of the label)."""
     if loss.endswith(".SMLDLoss"):
         return {"class_path": DENOISER + "SMLDLevels", "init_args": {"scale_by_sigma": scale_by_sigma,
                                                                     "log_label": fourier}}
@@ -87,7 +89,7 @@ def upgrade_model_config(config: dict[str, Any]) -> dict[str, Any]:
     scale_by_sigma = bool(net_args.pop("scale_by_sigma", False))
     precond = loss_args.pop("precond", None)
     if precond is None and not loss["class_path"].endswith(".EDMLoss"):
-        precond = _native_precond(config["sde"]["class_path"], loss["class_path"], scale_by_sigma,
+        precond = score_sde_precond(config["sde"]["class_path"], loss["class_path"], scale_by_sigma,
                                   net_args.get("embedding_type", "fourier") == "fourier")
     elif scale_by_sigma:
         raise ValueError("the network has scale_by_sigma: true under a preconditioning, which scales the output "
