@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 class Tiny(L.LightningModule):
     """Linear + BatchNorm (a float buffer to average and an integer one to copy), plain SGD, and the model's side of
-    the EMA callback (``net``, ``ema``, ``add_ema``, ``sampling_net``) as ScoreModel has it."""
+    the EMA callback (``net``, ``ema``, and ScoreModel's ``add_ema`` and ``sampling_net``)."""
 
     def __init__(self):
         super().__init__()
@@ -33,14 +33,8 @@ class Tiny(L.LightningModule):
         self.ema: nn.Module | None = None
         self.validation_weights: list[dict[str, torch.Tensor]] = []
 
-    def add_ema(self) -> nn.Module:
-        if self.ema is None:
-            self.ema = copy.deepcopy(self.net).requires_grad_(False)
-        return self.ema
-
-    @property
-    def sampling_net(self) -> nn.Module:
-        return self.ema if self.ema is not None else self.net
+    add_ema = ScoreModel.add_ema  # the model's side of the EMA, ScoreModel's own code
+    sampling_net = ScoreModel.sampling_net
 
     def training_step(self, batch, batch_idx):
         x, y = batch
