@@ -44,12 +44,12 @@ class EMA(L.Callback):
 
     def __init__(self, rate: float = 0.9999, warmup: bool = True, halflife_kimg: float | None = None,
                  rampup_ratio: float | None = 0.05, buffers: bool = True) -> None:
-        if not 0.0 <= rate <= 1.0:
-            raise ValueError(f"EMA rate must be in [0, 1], got {rate}")
-        if halflife_kimg is not None and halflife_kimg <= 0:
-            raise ValueError(f"EMA halflife_kimg must be positive, got {halflife_kimg}")
-        if rampup_ratio is not None and rampup_ratio <= 0:
-            raise ValueError(f"EMA rampup_ratio must be positive or null, got {rampup_ratio}")
+        if not 0.0 < rate < 1.0:
+            raise ValueError(f"rate (of the EMA) must be in (0, 1), got {rate}")
+        if halflife_kimg is not None and not halflife_kimg > 0:
+            raise ValueError(f"halflife_kimg (of the EMA) must be > 0 or null, got {halflife_kimg}")
+        if rampup_ratio is not None and not rampup_ratio > 0:
+            raise ValueError(f"rampup_ratio (of the EMA) must be > 0 or null, got {rampup_ratio}")
         self.rate, self.warmup, self.halflife_kimg = rate, warmup, halflife_kimg
         self.rampup_ratio, self.buffers = rampup_ratio, buffers
         self.num_updates = 0

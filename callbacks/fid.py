@@ -14,7 +14,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-from lit_score.callbacks.sampling import batched, draw, due, fast_dev_run
+from lit_score.callbacks.preemption import tensorboard_purge_step
+from lit_score.callbacks.sampling import batched, continues_run, draw, due, fast_dev_run
 from lit_score.metrics.features import FeatureExtractor
 from lit_score.metrics.frechet import frechet_distance, metric_tag, ordered_statistics
 from lit_score.metrics.kid import kernel_inception_distance
@@ -36,6 +37,9 @@ class FID(L.Callback):
         kid_subset_size: also log KID (torch-fidelity's definition, ``kid_subsets`` subsets of this size, seed
             2020) between the first ``kid_features`` samples (seed order) and the first ``kid_features`` training
             images; default: no KID.
+
+    The last value is kept in checkpoints: a run resumed (in its folder) at the step of an evaluation does not
+    repeat it, and logs it again where TensorBoard hides what the stopped run logged from that step on.
     """
 
     def __init__(self, features: FeatureExtractor, num_samples: int = 50000, every_n_steps: int = 50000,
@@ -86,9 +90,29 @@ class FID(L.Callback):
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_text(self.tag, note, trainer.global_step)
 
+    @property
+    def state_key(self) -> str:
+        return f"FID{{'tag': {self.tag!r}}}"
+
+    def state_dict(self) -> dict[str, Any]:
+        kid = list(self.last_kid) if self.last_kid is not None else None
+        return {"step": self._last_step, "value": self.last_value, "kid": kid}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step, self.last_value = int(state_dict["step"]), state_dict["value"]
+        self.last_kid = tuple(state_dict["kid"]) if state_dict.get("kid") is not None else None
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # the HParams tab, with this FID as metric, is lit_score.callbacks.dashboard.Dashboard's
-        if self.at_start and not fast_dev_run(trainer):
+        if fast_dev_run(trainer):
+            return
+        step = trainer.global_step
+        if not continues_run(trainer):
+            if self.at_start:
+                self.evaluate(trainer, pl_module)
+        elif self._last_step == step and self.last_value is not None:  # evaluated before the checkpoint
+            self._publish(trainer, self._metrics(), step, again=True)
+        elif due(step, self.every_n_steps, -1):
             self.evaluate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -122,14 +146,26 @@ class FID(L.Callback):
         mean, cov, _ = stats.compute()
         value = frechet_distance(mean, cov, self.reference.mean, self.reference.cov)
         self.last_value = value
-        metrics = {self.tag: value}
         if self.kid_subset_size is not None:
             self.last_kid = kernel_inception_distance(torch.cat(kept), self.reference.features,
                                                       self.kid_subsets, self.kid_subset_size)
+        self._publish(trainer, self._metrics(), step)
+        return value
+
+    def _metrics(self) -> dict[str, float]:
+        metrics = {self.tag: self.last_value}
+        if self.kid_subset_size is not None and self.last_kid is not None:
             metrics[self.kid_tag] = self.last_kid[0]
+        return metrics
+
+    @staticmethod
+    def _publish(trainer: L.Trainer, metrics: dict[str, float], step: int, again: bool = False) -> None:
+        """Put ``metrics`` in the callback metrics and log them at ``step`` (rank 0); ``again``: only to the
+        TensorBoard loggers that hide the stopped run's events from ``step`` on."""
         for tag, v in metrics.items():
             trainer.callback_metrics[tag] = torch.tensor(v)
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
+        if not trainer.is_global_zero or (again and tensorboard_purge_step(trainer) != step):
+            return
+        for logger in trainer.loggers:
+            if not again or isinstance(logger, TensorBoardLogger):
                 logger.log_metrics(metrics, step=step)
-        return value

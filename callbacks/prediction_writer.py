@@ -37,8 +37,11 @@ class PredictionWriter(BasePredictionWriter):
     the last batch with repeats), sorts them by seed and writes. Vector data (B, D), e.g. the 2-D toys, are saved
     as float32 with a scatter plot instead. Does nothing during fit.
 
+    ``written`` lists the files of the last predict (rank 0).
+
     Args:
-        output_dir: where to write (default: the trainer's log_dir, i.e. the run directory).
+        output_dir: where to write (default: the trainer's log_dir: with ``lit-score predict``, the new output folder
+            of that launch, never the training run's folder).
         filename: stem of the two files.
     """
 
@@ -48,9 +51,10 @@ class PredictionWriter(BasePredictionWriter):
         self._seeds: list[Tensor] = []
         self._samples: list[Tensor] = []
         self._nfe = 0
+        self.written: list[Path] = []
 
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._seeds, self._samples, self._nfe = [], [], 0
+        self._seeds, self._samples, self._nfe, self.written = [], [], 0, []
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any,
                            batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
@@ -88,6 +92,7 @@ class PredictionWriter(BasePredictionWriter):
 
             grid = image_grid(images)
             Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(out / f"{self.filename}.png")
+            self.written = [out / f"{self.filename}.png", out / f"{self.filename}.npz"]
         else:
             flat = samples.reshape(len(seeds), -1).numpy()
             np.savez(out / f"{self.filename}.npz", samples=flat, seeds=np.asarray(seeds), nfe=self._nfe)
@@ -101,3 +106,4 @@ class PredictionWriter(BasePredictionWriter):
             ax.set_title(f"{len(seeds)} samples, NFE {self._nfe}")
             fig.savefig(out / f"{self.filename}.png", dpi=100)
             plt.close(fig)
+            self.written = [out / f"{self.filename}.png", out / f"{self.filename}.npz"]

@@ -21,9 +21,11 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from lit_score.runtime.checkpoint_io import AtomicCheckpointIO
+from lit_score.runtime.lightning_private import (open_event_writer, reopen_with_purge_step, replace_last_in_place,
+                                                 save_last_checkpoint, saved_at_this_step)
 
 
 def _signal(name: str) -> signal.Signals:
@@ -95,6 +97,47 @@ def raise_if_stop_requested(done: str) -> None:
         raise Interrupted(sig, f"stopped by {sig.name} after {done}; run the same command again to go on")
 
 
+def _notify(message: str) -> None:
+    """Write ``message`` to stderr from a signal handler: straight to the file descriptor, since the handler may
+    interrupt a write to ``sys.stderr`` (a progress bar), which a second buffered write would fail on."""
+    try:
+        os.write(2, (message + "\n").encode())
+    except OSError:
+        pass
+
+
+def tensorboard_purge_step(trainer: L.Trainer) -> int | None:
+    """The step from which this fit's TensorBoard events hide what an interrupted run logged (the resume step of
+    :class:`Preemption`, which reopens the writers with ``purge_step``), or None where nothing is hidden."""
+    return next((cb.purge_step for cb in trainer.callbacks if isinstance(cb, Preemption)), None)
+
+
+def _continue_checkpoint_state(trainer: L.Trainer, callback: ModelCheckpoint, checkpoint: dict[str, Any]) -> None:
+    """Give ``callback``'s saved state the directory it saves to now, so that Lightning restores it without its
+    "dirpath has changed" warning: a run resumed in its own checkpoint folder, spelt another way (relative, then
+    absolute with ``--resume``), keeps its files (their paths respelt); a new run started from another's
+    checkpoint starts with none of them, as Lightning would."""
+    state = (checkpoint.get("callbacks") or {}).get(callback.state_key)
+    saved, now = (state or {}).get("dirpath"), callback.dirpath
+    if not saved or not now or saved == now:
+        return
+    here = Path(now).resolve()
+    resumed = trainer.ckpt_path is not None and Path(trainer.ckpt_path).resolve().parent == here
+    if Path(saved).resolve() == here or resumed:
+        def respelt(path: Any) -> Any:
+            return os.path.join(now, Path(path).name) if isinstance(path, str) and path else path
+
+        for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            if key in state:
+                state[key] = respelt(state[key])
+        state["best_k_models"] = {respelt(k): v for k, v in (state.get("best_k_models") or {}).items()}
+    else:
+        state.update(best_model_score=callback.best_model_score, kth_best_model_path=callback.kth_best_model_path,
+                     kth_value=callback.kth_value, best_k_models=dict(callback.best_k_models),
+                     last_model_path=callback.last_model_path)
+    state["dirpath"] = now
+
+
 def _encode(received: signal.Signals | None, requeue: bool) -> int:
     return 0 if received is None else int(received) + (64 if requeue else 0)
 
@@ -137,7 +180,9 @@ class Preemption(L.Callback):
         self._requeue_pending = False
         self._start_step = 0
         self._resume_step: int | None = None
+        self.purge_step: int | None = None
         self._previous: dict[signal.Signals, Any] = {}
+        self._pid = os.getpid()
 
     @property
     def signals(self) -> list[signal.Signals]:
@@ -149,15 +194,19 @@ class Preemption(L.Callback):
         return 0 if self.stopped_by is None else exit_code(self.stopped_by)
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:
+            return  # a data-loader worker, forked with this handler: Ctrl-C reaches it too, the main process acts
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: abort now, the previous checkpoint stays
         self.received = signal.Signals(signum)
-        if signum == signal.SIGINT:
-            rank_zero_info("Ctrl-C: stopping with a checkpoint after this step (Ctrl-C again aborts without one).")
+        if signum == signal.SIGINT and rank_zero_only.rank == 0:
+            _notify("Interrupted (Ctrl-C): stopping with a checkpoint after this step (Ctrl-C again aborts without "
+                    "one).")
 
     def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
+        self._pid = os.getpid()
         for sig in self.signals:
             if signal.getsignal(sig) != self._handler:
                 self._previous.setdefault(sig, signal.getsignal(sig))
@@ -165,6 +214,7 @@ class Preemption(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.received, self.stopped_by, self.checkpoint_path, self._requeue_pending = None, None, None, False
+        self.purge_step = None
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if stage == "fit":
@@ -173,7 +223,7 @@ class Preemption(L.Callback):
                 rank_zero_warn("Preemption: the Trainer has no ModelCheckpoint(save_last=True), so the end of the run "
                                "and a signal leave no last.ckpt to resume from. Add ModelCheckpoint(save_last=True).")
             else:
-                checkpoint._enable_version_counter = False  # last.ckpt is replaced in place, never last-v1.ckpt
+                replace_last_in_place(checkpoint)
             # This callback requeues, after its checkpoint; Lightning's SLURM handler would save inside the handler.
             environment = getattr(trainer.strategy, "cluster_environment", None)
             if isinstance(environment, SLURMEnvironment):
@@ -204,6 +254,10 @@ class Preemption(L.Callback):
                            checkpoint: dict[str, Any]) -> None:
         # The batch that made step k logs at k - 1, after the checkpoint: the resumed run logs from k on.
         self._resume_step = int(checkpoint.get("global_step", 0))
+        if trainer.state.fn == "fit":
+            for callback in trainer.checkpoint_callbacks:
+                if isinstance(callback, ModelCheckpoint):
+                    _continue_checkpoint_state(trainer, callback, checkpoint)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # TensorBoard drops the points an interrupted run logged after the checkpoint (after step 0 when a run
@@ -212,17 +266,14 @@ class Preemption(L.Callback):
         for logger in trainer.loggers:
             if not isinstance(logger, TensorBoardLogger):
                 continue
-            writer = logger._experiment  # opened, still empty, by Lightning's setup
-            own = getattr(getattr(getattr(writer, "file_writer", None), "event_writer", None), "_file_name", None)
+            writer, own = open_event_writer(logger)  # opened, still empty, by Lightning's setup
             earlier = [p for p in Path(logger.log_dir).glob("events.out.tfevents.*") if str(p) != own]
             if step is None and not earlier:
                 continue
-            if writer is not None:  # reopened with purge_step
-                logger._experiment = None
-                writer.close()
-                if own is not None:
-                    Path(own).unlink(missing_ok=True)
-            logger._kwargs["purge_step"] = step or 0
+            self.purge_step = step or 0
+            reopen_with_purge_step(logger, self.purge_step)
+            if own is not None:
+                Path(own).unlink(missing_ok=True)
             # TensorBoard reads a run's files in name order, and a name starts with the second it was made: the new
             # file must sort after the interrupted run's for its purge to apply (a restart within that second).
             newest = max((int(p.name.split(".")[3]) for p in earlier), default=0)
@@ -250,8 +301,8 @@ class Preemption(L.Callback):
             return
         # A periodic checkpoint due at this step first (ModelCheckpoint skips a step it has saved), then last.ckpt.
         checkpoint.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if checkpoint._last_global_step_saved != trainer.global_step or not checkpoint.last_model_path:
-            checkpoint._save_last_checkpoint(trainer, checkpoint._monitor_candidates(trainer))
+        if not saved_at_this_step(checkpoint, trainer) or not checkpoint.last_model_path:
+            save_last_checkpoint(checkpoint, trainer)
         self.checkpoint_path = checkpoint.last_model_path
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -268,7 +319,11 @@ class Preemption(L.Callback):
             return
         self.stopped_by = signal.Signals(code % 64)
         self._requeue_pending = code >= 64 and self.requeue
-        rank_zero_info(f"Pre-emption signal: saving a checkpoint at step {trainer.global_step} and stopping.")
+        if self.stopped_by == signal.SIGINT:
+            rank_zero_info(f"Interrupted (Ctrl-C): saving a checkpoint at step {trainer.global_step} and stopping.")
+        else:
+            rank_zero_info(f"Pre-emption signal: saving a checkpoint at step {trainer.global_step} and stopping "
+                           f"({self.stopped_by.name}).")
         self._save_last(trainer, pl_module, outputs, batch, batch_idx)
         if self.checkpoint_path is None:
             self._requeue_pending = False
@@ -280,8 +335,8 @@ class Preemption(L.Callback):
         # only if it had saved nothing else in this run).
         checkpoint = self._checkpoint_callback(trainer)
         if (checkpoint is not None and checkpoint.save_last and trainer.global_step > self._start_step
-                and checkpoint._last_global_step_saved != trainer.global_step):
-            checkpoint._save_last_checkpoint(trainer, checkpoint._monitor_candidates(trainer))
+                and not saved_at_this_step(checkpoint, trainer)):
+            save_last_checkpoint(checkpoint, trainer)
 
     def _stop_evaluation(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str,
                          batch_idx: int) -> None:

@@ -8,6 +8,7 @@ for step k + 1 onwards as an uninterrupted run, provided its DataModule serves t
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 import random
 from collections.abc import Iterator, Sized
@@ -205,4 +206,10 @@ def resume_args(argv: list[str]) -> list[str]:
                          f"config.yaml and checkpoints/, e.g. runs/quickstart/version_0")
     logger = "--trainer.logger.init_args."
     return [*argv[:i], "--config", str(run_dir / "config.yaml"), f"{logger}save_dir={run_dir.parent.parent}",
-            f"{logger}name={run_dir.parent.name}", f"{logger}version={run_dir.name}", "--ckpt_path=last", *rest]
+            f"{logger}name={run_dir.parent.name}", f"{logger}version={version_of(run_dir)}", "--ckpt_path=last", *rest]
+
+
+def version_of(run_dir: Path) -> str:
+    """The logger version that names ``run_dir``: N for ``version_N`` (shown as ``v_num=N``), else the folder name."""
+    match = re.fullmatch(r"version_(\d+)", run_dir.name)
+    return match[1] if match else run_dir.name

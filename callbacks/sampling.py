@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger
 from torch import Tensor
 
+from lit_score.callbacks.preemption import tensorboard_purge_step
 from lit_score.progress import Progress
 from lit_score.sampling.base import Sampler
 
@@ -57,10 +58,21 @@ def fast_dev_run(trainer: L.Trainer) -> bool:
     return bool(trainer.fast_dev_run)
 
 
+def continues_run(trainer: L.Trainer) -> bool:
+    """Whether this fit continues the run whose folder holds the checkpoint it starts from (a resume, not a new run
+    from another run's checkpoint). A collective: every rank asks."""
+    run_dir = Path(trainer.log_dir or trainer.default_root_dir).resolve()
+    return trainer.ckpt_path is not None and run_dir in Path(trainer.ckpt_path).resolve().parents
+
+
 class SampleGrid(L.Callback):
     """Every ``every_n_steps`` optimizer steps (and at the start of fit with ``at_start``), draw ``num_samples``
     images for seeds ``first_seed, first_seed + 1, ...`` with the EMA weights; log the grid to TensorBoard as
     ``samples`` and save ``<run dir>/samples/step_<step>.png``.
+
+    A run resumed from a checkpoint in its folder draws no grid at its first step unless one is due there and its
+    PNG is missing; where TensorBoard hides what the stopped run logged from that step on, the saved grid of that
+    step is logged again.
 
     Args:
         sampler: a ``lit_score.sampling`` sampler; default: the model's own.
@@ -84,7 +96,20 @@ class SampleGrid(L.Callback):
         return list(range(self.first_seed, self.first_seed + self.num_samples))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.at_start and not fast_dev_run(trainer):
+        if fast_dev_run(trainer):
+            return
+        step = trainer.global_step
+        if not continues_run(trainer):
+            if self.at_start:
+                self.log_grid(trainer, pl_module)
+            return
+        if not due(step, self.every_n_steps, -1):
+            return
+        path = self._path(trainer, step)  # a collective: every rank asks
+        if trainer.strategy.broadcast(path.is_file()):  # drawn before the checkpoint this run resumes from
+            self._last_step = step
+            self._log_again(trainer, path, step)
+        else:
             self.log_grid(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -105,6 +130,26 @@ class SampleGrid(L.Callback):
         if trainer.is_global_zero:
             self._write(trainer, Path(run_dir) / "samples", grid, step)
         return grid
+
+    @staticmethod
+    def _path(trainer: L.Trainer, step: int) -> Path:
+        return Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"step_{step:08d}.png"
+
+    def _log_again(self, trainer: L.Trainer, path: Path, step: int) -> None:
+        """Log the grid saved at ``path`` to the TensorBoard loggers again (rank 0), where they hide the stopped
+        run's events from ``step`` on."""
+        import numpy as np
+        from PIL import Image
+
+        if not trainer.is_global_zero or tensorboard_purge_step(trainer) != step:
+            return
+        with Image.open(path) as image:
+            image.load()
+            array = np.array(image)
+            grid = torch.from_numpy(array[..., None] if array.ndim == 2 else array).permute(2, 0, 1)
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    log_image(logger, "samples", grid, image, step)
 
     def _write(self, trainer: L.Trainer, directory: Path, grid: Tensor, step: int) -> None:
         from PIL import Image

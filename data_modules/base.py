@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lit_score.data_space import DataSpace
+from lit_score.errors import DataError
 
 
 class SeedDataset(Dataset):
@@ -43,6 +44,10 @@ class ScoreDataModule(L.LightningDataModule):
 
     def __init__(self, num_samples: int = 64, sample_batch_size: int = 64, first_seed: int = 0) -> None:
         super().__init__()
+        if num_samples < 1:
+            raise DataError(f"num_samples must be >= 1, got {num_samples}")
+        if sample_batch_size < 1:
+            raise DataError(f"sample_batch_size must be >= 1, got {sample_batch_size}")
         self.num_samples, self.sample_batch_size, self.first_seed = num_samples, sample_batch_size, first_seed
 
     def cache_key(self) -> str:

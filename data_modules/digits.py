@@ -63,6 +63,12 @@ class DigitsDataModule(ScoreDataModule):
         super().__init__(num_samples, sample_batch_size, first_seed)
         if not 0 < val_fraction < 1:
             raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if image_size < 1:
+            raise DataError(f"image_size must be >= 1, got {image_size}")
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise DataError(f"num_workers must be >= 0, got {num_workers}")
         self.image_size, self.batch_size, self.val_fraction = image_size, batch_size, val_fraction
         self.centered, self.seed, self.num_workers = centered, seed, num_workers
 

@@ -25,21 +25,29 @@ likelihoods). ``num_workers`` (default: min(4, CPU count)) decode in parallel, p
 ``pin_memory`` applies when CUDA is available. ``val_size``: a fraction (float) or a count (int) of the split held out for validation, chosen by
 ``seed``; 0 disables validation. ``test_split`` (e.g. ``test``): ``lit-score test`` reads that whole split,
 un-augmented, instead of the validation images. ``batch_size`` is per process.
+
+Unreadable images: ``prepare_data`` (before the Trainer writes anything) and ``setup`` open every image of the
+table once (its header and, where the format allows, ``PIL.Image.verify``; no pixels are decoded) and fail naming
+the files that cannot be read, or, with ``skip_unreadable: true``, leave them out with one warning. The result is
+kept beside the ``datasets`` cache of the folder, so the next run reads no image for it. Streamed datasets are not
+checked ahead.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Iterator
 
 import datasets
 import numpy as np
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
@@ -173,6 +181,66 @@ class StreamingImages(IterableDataset):
             yield read_image(example[self.column], f"example {i} of {self.source} stream{worker}", self.transform)
 
 
+UNREADABLE_CACHE = "lit_score_unreadable.json"
+_unreadable_memo: dict[str, list[tuple[int, str, str]]] = {}
+
+
+def _problem(err: Exception, name: str | None) -> str:
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image"
+    text = str(err).replace(repr(name), "").replace(str(name), "").strip(" :") if name else str(err)
+    return (text or type(err).__name__)[:60]
+
+
+def _check_cell(cell: Any) -> None:
+    if isinstance(cell, Image.Image):
+        return
+    with _open_lazily(cell) as image:
+        image.verify()
+
+
+def _cache_file(images: datasets.Dataset) -> Path | None:
+    """The file that keeps the check of ``images``: beside its table in the ``datasets`` cache (whose folder
+    changes when a file of the image folder does); None for a table elsewhere (e.g. a save_to_disk directory)."""
+    files = [Path(f["filename"]) for f in images.cache_files or []]
+    cache = Path(datasets.config.HF_DATASETS_CACHE).expanduser().resolve()
+    if not files or not files[0].resolve().is_relative_to(cache):
+        return None
+    return files[0].parent / UNREADABLE_CACHE
+
+
+def unreadable_images(images: datasets.Dataset, column: str) -> list[tuple[int, str, str]]:
+    """(row, file or row name, problem) of every image of ``images[column]`` that PIL cannot open and verify (a
+    non-image, a truncated file, ...), without decoding the pixels. Kept per table, in memory and beside the
+    table's ``datasets`` cache."""
+    key = f"{images._fingerprint}:{column}"
+    if key in _unreadable_memo:
+        return _unreadable_memo[key]
+    cache = _cache_file(images)
+    try:
+        found = json.loads(cache.read_text())[key] if cache is not None else None
+    except (OSError, ValueError, KeyError):
+        found = None
+    if found is None:
+        found = []
+        for start in range(0, len(images), 1000):
+            for row, cell in enumerate(images[start:start + 1000][column], start):
+                try:
+                    _check_cell(cell)
+                except Exception as err:  # noqa: BLE001 - whatever PIL raises, the image cannot be read
+                    name = _cell_name(cell)
+                    found.append((row, name or f"row {row}", _problem(err, name)))
+        if cache is not None:
+            try:
+                tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({key: found}))
+                os.replace(tmp, cache)
+            except OSError:
+                pass
+    _unreadable_memo[key] = [tuple(f) for f in found]
+    return _unreadable_memo[key]
+
+
 def _held_out(n: int, val_size: int | float) -> int:
     count = int(round(n * val_size)) if isinstance(val_size, float) else int(val_size)
     if count >= n:
@@ -192,17 +260,23 @@ class ImageDataModule(ScoreDataModule):
                  random_flip: bool | None = None, centered: bool = False, dequantize: bool = False,
                  batch_size: int = 128, val_size: int | float = 0.01, seed: int = 0, num_workers: int | None = None,
                  pin_memory: bool = True, shuffle_buffer: int = 10_000, num_samples: int = 64,
-                 sample_batch_size: int = 64, first_seed: int = 0, test_split: str | None = None) -> None:
+                 sample_batch_size: int = 64, first_seed: int = 0, test_split: str | None = None,
+                 skip_unreadable: bool = False) -> None:
         super().__init__(num_samples, sample_batch_size, first_seed)
         self.save_hyperparameters()
         if batch_size < 1:
             raise DataError(f"batch_size must be positive, got {batch_size}")
+        if image_size is not None and image_size < 1:
+            raise DataError(f"image_size must be positive (or null: from the first image), got {image_size}")
+        if num_channels not in (None, 1, 3):
+            raise DataError(f"num_channels must be 1 (grayscale), 3 (RGB) or null (from the first image), "
+                            f"got {num_channels}")
         if num_workers is None:
             num_workers = min(4, os.cpu_count() or 1)
         if num_workers < 0:
             raise DataError(f"num_workers must be >= 0, got {num_workers}")
         if isinstance(val_size, float) and not 0.0 <= val_size < 1.0:
-            raise DataError(f"a fractional val_size must be in [0, 1), got {val_size}")
+            raise DataError(f"val_size must be in [0, 1) as a fraction (or a count of images), got {val_size}")
         if val_size < 0:
             raise DataError(f"val_size must be >= 0, got {val_size}")
         if streaming and isinstance(val_size, float) and val_size > 0:
@@ -221,7 +295,8 @@ class ImageDataModule(ScoreDataModule):
         self.streaming, self.centered, self.dequantize = streaming, centered, dequantize
         self.batch_size, self.val_size, self.seed, self.num_workers = batch_size, val_size, seed, num_workers
         self.pin_memory, self.shuffle_buffer = pin_memory, shuffle_buffer
-        self.test_split = test_split
+        self.test_split, self.skip_unreadable = test_split, skip_unreadable
+        self._warned_unreadable: set[str] = set()
         self.image_size, self.num_channels = self._data_shape()
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -263,11 +338,18 @@ class ImageDataModule(ScoreDataModule):
         """The first image alone, streamed: construction runs on every process (the CLI reads the data's shape
         before anything else), so it reads no more than that; the tables are read in prepare_data and setup."""
         images, column = self.load(streaming=True)
-        example = next(iter(images), None) if isinstance(images, datasets.IterableDataset) else (
-            images[0] if len(images) else None)
-        if example is None:
-            raise DataError(f"{self.source_name} has no images")
-        return read_image(example[column], f"first image of {self.source_name}")
+        examples = iter(images) if isinstance(images, datasets.IterableDataset) else (
+            images[i] for i in range(len(images)))
+        for example in examples:
+            try:
+                return read_image(example[column], f"first image of {self.source_name}")
+            except ImageReadError:
+                if self.skip_unreadable:
+                    continue
+                if not self.streaming:  # name every unreadable image, not just this one
+                    self._readable(*self.load(streaming=False), self.source_name)
+                raise
+        raise DataError(f"{self.source_name} has no {'readable ' if self.skip_unreadable else ''}images")
 
     @property
     def source_name(self) -> str:
@@ -295,8 +377,10 @@ class ImageDataModule(ScoreDataModule):
         return images, column
 
     def prepare_data(self) -> None:
+        """Build the table (once per node) and check that every image can be read, before the Trainer writes
+        anything."""
         if not self.streaming:
-            self.load()
+            self._readable(*self.load(), self.source_name)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -308,6 +392,7 @@ class ImageDataModule(ScoreDataModule):
             return
         if len(images) == 0:
             raise DataError(f"{name} has no images")
+        images = self._readable(images, column, name)
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed)).numpy()
         n_val = _held_out(len(images), self.val_size)
         train_rows, val_rows = np.sort(order[n_val:]), np.sort(order[:n_val])
@@ -317,6 +402,28 @@ class ImageDataModule(ScoreDataModule):
         self._warn_conversions(images, column)
         self.train_set = ArrowImages(images, column, train_rows, self.transform(augment=True), name)
         self.val_set = ArrowImages(images, column, val_rows, self.transform(augment=False), name) if n_val else None
+
+    def _readable(self, images: datasets.Dataset, column: str, name: str) -> datasets.Dataset:
+        """``images`` when every one can be read; else an ImageReadError naming the unreadable ones, or, with
+        ``skip_unreadable``, ``images`` without them and a warning."""
+        bad = unreadable_images(images, column)
+        if not bad:
+            return images
+        root = os.path.abspath(os.path.expanduser(self.plugin.path or "")) + os.sep
+        names = [n[len(root):] if n.startswith(root) else n for _, n, _ in bad[:3]]
+        listed = ", ".join(f"{n} ({problem})" for n, (_, _, problem) in zip(names, bad)) + \
+            (", ..." if len(bad) > 3 else "")
+        if not self.skip_unreadable:
+            raise ImageReadError(f"{len(bad)} of {len(images)} images of {name} cannot be read: {listed}; repair or "
+                                 "delete them, or set data.init_args.skip_unreadable true to leave them out")
+        if name not in self._warned_unreadable:
+            self._warned_unreadable.add(name)
+            rank_zero_warn(f"{name}: leaving out the {len(bad)} of {len(images)} images that cannot be read "
+                           f"(skip_unreadable): {listed}", category=UserWarning)
+        if len(bad) == len(images):
+            raise DataError(f"{name} has no readable images ({listed})")
+        unreadable = {row for row, _, _ in bad}
+        return images.select([i for i in range(len(images)) if i not in unreadable])
 
     def _warn_conversions(self, images: datasets.Dataset, column: str) -> None:
         """Once: how many images the shape read from the first image makes the transform resize or convert."""
@@ -358,6 +465,7 @@ class ImageDataModule(ScoreDataModule):
         name = self.source_name if split is None else f"{self.source_name} [split {split!r}]"
         if isinstance(images, datasets.IterableDataset):
             return StreamingImages(images, column, transform, name)
+        images = self._readable(images, column, name)
         return ArrowImages(images, column, np.arange(len(images)), transform, name)
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:

@@ -30,9 +30,12 @@ class Toy2DDataModule(ScoreDataModule):
                  batch_size: int = 512, seed: int = 0, num_samples: int = 1000, sample_batch_size: int = 1000,
                  first_seed: int = 0) -> None:
         super().__init__(num_samples, sample_batch_size, first_seed)
+        if density not in TOY_DENSITIES:
+            raise DataError(f"density must be one of {', '.join(TOY_DENSITIES)}, got {density!r}")
+        for name, value in (("num_train", num_train), ("num_val", num_val), ("batch_size", batch_size)):
+            if value < 1:
+                raise DataError(f"{name} must be >= 1, got {value}")
         self.mixture = TOY_DENSITIES[density]()
-        if num_train < 1 or num_val < 1 or batch_size < 1:
-            raise DataError(f"num_train, num_val and batch_size must be >= 1, got {num_train}, {num_val}, {batch_size}")
         self.density, self.num_train, self.num_val, self.batch_size, self.seed = (
             density, num_train, num_val, batch_size, seed)
 

@@ -27,6 +27,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def close() -> None:
+    """Wait for every rank, then take the process group down together: a rank that exits while its peer still
+    holds the group can abort (gloo's "terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
+
+
 def gather_to_all(value: Any) -> list[Any]:
     """Every rank's ``value``, in rank order, on every rank (picklable objects; CPU tensors)."""
     world = rank_and_world()[1]

@@ -4,8 +4,10 @@ the full traceback instead."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 TRACEBACK_FLAG = "--traceback"
 TRACEBACK_ENV = "LIT_SCORE_TRACEBACK"
@@ -43,9 +45,18 @@ def _chain(err: BaseException | None) -> list[BaseException]:
     return chain
 
 
-def _rejected_argument(err: BaseException) -> ConfigurationError | None:
-    """A ValueError or TypeError that a class's ``__init__`` raised while the config was instantiated: an argument
-    of that class (named by the message) that the YAML or the command line got wrong."""
+def rejected_argument(err: BaseException) -> tuple[type, BaseException] | None:
+    """The class whose ``__init__`` raised a ValueError or TypeError while jsonargparse instantiated the config
+    (an argument of that class that the YAML or the command line got wrong), and that error, found in ``err``
+    or the errors it was raised from; else None."""
+    for e in reversed(_chain(err)):
+        owner = _init_owner(e)
+        if owner is not None:
+            return owner, e
+    return None
+
+
+def _init_owner(err: BaseException) -> type | None:
     if not isinstance(err, (ValueError, TypeError)) or err.__traceback__ is None:
         return None
     tb = err.__traceback__
@@ -57,25 +68,56 @@ def _rejected_argument(err: BaseException) -> ConfigurationError | None:
     if not parsing:
         return None
     inits = [f for f in frames[parsing[-1] + 1:] if f.f_code.co_name == "__init__" and "self" in f.f_locals]
-    if not inits:
-        return None
-    owner = type(inits[0].f_locals["self"])
-    return ConfigurationError(f"{owner.__module__}.{owner.__qualname__}: {err}")
+    return type(inits[0].f_locals["self"]) if inits else None
 
 
 def user_error(err: BaseException) -> UserError | None:
     """The :class:`UserError` that ``err`` is or was raised from (jsonargparse and Lightning wrap them), or the
     argument a configured class rejected."""
-    chain = _chain(err)
-    found = next((e for e in chain if isinstance(e, UserError)), None)
-    if found is None:
-        found = next((r for r in map(_rejected_argument, reversed(chain)) if r is not None), None)
+    found = next((e for e in _chain(err) if isinstance(e, UserError)), None)
+    rejected = rejected_argument(err) if found is None else None
+    if rejected is not None:
+        owner, cause = rejected
+        return ConfigurationError(f"{owner.__module__}.{owner.__qualname__}: {cause}")
     return found
+
+
+WORKER_ERROR = re.compile(r"^Caught (\w+) (in DataLoader worker process \d+)\.\s*\nOriginal Traceback")
+
+
+def one_line(err: BaseException) -> str:
+    """``err``'s message; for an error re-raised from a DataLoader worker, its last line (the original message)
+    instead of the worker's traceback."""
+    message = str(err)
+    worker = WORKER_ERROR.match(message)
+    if worker:
+        last = message.rstrip().splitlines()[-1]
+        last = re.sub(r"^[\w.]*" + re.escape(worker.group(1)) + r": ", "", last)
+        return f"{last} ({worker.group(2)})"
+    return message
 
 
 def report(err: UserError, prog: str = "lit-score") -> str:
     """The one- or two-line message for ``err``."""
-    return f"{prog}: error: {err}\n(the full traceback: {TRACEBACK_FLAG} or {TRACEBACK_ENV}=1)"
+    return f"{prog}: error: {one_line(err)}\n(the full traceback: {TRACEBACK_FLAG} or {TRACEBACK_ENV}=1)"
+
+
+def exit_reporting(err: UserError, prog: str | None = None) -> NoReturn:
+    """Print ``err`` as :func:`report` does and exit with status 2."""
+    print(report(err, prog or program_name()), file=sys.stderr)
+    raise SystemExit(2)
+
+
+def program_name() -> str:
+    """``lit-score`` or ``lit-score-eval``, as the running command is called."""
+    command = sys.argv[0] if sys.argv else ""
+    name = os.path.basename(command)
+    return name if name.startswith("lit-score") else "lit-score-eval" if "evaluate" in command else "lit-score"
+
+
+def traceback_wanted() -> bool:
+    """Whether the user asked for full tracebacks (``--traceback`` or ``LIT_SCORE_TRACEBACK=1``)."""
+    return os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
 
 
 def run_reporting_errors(run: Callable[[], int], prog: str = "lit-score") -> int:
@@ -83,7 +125,7 @@ def run_reporting_errors(run: Callable[[], int], prog: str = "lit-score") -> int
     if TRACEBACK_FLAG in sys.argv[1:]:
         sys.argv.remove(TRACEBACK_FLAG)
         os.environ[TRACEBACK_ENV] = "1"  # also for the processes DDP launches from this command line
-    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+    if traceback_wanted():
         return run()
     try:
         return run()

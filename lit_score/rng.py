@@ -11,7 +11,7 @@ _MASK32 = 0xFFFFFFFF
 PHILOX_M = (0xD2511F53, 0xCD9E8D57)  # Philox4x32 round multipliers (Salmon et al. 2011, Table 2)
 PHILOX_W = (0x9E3779B9, 0xBB67AE85)  # Weyl key increments
 PHILOX_ROUNDS = 10
-NOISE_STREAM, PRIOR_STREAM = 0, 1  # counter word 3: SeededNoise / seeded_normal draws, seeded_prior
+NOISE_STREAM, PRIOR_STREAM = 0, 1  # counter word 3: SeededNoise / seeded_normal draws, starting_noise
 
 
 def philox_round_keys(k0: Tensor, k1: Tensor, rounds: int = PHILOX_ROUNDS) -> Tensor:
@@ -115,12 +115,13 @@ def seeded_normal(seeds: Sequence[int] | Tensor, shape: tuple[int, ...], step: i
 
 
 class SeededNoise:
-    """Successive draws of per-image seeded normal noise: draw k of image i is seeded_normal(seeds[i], step=k)."""
+    """Successive draws of per-image seeded normal noise: draw k of image i is seeded_normal(seeds[i], step=k),
+    for k = ``step``, ``step`` + 1, ..."""
 
     def __init__(self, seeds: Sequence[int] | Tensor, shape: tuple[int, ...], device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, step: int = 0) -> None:
         self._philox = _Philox(seeds, shape, device, dtype)
-        self.shape, self.device, self.dtype, self.step = tuple(shape), device, dtype, 0
+        self.shape, self.device, self.dtype, self.step = tuple(shape), device, dtype, int(step)
 
     def __call__(self) -> Tensor:
         z = self._philox.draw(self.step)
@@ -128,8 +129,15 @@ class SeededNoise:
         return z
 
 
+def starting_noise(seeds: Sequence[int] | Tensor, shape: tuple[int, ...],
+                   device: torch.device | str = "cpu") -> Tensor:
+    """The standard normal z (B, *shape) that every sampler starts from, x = (prior std or sigma_0) z: draw 0 of
+    each seed's prior stream, which no SeededNoise / seeded_normal draw uses. One seed, one starting noise, for
+    every sampler."""
+    return _Philox(seeds, shape, device, torch.float32).draw(0, PRIOR_STREAM)
+
+
 def seeded_prior(sde, seeds: Sequence[int] | Tensor, shape: tuple[int, ...],
                  device: torch.device | str = "cpu") -> Tensor:
-    """One sample of p_T per seed, drawn on the device from the seed's own Philox stream (distinct from every
-    seeded_normal draw) and mapped by ``sde.prior_from_noise``."""
-    return sde.prior_from_noise(_Philox(seeds, shape, device, torch.float32).draw(0, PRIOR_STREAM))
+    """One sample of p_T per seed: the seed's ``starting_noise`` mapped by ``sde.prior_from_noise``."""
+    return sde.prior_from_noise(starting_noise(seeds, shape, device))

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks.training import NetConfig, enable_gradient_checkpointing, peak_memory_here
@@ -12,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SIDES = {"framework", "fp32", "bf16", "channels_last", "checkpointing"}
 
 
+@pytest.mark.slow  # the whole quick benchmark (CI runs it in `make test-slow`)
 def test_quick_run_writes_every_row(tmp_path):
     """Both networks have a framework row and one bare row per variant, with step-time statistics and a ratio to
     the bare fp32 loop; the phase breakdown and one row per sampler are there too."""

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from lit_score.data import DATASETS, DigitsDataModule, ImageDataModule, get_plugin
-from lit_score.data.image import ImageReadError, find_image_column
+from lit_score.data.image import ArrowImages, ImageReadError, find_image_column
 from lit_score.data.sigma_max import estimate_sigma_max, max_pairwise_distance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,11 +141,12 @@ def test_flips_are_seeded_per_worker_and_reproducible(tmp_path):
 
 
 def test_corrupt_image_error_names_the_file(tmp_path):
-    """A truncated file fails with an ImageReadError naming its path, also from inside a worker process."""
+    """A file that breaks after setup fails with an ImageReadError naming its path, also from inside a worker
+    process."""
     paths = write_images(tmp_path, [(8, 8)] * 4)
-    paths[2].write_bytes(paths[2].read_bytes()[:30])
     datamodule = ImageDataModule(path=str(tmp_path), batch_size=4, val_size=0, num_workers=0)
     datamodule.setup("fit")
+    paths[2].write_bytes(paths[2].read_bytes()[:30])
     with pytest.raises(ImageReadError, match=r"cannot read image '.*img_002\.png' \(row 2 of "):
         next(iter(datamodule.train_dataloader()))
     datamodule.num_workers = 1
@@ -153,8 +154,60 @@ def test_corrupt_image_error_names_the_file(tmp_path):
         next(iter(datamodule.train_dataloader()))
 
 
+def _two_corrupt(folder: Path, n: int = 12) -> list[Path]:
+    """``n`` PNGs of which img_003 is truncated (its header intact) and img_008 holds no image at all."""
+    paths = write_images(folder, [(24, 24)] * n)
+    paths[3].write_bytes(paths[3].read_bytes()[:300])
+    paths[8].write_bytes(b"these bytes are no image")
+    return paths
+
+
+def test_every_unreadable_image_is_named_at_setup_and_an_option_skips_them(tmp_path, monkeypatch):
+    """Property: the unreadable images of a folder are found in one pass when the data are set up, before any
+    batch: one line naming each and their count, and the option that leaves them out; with it, the others train,
+    after one warning. The check is kept beside the folder's datasets cache, so the next run reads no image."""
+    import lit_score.data.image as image_module
+
+    _two_corrupt(tmp_path / "images")
+    datamodule = ImageDataModule(path=str(tmp_path / "images"), batch_size=2, val_size=2, num_workers=0)
+    with pytest.raises(ImageReadError) as raised:
+        datamodule.prepare_data()
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("2 of 12 images of ")
+    assert "img_003.png" in message and "img_008.png (not an image)" in message
+    assert "data.init_args.skip_unreadable true" in message
+    with pytest.raises(ImageReadError, match="2 of 12 images"):
+        datamodule.setup("fit")
+
+    skipping = ImageDataModule(path=str(tmp_path / "images"), batch_size=2, val_size=2, num_workers=0,
+                               skip_unreadable=True)
+    with pytest.warns(UserWarning, match=r"leaving out the 2 of 12 images that cannot be read") as caught:
+        skipping.prepare_data()
+        skipping.setup("fit")
+    assert len([w for w in caught if "cannot be read" in str(w.message)]) == 1
+    assert len(skipping.train_set) + len(skipping.val_set) == 10
+    assert next(iter(skipping.train_dataloader())).shape == (2, 3, 24, 24)
+
+    monkeypatch.setattr(image_module, "_unreadable_memo", {})
+    monkeypatch.setattr(image_module, "_check_cell", lambda cell: pytest.fail("read again"))
+    table, column = skipping.load()
+    assert [name.rsplit("/", 1)[-1] for _, name, _ in image_module.unreadable_images(table, column)] == [
+        "img_003.png", "img_008.png"]
+
+
+def test_an_unreadable_first_image_names_every_unreadable_one(tmp_path):
+    """The first image is read when the DataModule is built (for the data's shape): when it cannot be read,
+    every unreadable image is named then; with skip_unreadable the shape comes from the first readable one."""
+    paths = _two_corrupt(tmp_path)
+    paths[0].write_bytes(b"")
+    with pytest.raises(ImageReadError, match=r"^3 of 12 images .*img_000\.png .*img_003\.png.*img_008\.png"):
+        ImageDataModule(path=str(tmp_path), num_workers=0)
+    assert ImageDataModule(path=str(tmp_path), num_workers=0, skip_unreadable=True).image_size == 24
+
+
 def test_corrupt_embedded_image_error_names_the_row(tmp_path):
-    """Undecodable bytes inside an Arrow table fail naming the row of the dataset."""
+    """Undecodable bytes inside an Arrow table are named by their row: by the check of the whole table, and when
+    a row is read."""
     good = Image.new("RGB", (8, 8))
     save_arrow([good, good, good], tmp_path / "ds")
     table = datasets.load_from_disk(str(tmp_path / "ds")).cast_column("image", datasets.Image(decode=False))
@@ -163,8 +216,11 @@ def test_corrupt_embedded_image_error_names_the_row(tmp_path):
     broken = datasets.Dataset.from_list(rows, features=table.features)
     broken.save_to_disk(str(tmp_path / "broken"))
     datamodule = ImageDataModule(path=str(tmp_path / "broken"), batch_size=1, val_size=0, num_workers=0)
+    with pytest.raises(ImageReadError, match=r"^1 of 3 images of .*broken.* cannot be read: row 1 \(not an image\)"):
+        datamodule.full_dataset()
+    table, column = datamodule.load()
     with pytest.raises(ImageReadError, match=r"cannot read image row 1 of .*broken"):
-        datamodule.full_dataset()[1]
+        ArrowImages(table, column, np.arange(3), datamodule.transform(), datamodule.source_name)[1]
 
 
 def test_image_column_detection_and_missing_column_lists_columns(tmp_path):

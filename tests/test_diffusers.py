@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,9 @@ def test_import_a_unet_made_by_diffusers(tmp_path, one_thread, capsys):
     scheduler = diffusers.ScoreSdeVeScheduler(num_train_timesteps=500, sigma_min=0.02, sigma_max=80.0)
     diffusers.ScoreSdeVePipeline(unet=unet, scheduler=scheduler).save_pretrained(str(tmp_path / "pipe"))
     assert import_main([str(tmp_path / "pipe"), str(tmp_path / "lit")]) == 0
+    for path in (tmp_path / "lit").iterdir():  # shareable: ordinary modes, no path of this machine
+        assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask(), path.name
+        assert str(tmp_path) not in path.read_bytes().decode(errors="replace"), path.name
     model = ScoreModel.from_pretrained(str(tmp_path / "lit")).eval()
     assert (model.sde.sigma_min, model.sde.sigma_max, model.sde.N) == (0.02, 80.0, 500)
     assert model.net.attn_resolutions == (8,) and model.net.nf == 128
@@ -297,3 +301,9 @@ def test_a_ddpm_scheduler_of_other_than_1000_steps_is_refused(tmp_path, one_thre
         import_diffusers(tmp_path / "pipe500", tmp_path / "out500")
     import_diffusers(tmp_path / "pipe1000", tmp_path / "out1000")
     assert load_pretrained(tmp_path / "out1000").config["sde"]["init_args"]["N"] == 1000
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -75,6 +75,7 @@ def test_empty_image_folder(tmp_path):
     assert_brief(proc, "contains no images", str(tmp_path / "images"))
 
 
+@pytest.mark.slow  # three CLI starts
 def test_missing_checkpoint_and_the_traceback_flag(tiny):
     args = ("predict", "--config", tiny / "tiny.yaml", "--ckpt_path", tiny / "nowhere.ckpt")
     assert_brief(run(BIN / "lit-score", *args, cwd=tiny), "checkpoint not found", "nowhere.ckpt")
@@ -107,6 +108,7 @@ def test_missing_inception_weights_in_evaluation(tiny):
     assert_brief(proc, "InceptionV3 weights for FID not found", "no_weights.pth", prog="lit-score-eval")
 
 
+@pytest.mark.slow  # four CLI starts
 def test_a_packaged_experiment_is_found_by_name_and_an_unknown_one_is_listed(tmp_path):
     proc = run(sys.executable, "-m", "lit_score", "fit", "--config", "quickstart", "--print_config", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -115,11 +117,22 @@ def test_a_packaged_experiment_is_found_by_name_and_an_unknown_one_is_listed(tmp
     assert_brief(proc, "quickstrat", "packaged:", "quickstart")
 
 
-def test_an_argument_a_class_rejects_is_named(tiny):
-    """A value the sampler's __init__ refuses (jsonargparse wraps it in 'Does not validate ...')."""
-    proc = run(BIN / "lit-score", "predict", "--config", tiny / "tiny.yaml", "--model.sampler",
-               "lit_score.sampling.EDMSampler", "--model.sampler.steps", "0", cwd=tiny)
-    assert_brief(proc, "EDMSampler")
+def test_an_error_raised_in_a_data_loader_worker_is_reported_by_its_own_message():
+    """Not the worker's traceback that PyTorch puts in the message of the error it raises again."""
+    from torch._utils import ExceptionWrapper
+
+    from lit_score.data.image import ImageReadError
+    from lit_score.errors import report, user_error
+
+    try:
+        raise ImageReadError("cannot read image 'a.png' (row 2 of images): OSError: broken data stream")
+    except ImageReadError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(ImageReadError) as raised:
+        wrapped.reraise()
+    assert report(user_error(raised.value)).splitlines() == [
+        "lit-score: error: cannot read image 'a.png' (row 2 of images): OSError: broken data stream (in DataLoader "
+        "worker process 0)", HINT]
 
 
 def test_every_subcommand_resolves_to_its_function():

@@ -70,12 +70,11 @@ def test_export_rebuilds_the_ema_network_without_yaml(checkpoint, exported, one_
 
 
 def test_predict_from_the_folder_equals_predict_from_the_checkpoint(checkpoint, exported, tmp_path):
-    """Property: `lit-score predict --ckpt_path FOLDER` (no network options; the YAML's 16-channel network does
-    not fit) writes the same images, with the same seeds and sampler, as from the .ckpt's EMA weights."""
+    """Property: `lit-score predict --ckpt_path FOLDER` writes the same images, with the same seeds and sampler,
+    as from the .ckpt's EMA weights."""
     options, nfe = SAMPLERS["edm_heun"]
-    data = ["--data.init_args.image_size", "8", "--trainer.enable_progress_bar", "false"]
     from_ckpt = predict(checkpoint, tmp_path, "ckpt", options)
-    from_folder = predict(exported, tmp_path, "folder", options, net=data)
+    from_folder = predict(exported, tmp_path, "folder", options)
     assert from_ckpt["nfe"] == from_folder["nfe"] == nfe
     np.testing.assert_array_equal(from_ckpt["samples"], from_folder["samples"])
     assert from_folder["samples"].std() > 10  # images, not a constant
@@ -97,7 +96,7 @@ evaluation:
 
 
 def test_lit_score_eval_of_the_folder_equals_that_of_the_checkpoint(checkpoint, exported, tmp_path, one_thread):
-    """Property: lit-score-eval --ckpt_path FOLDER (the YAML's 16-channel network replaced by the export's) gives
+    """Property: lit-score-eval --ckpt_path FOLDER gives
     the FID, KID and IS of the .ckpt's EMA weights under the tiny network options, with the same seeds."""
     from lit_score.evaluate.cli import run as evaluate
 
@@ -106,7 +105,7 @@ def test_lit_score_eval_of_the_folder_equals_that_of_the_checkpoint(checkpoint, 
               "--data.init_args.image_size", "8", "--trainer.accelerator", "cpu", "--trainer.devices", "1"]
     from_ckpt = evaluate([*common, *TINY[:6], "--ckpt_path", str(checkpoint), "--evaluation.out_dir",
                           str(tmp_path / "ckpt")])
-    from_folder = evaluate([*common, "--ckpt_path", str(exported), "--evaluation.out_dir", str(tmp_path / "folder")])
+    from_folder = evaluate([*common, *TINY[:6], "--ckpt_path", str(exported), "--evaluation.out_dir", str(tmp_path / "folder")])
     assert from_ckpt["complete"] and from_folder["complete"] and from_folder["nfe"] == from_ckpt["nfe"] == 3
     for key in ("fid", "kid_mean", "inception_score"):
         assert from_folder[key] == from_ckpt[key], key

@@ -40,10 +40,9 @@ def checkpoint(tmp_path_factory) -> Path:
 
 def predict(checkpoint: Path, tmp: Path, version: str, sampler: list[str], extra: list[str] = (),
             net: list[str] = TINY) -> dict:
-    run(["predict", "--ckpt_path", str(checkpoint), "--data.init_args.num_samples", str(NUM),
-         "--data.init_args.sample_batch_size", "4", "--trainer.logger.init_args.version", version,
-         *sampler, *extra], tmp, net)
     out = tmp / "quickstart" / version
+    run(["predict", "--ckpt_path", str(checkpoint), "--data.init_args.num_samples", str(NUM),
+         "--data.init_args.sample_batch_size", "4", "--output", str(out), *sampler, *extra], tmp, net)
     with np.load(out / "samples.npz") as f:
         return {"samples": f["samples"], "seeds": f["seeds"], "nfe": int(f["nfe"]),
                 "png": np.asarray(Image.open(out / "samples.png"))}
@@ -95,28 +94,28 @@ def test_one_and_two_processes_give_the_same_images(checkpoint, tmp_path, name):
     np.testing.assert_array_equal(one["samples"][:5], two["samples"])
 
 
-def test_network_comes_from_the_checkpoint(checkpoint, tmp_path):
-    """Property: the network, SDE and loss come from the checkpoint, whatever the YAML says (here its 16-channel,
-    3-level DDPM++, which the tiny weights do not fit); with the same seeds the images equal those of a run
-    given the checkpoint's network options."""
-    options, nfe = SAMPLERS["edm_heun"]
-    data = ["--data.init_args.image_size", "8"]
-    plain = predict(checkpoint, tmp_path, "yaml_net", options, net=[*data, "--trainer.enable_progress_bar", "false"])
-    tiny = predict(checkpoint, tmp_path, "tiny_net", options)
-    assert plain["nfe"] == tiny["nfe"] == nfe
-    np.testing.assert_array_equal(plain["samples"], tiny["samples"])
+def test_a_yaml_network_that_differs_from_the_checkpoint_is_refused(checkpoint, tmp_path):
+    """Property: the checkpoint fixes the network; the YAML's own (its 16-channel, 3-level DDPM++, which the tiny
+    weights do not fit) is not silently replaced but refused in one line naming each key and both values, exit 2,
+    before anything is written."""
+    proc = run(["predict", "--ckpt_path", str(checkpoint), "--output", str(tmp_path / "bad"),
+                *SAMPLERS["edm_heun"][0]], tmp_path, ok=False,
+               net=["--data.init_args.image_size", "8", "--trainer.enable_progress_bar", "false"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "model.net.init_args.nf is 16 here but 8 in the checkpoint" in proc.stderr
+    assert "model.net.init_args.attn_resolutions is [8] here but [] in the checkpoint" in proc.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def test_data_that_do_not_fit_the_checkpoint_are_refused(checkpoint, tmp_path):
-    """Property: data whose image size differs from the checkpoint network's stop before sampling, naming the
-    key, both values and the option to set (DDPM++ without attention would otherwise sample 16x16 silently)."""
-    proc = run(["predict", "--ckpt_path", str(checkpoint), "--trainer.logger.init_args.version", "bad",
-                *SAMPLERS["edm_heun"][0]], tmp_path, ok=False,
-               net=["--trainer.enable_progress_bar", "false"])
-    assert proc.returncode != 0
-    assert "model.net.init_args.image_size is 16 here but 8 in the checkpoint" in proc.stderr
+    """Property: data options whose image size differs from the checkpoint network's stop before sampling, naming
+    the key, both values and the option to set (predict itself samples from seeds in the checkpoint's data space)."""
+    proc = run(["predict", "--ckpt_path", str(checkpoint), "--output", str(tmp_path / "bad"),
+                *SAMPLERS["edm_heun"][0]], tmp_path, ok=False, net=TINY[:6])
+    assert proc.returncode == 2
+    assert "data.init_args.image_size is 16 here but 8 in the checkpoint" in proc.stderr
     assert "--data.init_args.image_size" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "quickstart" / "bad" / "samples.npz").exists()
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.slow
@@ -127,7 +126,7 @@ def test_lit_score_test_logs_bits_per_dim(checkpoint, tmp_path):
          "--data.init_args.batch_size", "2", "--model.likelihood", "lit_score.diffusion.likelihood.Likelihood",
          "--model.likelihood.rtol", "1e-2", "--model.likelihood.atol", "1e-2",
          "--model.likelihood.eps", "1e-3",
-         "--trainer.logger.init_args.version", "test"], tmp_path)
+         "--output", str(tmp_path / "quickstart" / "test")], tmp_path)
     events = EventAccumulator(str(tmp_path / "quickstart" / "test"))
     events.Reload()
     bpd = [e.value for e in events.Scalars("test/bpd")]

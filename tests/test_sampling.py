@@ -12,7 +12,8 @@ from conftest import null_tolerance
 
 from benchmarks.distances import energy_distance
 from lit_score.diffusion.densities import GaussianMixture
-from lit_score.sampling import (CORRECTORS, PREDICTORS, SCHEDULES, DPMSolverPP, EDMSampler, ODESampler, PCSampler,
+from lit_score.sampling import (CORRECTORS, IPNDM, PREDICTORS, SCHEDULES, AdaptiveSDESampler, DPMSolverPP,
+                                DPMSolverPP3M, DPMSolverPPSDE, EDMSampler, EulerSampler, ODESampler, PCSampler, UniPC,
                                 colorize, default_sampler, dopri5, inpaint, seeded_normal)
 from lit_score.sampling.sigma import sigma_steps
 from lit_score.diffusion.sdes import VESDE, VPSDE, subVPSDE
@@ -198,16 +199,16 @@ def test_colorization_keeps_the_gray_and_picks_the_matching_colour():
 
 def test_bad_inputs_are_named():
     """Property: unknown names and impossible settings raise errors that say what is wrong."""
-    with pytest.raises(KeyError, match="unknown predictor 'heun'.*reverse_diffusion"):
+    with pytest.raises(ValueError, match="predictor must be one of .*'reverse_diffusion'.*, got 'heun'"):
         PCSampler(predictor="heun")
-    with pytest.raises(KeyError, match="unknown corrector"):
+    with pytest.raises(ValueError, match="corrector must be one of .*, got 'hmc'"):
         PCSampler(corrector="hmc")
     with pytest.raises(ValueError, match="order"):
         PCSampler(order="both")
     with pytest.raises(ValueError, match="step_rule 'song_ermon' is not one of the langevin corrector's: "
                                          "marginal_std, official"):
         PCSampler(corrector="langevin", step_rule="song_ermon")
-    with pytest.raises(KeyError, match="unknown sigma schedule"):
+    with pytest.raises(ValueError, match="schedule must be one of .*'karras'.*, got 'cosine'"):
         EDMSampler(schedule="cosine")
     sde = subVPSDE(N=10)
     with pytest.raises(TypeError, match="ancestral sampling exists for VESDE and VPSDE only"):
@@ -217,3 +218,47 @@ def test_bad_inputs_are_named():
     assert {"euler_maruyama", "reverse_diffusion", "ancestral_sampling", "none"} <= set(PREDICTORS.names())
     assert {"langevin", "ald", "none"} <= set(CORRECTORS.names())
     assert isinstance(default_sampler(VESDE()), PCSampler)
+
+
+BAD_ARGUMENTS = [  # (sampler, argument, value, the valid range as the message says it)
+    (PCSampler, "steps", -5, "an integer >= 1 (or None: the SDE's N)"), (PCSampler, "steps", 2.5, "an integer"),
+    (PCSampler, "n_steps_each", 0, "an integer >= 1"), (PCSampler, "snr", 0.0, "a number > 0"),
+    (PCSampler, "snr", float("nan"), "a number > 0"), (PCSampler, "step_lr", -1e-5, "a number > 0"),
+    (PCSampler, "eps", -1e-3, "a number >= 0"), (PCSampler, "denoise", "yes", "true or false"),
+    (ODESampler, "rtol", 0.0, "a number > 0"), (ODESampler, "atol", -1e-5, "a number > 0"),
+    (ODESampler, "eps", -1.0, "a number >= 0"), (ODESampler, "max_steps", 0, "an integer >= 1"),
+    (ODESampler, "step_control", "global", "one of 'image', 'batch'"),
+    (AdaptiveSDESampler, "safety", 1.5, "a number in (0, 1]"), (AdaptiveSDESampler, "reltol", -0.01, "a number >= 0"),
+    (AdaptiveSDESampler, "exp", 0.0, "a number > 0"), (AdaptiveSDESampler, "h_init", -0.01, "a number > 0"),
+    (AdaptiveSDESampler, "max_iters", 0, "an integer >= 1"), (AdaptiveSDESampler, "eps", -1e-5, "a number >= 0"),
+    (EDMSampler, "steps", -5, "an integer >= 1"), (EDMSampler, "steps", True, "an integer >= 1"),
+    (EDMSampler, "S_churn", -1.0, "a number >= 0"), (EDMSampler, "S_noise", -1.0, "a number >= 0"),
+    (EDMSampler, "S_min", -0.05, "a number >= 0"), (EDMSampler, "sigma_min", 0.0, "a number > 0"),
+    (EDMSampler, "sigma_max", -80.0, "a number > 0"), (EDMSampler, "float64", "no", "true or false"),
+    (DPMSolverPP, "steps", 0, "an integer >= 1"), (DPMSolverPP3M, "schedule", "cosine", "one of "),
+    (DPMSolverPPSDE, "order", 4, "one of 1, 2, 3"), (DPMSolverPPSDE, "eta", -1.0, "a number >= 0"),
+    (DPMSolverPPSDE, "s_noise", -0.5, "a number >= 0"), (UniPC, "order", 0, "one of 1, 2, 3"),
+    (UniPC, "variant", "bh3", "one of 'bh1', 'bh2'"), (UniPC, "corrector", None, "true or false"),
+    (IPNDM, "order", 5, "one of 1, 2, 3, 4"), (EulerSampler, "steps", -1, "an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("cls, argument, value, valid", BAD_ARGUMENTS,
+                         ids=[f"{c.__name__}-{a}={v!r}" for c, a, v, _ in BAD_ARGUMENTS])
+def test_a_bad_argument_fails_at_construction_in_one_line(cls, argument, value, valid):
+    """Property: every sampler checks its arguments when it is made (``--model.sampler.init_args.steps -5`` fails
+    before any run): a ValueError of one line naming the argument, its valid range and the value given."""
+    with pytest.raises(ValueError) as info:
+        cls(**{argument: value})
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{argument} must be {valid}") and message.endswith(
+        f", got {value!r}"), message
+
+
+def test_related_arguments_are_checked_together():
+    """Property: S_max below S_min and sigma_min not below sigma_max name both values."""
+    with pytest.raises(ValueError, match=r"^S_max must be a number >= S_min = 1, got 0.5$"):
+        EDMSampler(S_min=1.0, S_max=0.5)
+    with pytest.raises(ValueError, match=r"^sigma_min must be below sigma_max, got sigma_min = 2.0 and "
+                                         r"sigma_max = 1.0$"):
+        UniPC(sigma_min=2.0, sigma_max=1.0)

@@ -334,19 +334,19 @@ def test_float64_steps_in_float64_and_calls_the_network_in_float32(make):
 
 
 def test_bad_inputs_are_named():
-    with pytest.raises(ValueError, match="order must be 1, 2 or 3"):
+    with pytest.raises(ValueError, match="order must be one of 1, 2, 3, got 4"):
         DPMSolverPPSDE(order=4)
-    with pytest.raises(ValueError, match="eta >= 0"):
+    with pytest.raises(ValueError, match="eta must be a number >= 0, got -1.0"):
         DPMSolverPPSDE(eta=-1.0)
-    with pytest.raises(ValueError, match="solver_type"):
+    with pytest.raises(ValueError, match="solver_type must be one of 'midpoint', 'heun', got 'rk4'"):
         DPMSolverPPSDE(solver_type="rk4")
-    with pytest.raises(ValueError, match="variant must be 'bh1' or 'bh2'"):
+    with pytest.raises(ValueError, match="variant must be one of 'bh1', 'bh2', got 'bh3'"):
         UniPC(variant="bh3")
-    with pytest.raises(ValueError, match="iPNDM order must be 1 to 4"):
+    with pytest.raises(ValueError, match="order must be one of 1, 2, 3, 4, got 5"):
         IPNDM(order=5)
     with pytest.raises(ValueError, match="step_control"):
         AdaptiveSDESampler(step_control="pixel")
-    with pytest.raises(ValueError, match="abstol > 0"):
+    with pytest.raises(ValueError, match="abstol must be a number > 0, got 0.0"):
         AdaptiveSDESampler(abstol=0.0)
     with pytest.raises(ValueError, match="needs a noise source"):
         dpm_solver_pp(gaussian_denoiser, _x0(1.0), _grid(3), None, 2, 1.0)

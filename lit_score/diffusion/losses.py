@@ -127,8 +127,8 @@ class DSMLoss(Loss):
 
     def __init__(self, eps: float = 1e-5, reduce_mean: bool = True, likelihood_weighting: bool = False) -> None:
         super().__init__(reduce_mean)
-        if not 0 <= eps < 1:
-            raise ValueError(f"DSMLoss eps must be in [0, 1), got {eps}")
+        if not 0 < eps < 1:
+            raise ValueError(f"eps (the smallest time sampled) must be in (0, 1), got {eps}")
         self.eps, self.likelihood_weighting = float(eps), bool(likelihood_weighting)
 
     def __call__(self, D, x, generator=None):
@@ -191,8 +191,10 @@ class EDMLoss(Loss):
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5,
                  reduce_mean: bool = True) -> None:
         super().__init__(reduce_mean)
-        if P_std <= 0 or sigma_data <= 0:
-            raise ValueError(f"EDMLoss needs P_std > 0 and sigma_data > 0, got {P_std}, {sigma_data}")
+        if not P_std > 0:
+            raise ValueError(f"P_std must be > 0, got {P_std}")
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
         self.P_mean, self.P_std, self.sigma_data = float(P_mean), float(P_std), float(sigma_data)
 
     def default_precond(self, sde: SDE) -> Preconditioning:

@@ -44,6 +44,8 @@ class SDE(abc.ABC):
     """Base class of forward SDEs on [0, T]; subclass it and implement the abstract methods to add one."""
 
     def __init__(self, N: int = 1000) -> None:
+        if N < 1:
+            raise ValueError(f"N (the number of discretisation steps) must be >= 1, got {N}")
         self.N = N
 
     def _discretise(self) -> None:
@@ -155,7 +157,8 @@ class VESDE(SDE):
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, N: int = 1000) -> None:
         super().__init__(N)
         if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"VESDE needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+            raise ValueError(f"sigma_min and sigma_max must satisfy 0 < sigma_min < sigma_max, got sigma_min="
+                             f"{sigma_min}, sigma_max={sigma_max}")
         self._sigma_min, self._sigma_max = float(sigma_min), float(sigma_max)
         self._discretise()
 
@@ -213,7 +216,8 @@ class _VPFamily(SDE):
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000) -> None:
         super().__init__(N)
         if not 0 <= beta_min < beta_max:
-            raise ValueError(f"{type(self).__name__} needs 0 <= beta_min < beta_max, got {beta_min}, {beta_max}")
+            raise ValueError(f"beta_min and beta_max must satisfy 0 <= beta_min < beta_max, got beta_min="
+                             f"{beta_min}, beta_max={beta_max}")
         self.beta_0, self.beta_1 = float(beta_min), float(beta_max)
 
     def beta(self, t: Tensor) -> Tensor:

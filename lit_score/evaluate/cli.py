@@ -8,6 +8,15 @@ The experiment YAML builds the model and data as ``lit-score`` does; ``evaluatio
 second ``--config``). ``trainer.accelerator``, ``trainer.devices`` and ``trainer.num_nodes`` say where to run: the
 processes are launched by Lightning Fabric (locally, by ``torchrun`` or by SLURM's ``srun``) and share the work by
 seeds. Re-running the same command after pre-emption resumes from the finished shards.
+
+The outputs go to ``--output`` or ``--evaluation.out_dir`` when given, else to ``eval_<N>`` in the checkpoint's run
+folder (as ``lit-score predict``'s ``predict_<N>``; for an export, ``runs/<export name>/`` in the current
+directory): the folder that already holds this protocol's evaluation, so that the same command resumes it, or a new
+one. The training run's own files are never written. Each output is printed, one line each.
+
+The model comes from the checkpoint as for ``lit-score`` (``--ckpt_path`` fixes the network, SDE, loss and
+preconditioning): from an export or a checkpoint alone (no experiment YAML) the samples come from seeds, and FID then
+needs ``--evaluation.reference FILE`` and ``--evaluation.bpd false`` (there are no training or test images).
 """
 from __future__ import annotations
 
@@ -22,8 +31,10 @@ from lightning.pytorch.cli import LightningArgumentParser
 from omegaconf.errors import OmegaConfBaseException
 
 from lit_score.cli.config import expand_config_args
+from lit_score.distributed import close
 from lit_score.errors import ConfigurationError, run_reporting_errors
 from lit_score.evaluate.evaluator import Evaluator
+from lit_score.cli.lightning_cli import output_parent
 from lit_score.evaluate.experiment import ExperimentCLI
 from lit_score.callbacks.preemption import Interrupted, stop_at_boundaries
 
@@ -35,6 +46,10 @@ class EvaluateCLI(ExperimentCLI):
                             help="lit-score checkpoint to evaluate (its EMA weights unless evaluation.weights=raw), or a "
                                  "`lit-score export` folder (its weights)")
         parser.add_class_arguments(Evaluator, "evaluation")
+
+
+EVAL_OUTPUTS = {"results.json": "the results", "protocol.json": "the protocol", "samples": "shards of samples",
+                "bpd": "shards of bits/dim", "tensorboard": "TensorBoard events (metrics)"}
 
 
 def run(argv: Sequence[str] | None = None) -> dict:
@@ -51,14 +66,18 @@ def run(argv: Sequence[str] | None = None) -> dict:
         raise ConfigurationError(f"the config's interpolations do not resolve: {err}") from err
     evaluator: Evaluator = cli.config_init["evaluation"]
     trainer = cli.trainer_config
+    if cli.config.get("output") is not None:  # over evaluation.out_dir (which an evaluation YAML may set)
+        evaluator.out_dir = Path(cli.config["output"])
+    out_root = output_parent(cli.checkpoint or cli.initial_weights, trainer.get("logger"),
+                             trainer.get("default_root_dir"))
     fabric = L.Fabric(accelerator=trainer.get("accelerator") or "auto", devices=trainer.get("devices") or "auto",
                       num_nodes=trainer.get("num_nodes") or 1, strategy="auto")
     fabric.launch()
-    ckpt_path = None if Path(cli.config["ckpt_path"]).is_dir() else cli.config["ckpt_path"]  # export: loaded
+    ckpt_path = None if cli.checkpoint is not None and cli.checkpoint.export else cli.config["ckpt_path"]  # loaded
     try:
         with stop_at_boundaries():  # SIGINT, SIGTERM, SIGUSR1: stop after the current shard, exit 128 + signal
             results = evaluator.run(cli.model, cli.datamodule, ckpt_path, config=" + ".join(configs) or None,
-                                    device=fabric.device)
+                                    device=fabric.device, out_root=out_root)
     except Interrupted as err:
         print(f"lit-score-eval: {err}", file=sys.stderr)
         raise
@@ -68,7 +87,11 @@ def run(argv: Sequence[str] | None = None) -> dict:
     elif fabric.global_rank == 0:
         summary = {k: v for k, v in results.items() if k != "protocol"}
         print(json.dumps(summary, indent=2))
-        print(f"written to {evaluator.out_dir / 'results.json'}")
+        for path in sorted(evaluator.out_dir.iterdir()):
+            print(f"lit-score-eval: {EVAL_OUTPUTS.get(path.name, path.name)}: {path}")
+        if evaluator.export_reference is not None:
+            print(f"lit-score-eval: the samples' statistics: {evaluator.export_reference}")
+    close()
     return results
 
 

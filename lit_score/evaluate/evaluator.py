@@ -32,7 +32,7 @@ from lit_score.evaluate.shards import ShardStore
 from lit_score.diffusion.likelihood import Likelihood
 from lit_score.data_space import DataSpace
 from lit_score.metrics.features import FeatureExtractor, InceptionV3, tensor_bytes
-from lit_score.metrics.frechet import FeatureStatistics, frechet_distance, metric_tag, sample_count
+from lit_score.metrics.frechet import FeatureStatistics, frechet_distance, metric_tag
 from lit_score.metrics.kid import kernel_inception_distance
 from lit_score.metrics.reference import ReferenceStatistics, cache_path, reference_key, reference_statistics
 from lit_score.runtime.module import ScoreModel
@@ -85,7 +85,9 @@ class Evaluator:
 
     Args:
         out_dir: where shards, ``results.json``, ``protocol.json`` and TensorBoard events go; re-running with the
-            same out_dir and protocol resumes.
+            same out_dir and protocol resumes. Default (None): a folder ``eval_<N>`` in the ``out_root`` that
+            :meth:`run` is given (``lit-score-eval``: the checkpoint's run folder, see ``--output``), the one that
+            holds this protocol's evaluation (so that running the same command again resumes it), else a new one.
         num_samples: samples for FID / IS (the paper: 50,000), seeds ``first_seed .. first_seed + num_samples - 1``.
         batch_size: images sampled at once.
         shard_size: images per shard, the unit of work distribution and of resumption.
@@ -120,7 +122,7 @@ class Evaluator:
         tensorboard: write the results as TensorBoard scalars and the protocol as text.
     """
 
-    def __init__(self, out_dir: str = "eval", num_samples: int = 50000, first_seed: int = 0, batch_size: int = 250,
+    def __init__(self, out_dir: str | None = None, num_samples: int = 50000, first_seed: int = 0, batch_size: int = 250,
                  shard_size: int = 1000, sampler: Sampler | None = None, features: FeatureExtractor | None = None,
                  inception_score: bool = True, classifier: FeatureExtractor | None = None, is_splits: int = 10,
                  kid: bool = True, kid_subsets: int = 100, kid_subset_size: int = 1000, kid_features: int = 10000,
@@ -151,7 +153,7 @@ class Evaluator:
         for name, value in (("features", features), ("classifier", classifier)):
             if value is not None and not isinstance(value, FeatureExtractor):
                 raise TypeError(f"{name} must be a lit_score.metrics.FeatureExtractor, got {type(value).__name__}")
-        self.out_dir = Path(out_dir)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
         self.num_samples, self.first_seed, self.batch_size, self.shard_size = num_samples, first_seed, batch_size, \
             shard_size
         self.sampler = sampler
@@ -206,21 +208,37 @@ class Evaluator:
         weights hash alone."""
         return {**describe(network), "identity": network.identity, "weights_hash": network.identity.rsplit("-", 1)[1]}
 
-    def _check_protocol(self, protocol: dict[str, Any]) -> str | None:
-        """Rank 0: write protocol.json, or say why the out_dir holds another evaluation."""
-        path = self.out_dir / "protocol.json"
-        if path.is_file():
-            previous = json.loads(path.read_text())
-            for part in ("samples", "bpd"):
-                old, new = previous.get(part) or {}, protocol.get(part) or {}
-                differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-                if differ:
-                    return (f"{self.out_dir} holds an evaluation with another protocol ({part}: "
-                            f"{', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in differ)}); "
-                            f"use another out_dir, or delete {self.out_dir} to start over")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(protocol, indent=2))
+    @staticmethod
+    def _protocol_differs(folder: Path, protocol: dict[str, Any]) -> str | None:
+        """How the evaluation in ``folder`` (its protocol.json) differs from ``protocol``, or None."""
+        path = folder / "protocol.json"
+        if not path.is_file():
+            return None
+        previous = json.loads(path.read_text())
+        for part in ("samples", "bpd"):
+            old, new = previous.get(part) or {}, protocol.get(part) or {}
+            differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            if differ:
+                return f"{part}: {', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in differ)}"
         return None
+
+    def _check_protocol(self, protocol: dict[str, Any], out_root: Path) -> tuple[str, str | None]:
+        """Rank 0: the out_dir (``out_dir``, or chosen in ``out_root``) with protocol.json written, or why the
+        out_dir holds another evaluation."""
+        out_dir = self.out_dir
+        if out_dir is None:
+            previous = sorted((p for p in out_root.glob("eval_*") if p.name[5:].isdigit()),
+                              key=lambda p: int(p.name[5:])) if out_root.is_dir() else []
+            out_dir = next((p for p in previous if (p / "protocol.json").is_file()
+                            and self._protocol_differs(p, protocol) is None),
+                           out_root / f"eval_{1 + max((int(p.name[5:]) for p in previous), default=-1)}")
+        differs = self._protocol_differs(out_dir, protocol)
+        if differs:
+            return str(out_dir), (f"{out_dir} holds an evaluation with another protocol ({differs}); use another "
+                                  f"out_dir, or delete {out_dir} to start over")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "protocol.json").write_text(json.dumps(protocol, indent=2))
+        return str(out_dir), None
 
     @staticmethod
     def fingerprint(part: dict[str, Any] | None) -> str:
@@ -229,10 +247,12 @@ class Evaluator:
     # -- the run --------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, model: ScoreModel, datamodule: L.LightningDataModule, ckpt_path: str | Path | None = None,
-            config: str | None = None, device: torch.device | str = "cpu") -> dict[str, Any]:
+            config: str | None = None, device: torch.device | str = "cpu",
+            out_root: str | Path = ".") -> dict[str, Any]:
         """Evaluate (every process of a distributed run calls this); returns the results on every rank.
 
         With ``ckpt_path`` the checkpoint's ``weights`` are loaded first; without, the model is evaluated as it is.
+        Without an ``out_dir``, the outputs go to a folder ``eval_<N>`` of ``out_root`` (see the class).
         """
         rank, world = rank_and_world()
         if self.likelihood_arg is None:
@@ -255,9 +275,10 @@ class Evaluator:
             self.classifier.prepare()
             self.classifier.to(device).eval()
         protocol = self.protocol(model, datamodule, checkpoint, config)
-        problem = broadcast(self._check_protocol(protocol) if rank == 0 else None)
+        out_dir, problem = broadcast(self._check_protocol(protocol, Path(out_root)) if rank == 0 else None)
         if problem:
             raise ValueError(problem)
+        self.out_dir = Path(out_dir)
 
         reference = self._reference(datamodule, model.data_space, device)
         protocol["reference"] = {"key": reference.key, "count": reference.count,
@@ -343,7 +364,7 @@ class Evaluator:
                 num_kept += kept[-1].shape[0]
             images_nfe += sum(n * e for n, e in shard["nfe"])
         mean, cov, count = stats.compute()
-        results: dict[str, Any] = {"complete": True, "n": sample_count(self.num_samples),
+        results: dict[str, Any] = {"complete": True, "n": self.num_samples,
                                    "fid": frechet_distance(mean, cov, reference.mean, reference.cov),
                                    "kid_mean": None, "kid_std": None, "nfe": images_nfe / count}
         if self.kid and reference.features is not None:

@@ -20,7 +20,7 @@ class ExperimentCLI(ScoreCLI):
     trainer_config: dict[str, Any]
 
     def instantiate_trainer(self, **kwargs: Any) -> None:
-        self.trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        self.trainer_config = {**(self._section(self.config_init).get("trainer") or {}), **kwargs}
         return None
 
 

@@ -29,7 +29,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from lit_score.interop.export import lit_score_version, model_card
+from lit_score.interop.export import lit_score_version, model_card, write_file
 from lit_score.runtime.pretrained import (CARD_NAME, CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_NAME, Pretrained,
                                          PretrainedError, load_pretrained)
 from lit_score.diffusion.denoiser import NoisePrediction, Preconditioning, ScorePrediction
@@ -520,7 +520,7 @@ def import_diffusers(folder: str | Path, out_dir: str | Path, **sde: float | int
     VESDE (from ScoreSdeVeScheduler) under ScorePrediction(scale_by_sigma=True, log_label=True), DownBlock2D /
     UpBlock2D as DDPMpp + VPSDE (from DDPMScheduler) under NoisePrediction(log_label=False); ``sde``
     (sigma_min, sigma_max / beta_min, beta_max, N) stands in for a missing scheduler."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     from lit_score.networks import NCSNpp
 
@@ -554,12 +554,12 @@ def import_diffusers(folder: str | Path, out_dir: str | Path, **sde: float | int
         "precond": NOISE_PREDICTION if is_plain(args) else SCORE_PREDICTION,
         "data": {k: args[k] for k in ("num_channels", "image_size", "centered")},
         "weights": "diffusers", "ema": None, "global_step": 0, "epoch": 0,
-        "experiment": {"name": None, "imported_from": str(folder)},
+        "experiment": {"name": None, "imported_from": folder.name},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(ours, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt", "weights": "diffusers"})
-    (out_dir / CONFIG_NAME).write_text(json.dumps(pretrained, indent=2) + "\n")
-    (out_dir / CARD_NAME).write_text(model_card(pretrained, out_dir.name))
+    write_file(out_dir / WEIGHTS_NAME, save(ours, metadata={"format": "pt", "weights": "diffusers"}))
+    write_file(out_dir / CONFIG_NAME, (json.dumps(pretrained, indent=2) + "\n").encode())
+    write_file(out_dir / CARD_NAME, model_card(pretrained, out_dir.name).encode())
     return out_dir
 
 

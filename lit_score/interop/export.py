@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -50,19 +50,67 @@ def _ema_settings(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
     return next((dict(v) for k, v in states.items() if str(k).split("{")[0] == "EMA"), None)
 
 
-def _experiment(ckpt_path: Path) -> dict[str, Any] | None:
-    """The run the checkpoint came from: LightningCLI saves the full config next to ``checkpoints/``."""
+def _run_config(ckpt_path: Path) -> dict[str, Any] | None:
+    """The full config of the run the checkpoint came from (LightningCLI saves it next to ``checkpoints/``)."""
     run_config = ckpt_path.resolve().parent.parent / "config.yaml"
     if not run_config.is_file():
         return None
     import yaml
 
     with open(run_config) as f:
-        config = yaml.safe_load(f) or {}
-    logger = (config.get("trainer") or {}).get("logger") or {}
+        config = yaml.safe_load(f)
+    return config if isinstance(config, dict) else None
+
+
+def _experiment(ckpt_path: Path, run_config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What config.json says of the run: its name, the file that holds its config and the checkpoint's file name
+    (no path: the folder is shared)."""
+    if run_config is None:
+        return None
+    logger = (run_config.get("trainer") or {}).get("logger") or {}
     init_args = logger.get("init_args") or {} if isinstance(logger, dict) else {}
-    return {"name": init_args.get("name"), "run_dir": str(run_config.parent), "config": EXPERIMENT_NAME,
-            "checkpoint": ckpt_path.name}
+    return {"name": init_args.get("name"), "config": EXPERIMENT_NAME, "checkpoint": ckpt_path.name}
+
+
+def _is_absolute_path(value: Any) -> bool:
+    return isinstance(value, str) and (os.path.isabs(value) or value.startswith("~"))
+
+
+def portable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's config without what belongs to the machine and run that made it: every absolute path is null (the
+    logger's save_dir is ``runs``), and the logger's version and ``ckpt_path`` are null, so that the config trains or
+    samples anew anywhere (``data.init_args.path`` then has to be given, as in the folder experiments)."""
+    def scrub(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: scrub(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        return None if _is_absolute_path(node) else node
+
+    clean = scrub(config)
+    if "ckpt_path" in clean:
+        clean["ckpt_path"] = None
+    logger = (clean.get("trainer") or {}).get("logger")
+    for item in logger if isinstance(logger, list) else [logger]:
+        init_args = item.get("init_args") if isinstance(item, dict) else None
+        if isinstance(init_args, dict):
+            if "version" in init_args:
+                init_args["version"] = None
+            if "save_dir" in init_args and init_args["save_dir"] is None:
+                init_args["save_dir"] = "runs"
+    return clean
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (a temporary file in the same folder, then renamed), with the mode of
+    any new file (0644 under the usual umask 022): readers never see half a file, and the export is shareable."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def has_ema(checkpoint: dict[str, Any]) -> bool:
@@ -86,10 +134,11 @@ def network_state(checkpoint: dict[str, Any], weights: str) -> dict[str, Tensor]
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, weights: str = "auto",
                       overwrite: bool = False) -> dict[str, Any]:
-    """Write ``out_dir/{model.safetensors, config.json, README.md}`` (and the run's ``experiment.yaml`` when it
-    is next to the checkpoint) from a lit-score checkpoint; ``weights``: ``ema``, ``raw`` or ``auto`` (EMA when
-    the checkpoint has them). Returns the config."""
-    from safetensors.torch import save_file
+    """Write ``out_dir/{model.safetensors, config.json, README.md}`` (and the run's config as ``experiment.yaml``,
+    without this machine's paths and the run's version, when it is next to the checkpoint) from a lit-score
+    checkpoint; ``weights``: ``ema``, ``raw`` or ``auto`` (EMA when the checkpoint has them). Returns the config."""
+    import yaml
+    from safetensors.torch import save
 
     if weights not in ("auto", "ema", "raw"):
         raise PretrainedError(f"weights must be auto, ema or raw, got {weights!r}")
@@ -107,6 +156,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, weights: str =
     if (out_dir / CONFIG_NAME).exists() and not overwrite:
         raise PretrainedError(f"{out_dir / CONFIG_NAME} exists; choose another folder or pass --overwrite")
     state = network_state(checkpoint, weights)
+    run_config = _run_config(ckpt_path)
     net = hparams["net"]
     init_args = net.get("init_args") or {}
     config = {
@@ -116,40 +166,82 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, weights: str =
         "data_space": hparams.get("data_space"),  # shape, range, quantisation (None: an older checkpoint)
         "weights": weights, "ema": _ema_settings(checkpoint) if weights == "ema" else None,
         "global_step": int(checkpoint.get("global_step", 0)), "epoch": int(checkpoint.get("epoch", 0)),
-        "experiment": _experiment(ckpt_path),
+        "experiment": _experiment(ckpt_path, run_config),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / WEIGHTS_NAME),
-              metadata={"format": "pt", "weights": weights})
-    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    if config["experiment"]:
-        shutil.copyfile(Path(config["experiment"]["run_dir"]) / "config.yaml", out_dir / EXPERIMENT_NAME)
-    (out_dir / CARD_NAME).write_text(model_card(config, out_dir.name))
+    write_file(out_dir / WEIGHTS_NAME, save({k: v.contiguous() for k, v in state.items()},
+                                            metadata={"format": "pt", "weights": weights}))
+    write_file(out_dir / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+    if run_config is not None:
+        experiment = yaml.safe_dump(portable_config(run_config), sort_keys=False)
+        write_file(out_dir / EXPERIMENT_NAME, experiment.encode())
+    else:  # an earlier export's, overwritten
+        (out_dir / EXPERIMENT_NAME).unlink(missing_ok=True)
+    write_file(out_dir / CARD_NAME, model_card(config, out_dir.name).encode())
     return config
 
 
+def _data_description(config: dict[str, Any]) -> tuple[tuple[int, ...] | None, bool, str]:
+    """The shape of one sample (None when the config does not say), whether it is centered, and its range."""
+    space, data = config.get("data_space") or {}, config.get("data") or {}
+    if space.get("shape"):
+        shape = tuple(int(s) for s in space["shape"])
+    elif data.get("num_channels") and data.get("image_size"):
+        shape = (int(data["num_channels"]), int(data["image_size"]), int(data["image_size"]))
+    else:
+        shape = None
+    centered = bool(space.get("centered", data.get("centered")))
+    return shape, centered, "[-1, 1]" if centered else "[0, 1]"
+
+
 def model_card(config: dict[str, Any], name: str) -> str:
-    """A short README.md: what the model is, how to load, sample and share it."""
-    net, sde, data = config["net"], config["sde"], config["data"]
-    weights = "EMA weights" if config["weights"] == "ema" else "raw training weights (the checkpoint had no EMA)"
+    """A short README.md: what the model is, and how to sample it (Python and ``lit-score predict`` on this folder,
+    no YAML) and share it. Its statements on ranges are those of ``ScoreModel.sample`` (the sampler's output, not
+    clamped) and of ``DataSpace.to_uint8`` (clamped to the data range, then quantised)."""
+    net, sde = config["net"], config["sde"]
+    weights = {"ema": "EMA weights", "raw": "raw training weights (the checkpoint had no EMA)"}.get(
+        config.get("weights"), f"{config.get('weights')} weights")
     ema = config.get("ema") or {}
     ema_line = f" (EMA rate {ema.get('rate')}, {ema.get('num_updates')} updates)" if ema else ""
     experiment = config.get("experiment") or {}
-    source = f" of the experiment `{experiment['name']}` (its full config: `{EXPERIMENT_NAME}`)" if experiment else ""
-    centered = "[-1, 1]" if data.get("centered") else "[0, 1]"
+    source = (f" of the experiment `{experiment['name']}` (its full config: `{EXPERIMENT_NAME}`)"
+              if experiment.get("name") else "")
+    shape, centered, value_range = _data_description(config)
+    if shape is not None and len(shape) == 3:
+        c, h, w = shape
+        data_line = f"{c}x{h}x{w} images, as floats in {value_range}"
+        scale = "2 k / 255 - 1" if centered else "k / 255"
+        shape_text = f"(16, {c}, {h}, {w})"
+        convert = (f"images = model.data_space.to_uint8(x)  # uint8 {shape_text}, 0..255: x clamped to "
+                   f"{value_range}, then rounded")
+        ranges = (f"`x` is the sampler's output as it is, on the data's scale ({value_range}: pixel value k is "
+                  f"{scale}) but **not clamped**: a model that is not fully trained returns values outside "
+                  f"{value_range}, far outside for a poor one. `images` are 8-bit images: `x` clamped to "
+                  f"{value_range} and rounded to 256 levels (`lit_score.data_space.to_uint8`).")
+        cli_out = ("`samples.npz` (`samples`: those uint8 images, N x H x W x C in 0..255; `seeds`; `nfe`, the network "
+                   "evaluations per image) and `samples.png`, a grid of them")
+    else:  # vectors (e.g. the 2-D toys): continuous data without a fixed range
+        data_line = f"samples of shape {tuple(shape) if shape else '(...)'}"
+        shape_text = f"(16, {', '.join(str(d) for d in shape)})" if shape else "(16, ...)"
+        convert = ""
+        ranges = "`x` is the sampler's output as it is, not clamped to any range."
+        cli_out = "`samples.npz` (`samples`: float32, as `x`; `seeds`; `nfe`) and `samples.png`, a scatter plot"
+    convert_line = f"\n{convert}" if convert else ""
     return f"""---
 library_name: lit-score
 tags: [score-based, diffusion, sde]
 ---
 # {name}
 
-A score-based generative model (Song et al. 2021) trained with lit-score {config['lit_score_version']}:
+A score-based generative model (Song et al. 2021) trained with lit-score {config.get('lit_score_version')}:
 `{net['class_path']}` under `{sde['class_path']}` {json.dumps(sde.get('init_args') or {})}, loss `{loss_name(config['loss'])}`,
-{data.get('num_channels')}x{data.get('image_size')}x{data.get('image_size')} images in {centered}.
-`{WEIGHTS_NAME}` holds the {weights}{ema_line} at training step {config['global_step']}{source};
-`{CONFIG_NAME}` holds the network's and the SDE's arguments.
+{data_line}.
+`{WEIGHTS_NAME}` holds the {weights}{ema_line} at training step {config.get('global_step')}{source};
+`{CONFIG_NAME}` holds the network's, the SDE's and the loss's arguments and the data space (shape, range, levels).
 
-## Load and sample
+## Sample
+
+From the folder that holds `{name}/`:
 
 ```python
 import torch
@@ -157,11 +249,19 @@ from lit_score.runtime.module import ScoreModel
 from lit_score.sampling import EDMSampler
 
 model = ScoreModel.from_pretrained("{name}").eval()
-images = model.sample(torch.arange(16), sampler=EDMSampler(steps=18)).samples  # one image per seed, in {centered}
+result = model.sample(torch.arange(16), sampler=EDMSampler(steps=18))  # one sample per seed 0..15
+x = result.samples  # float {shape_text}: the sampler's output, not clamped{convert_line}
 ```
 
-Or from the command line, with an experiment YAML for the data and the sampler (the network, SDE and loss come
-from this folder): `lit-score predict --config experiments/quickstart.yaml --ckpt_path {name}`.
+{ranges}
+
+From the command line, with no YAML (the network, SDE, loss and data shape come from `{CONFIG_NAME}`):
+
+```bash
+lit-score predict --ckpt_path {name} --data.init_args.num_samples 16
+```
+
+It writes {cli_out}. `--model.sampler EDMSampler --model.sampler.steps 18` picks the sampler of the Python example.
 
 ## Share
 

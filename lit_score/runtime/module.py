@@ -53,6 +53,16 @@ class ScoreModel(L.LightningModule):
                  sampler: Sampler | None = None, likelihood: Likelihood | None = None,
                  data_space: DataSpace | dict | None = None) -> None:
         super().__init__()
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {list(betas)}")
+        if not adam_eps >= 0:
+            raise ValueError(f"adam_eps must be >= 0, got {adam_eps}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if warmup < 0:
+            raise ValueError(f"warmup must be >= 0 (steps), got {warmup}")
         if isinstance(loss, str):
             raise TypeError(f"loss is an object now, not a name: instead of {loss!r} give e.g. DSMLoss() (in a "
                             "YAML: loss: {class_path: lit_score.diffusion.losses.DSMLoss})")
@@ -111,8 +121,13 @@ class ScoreModel(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Read an earlier release's checkpoint as today's, and make the EMA network its weights go into (or, for a
-        model given one, e.g. by the EMA callback, start it from the checkpoint's trained weights when it has none)."""
+        model given one, e.g. by the EMA callback, start it from the checkpoint's trained weights when it has none).
+        Predict, test and validate take the model only: the training callbacks' states are left out, so Lightning
+        neither restores them nor asks for the callbacks that saved them."""
         upgrade_checkpoint(checkpoint)
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn not in (None, "fit"):
+            checkpoint.pop("callbacks", None)
         state = checkpoint.get("state_dict", {})
         if self.ema is None and any(k.startswith(EMA) for k in state):
             self.add_ema()
@@ -247,10 +262,11 @@ class ScoreModel(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.trainer.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
-            grads = [p.grad for p in self.parameters() if p.grad is not None]
-            if grads:
-                self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+        """Log the norm of the step's gradients (before clipping) as ``train/grad_norm``, beside the loss of the
+        same batch: Lightning writes both at the steps its ``log_every_n_steps`` picks."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True, on_epoch=False)
 
     def configure_optimizers(self):
         hp = self.hparams

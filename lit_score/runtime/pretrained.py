@@ -130,4 +130,11 @@ def model_options(folder: str | Path, config: dict[str, Any] | None = None) -> d
     return {k: config.get(k) for k in ("net", "sde", "loss", "precond")}
 
 
+def export_hyperparameters(folder: str | Path, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What an export says of its model, as a checkpoint's hyper-parameters say it: the options it fixes
+    (:func:`model_options`), its ``data_space`` and, when recorded, its ``sampler`` and ``likelihood``."""
+    config = read_config(folder) if config is None else config
+    return {**model_options(folder, config), **{k: config.get(k) for k in ("data_space", "sampler", "likelihood")}}
+
+
 # -- command line ---------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ line (``--model.sampler ODESampler --model.sampler.rtol 1e-4``); add your own by
 in ``PREDICTORS`` / ``CORRECTORS`` / ``SCHEDULES``).
 """
 from lit_score.sampling.base import SampleResult, Sampler
-from lit_score.rng import SeededNoise, seeded_normal, seeded_prior
+from lit_score.rng import SeededNoise, seeded_normal, seeded_prior, starting_noise
 from lit_score.sampling.conditional import colorize, inpaint
 from lit_score.sampling.ode import ODESampler, dopri5
 from lit_score.sampling.pc import CORRECTOR_STEP_RULES, CORRECTORS, PREDICTORS, PCSampler, default_eps
@@ -16,7 +16,7 @@ from lit_score.sampling.solvers import (IPNDM, AdaptiveSDESampler, DPMSolverPP3M
                                         adaptive_sde, euler, ipndm, unipc)
 from lit_score.diffusion.sdes import SDE, VESDE
 
-__all__ = ["SampleResult", "Sampler", "SigmaSampler", "SeededNoise", "seeded_normal", "seeded_prior",
+__all__ = ["SampleResult", "Sampler", "SigmaSampler", "SeededNoise", "seeded_normal", "seeded_prior", "starting_noise",
            "default_sampler", "PCSampler", "PREDICTORS", "CORRECTORS", "CORRECTOR_STEP_RULES", "default_eps",
            "ODESampler", "dopri5", "EDMSampler", "DPMSolverPP", "SCHEDULES", "inpaint", "colorize", "EulerSampler",
            "DPMSolverPP3M", "DPMSolverPPSDE", "UniPC", "IPNDM", "AdaptiveSDESampler", "edm_sample", "euler",

@@ -10,9 +10,9 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from lit_score.sampling.base import SampleResult
+from lit_score.sampling.base import SampleResult, initial_noise
 
-from lit_score.rng import SeededNoise, seeded_prior
+from lit_score.rng import SeededNoise
 from lit_score.sampling.pc import PCSampler
 from lit_score.diffusion.denoiser import Denoiser
 from lit_score.diffusion.sdes import SDE
@@ -40,7 +40,7 @@ def inpaint(sampler: PCSampler, D: Denoiser, sde: SDE, data: Tensor, mask: Tenso
     mask = torch.broadcast_to(mask.to(data), data.shape)
     shape = tuple(data.shape[1:])
     noise = SeededNoise([int(s) + 2**32 for s in seeds], shape, data.device)
-    x = seeded_prior(sde, seeds, shape, data.device)
+    x = sde.prior_from_noise(initial_noise(seeds, shape, data.device))  # the seeds' unconditional start
     x = x * (1 - mask) + data * mask
     identity = lambda v: v  # noqa: E731
     return sampler.sample(D, sde, shape, seeds, data.device, x_init=x,
@@ -69,7 +69,7 @@ def colorize(sampler: PCSampler, D: Denoiser, sde: SDE, gray: Tensor, seeds: Seq
     mask[:, 0] = 1
     shape = tuple(data.shape[1:])
     noise = SeededNoise([int(s) + 2**32 for s in seeds], shape, gray.device)
-    x = seeded_prior(sde, seeds, shape, gray.device)
+    x = sde.prior_from_noise(initial_noise(seeds, shape, gray.device))
     x = back(to(x) * (1 - mask) + to(data) * mask)
     return sampler.sample(D, sde, shape, seeds, gray.device, x_init=x,
                           project=_replace_known(sde, data, mask, noise, to, back))

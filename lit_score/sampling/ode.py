@@ -14,9 +14,8 @@ import torch
 from torch import Tensor
 
 from lit_score.diffusion.denoiser import Denoiser
-from lit_score.sampling.base import SampleResult, Sampler, denoise, time_vector
-
-from lit_score.rng import seeded_prior
+from lit_score.sampling.base import (SampleResult, Sampler, check_bool, check_choice, check_int, check_real, denoise,
+                                     initial_noise, time_vector)
 from lit_score.diffusion.sdes import SDE, ScoreFn
 
 # Dormand & Prince (1980) tableau: nodes C, stages A, 5th-order weights B5, 4th-order weights B4 (FSAL).
@@ -200,16 +199,19 @@ class ODESampler(Sampler):
 
     def __init__(self, rtol: float = 1e-5, atol: float = 1e-5, eps: float = 1e-3, denoise: bool = False,
                  step_control: str = "image", max_steps: int = 10_000) -> None:
-        if rtol <= 0 or atol <= 0 or eps < 0:
-            raise ValueError(f"need rtol > 0, atol > 0, eps >= 0; got {rtol}, {atol}, {eps}")
-        if step_control not in STEP_CONTROLS:
-            raise ValueError(f"step_control must be one of {STEP_CONTROLS}, got {step_control!r}")
+        check_real("rtol", rtol, 0, low_open=True)
+        check_real("atol", atol, 0, low_open=True)
+        check_real("eps", eps, 0)
+        check_bool("denoise", denoise)
+        check_choice("step_control", step_control, STEP_CONTROLS)
+        check_int("max_steps", max_steps, 1)
         self.rtol, self.atol, self.eps, self.denoise = rtol, atol, eps, denoise
         self.step_control, self.max_steps = step_control, max_steps
 
     def sample(self, D: Denoiser, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
-               device: torch.device | str = "cpu") -> SampleResult:
-        x = seeded_prior(sde, seeds, shape, device)
+               device: torch.device | str = "cpu", start_noise: Tensor | None = None) -> SampleResult:
+        """From x_T = prior std * z, z the seeds' starting noise (or ``start_noise``), to eps."""
+        x = sde.prior_from_noise(initial_noise(seeds, shape, device, start_noise))
         sol = dopri5(probability_flow(D.score, sde, shape), x.flatten(1), sde.T, self.eps, self.rtol, self.atol,
                      self.max_steps, step_control=self.step_control)
         x = sol.y.reshape(x.shape)

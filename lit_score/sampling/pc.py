@@ -15,8 +15,9 @@ from torch import Tensor
 
 from lit_score.registry import Registry
 from lit_score.diffusion.denoiser import Counted, Denoiser
-from lit_score.sampling.base import SampleResult, Sampler, time_vector
-from lit_score.rng import SeededNoise, seeded_prior
+from lit_score.sampling.base import (SampleResult, Sampler, check_bool, check_choice, check_int, check_real,
+                                     initial_noise, time_vector)
+from lit_score.rng import SeededNoise
 from lit_score.diffusion.sdes import SDE, VESDE, VPSDE, ReverseSDE, ScoreFn, bcast, table_on
 
 
@@ -197,24 +198,30 @@ class PCSampler(Sampler):
         step_rule: the corrector's step size, one of ``CORRECTOR_STEP_RULES[corrector]``: for langevin
             ``marginal_std`` (default) or ``official``; for ald ``song_ermon`` (default, Song & Ermon's
             Algorithm 1 with step_lr) or ``official`` (score_sde's AnnealedLangevinDynamics, with snr).
+    The chain starts at x_T = prior std * z, z the seeds' starting noise; the predictor's and corrector's noise
+    are draws 0, 1, ... of each seed's noise stream.
     """
 
     def __init__(self, predictor: str = "reverse_diffusion", corrector: str = "langevin", snr: float = 0.16,
                  n_steps_each: int = 1, step_lr: float = 2e-5, steps: int | None = None, eps: float | None = None,
                  denoise: bool = True, order: Literal["corrector_first", "predictor_first"] = "corrector_first",
                  step_rule: str | None = None) -> None:
-        self.predictor, self.corrector = PREDICTORS[predictor], CORRECTORS[corrector]
-        self.predictor_name, self.corrector_name = predictor, corrector
-        if order not in ("corrector_first", "predictor_first"):
-            raise ValueError(f"order must be 'corrector_first' or 'predictor_first', got {order!r}")
-        if n_steps_each < 1 or snr <= 0 or step_lr <= 0 or (eps is not None and eps < 0):
-            raise ValueError(f"need n_steps_each >= 1, snr > 0, step_lr > 0, eps >= 0; "
-                             f"got {n_steps_each}, {snr}, {step_lr}, {eps}")
+        check_choice("predictor", predictor, PREDICTORS.names())
+        check_choice("corrector", corrector, CORRECTORS.names())
+        check_real("snr", snr, 0, low_open=True)
+        check_int("n_steps_each", n_steps_each, 1)
+        check_real("step_lr", step_lr, 0, low_open=True)
+        check_int("steps", steps, 1, none="the SDE's N")
+        check_real("eps", eps, 0, none="1e-5 for a VESDE, 1e-3 otherwise")
+        check_bool("denoise", denoise)
+        check_choice("order", order, ("corrector_first", "predictor_first"))
         rules = CORRECTOR_STEP_RULES.get(corrector)
         if step_rule is None:
             step_rule = rules[0] if rules else None
         elif rules is not None and step_rule not in rules:
             raise ValueError(f"step_rule {step_rule!r} is not one of the {corrector} corrector's: {', '.join(rules)}")
+        self.predictor, self.corrector = PREDICTORS[predictor], CORRECTORS[corrector]
+        self.predictor_name, self.corrector_name = predictor, corrector
         self.snr, self.n_steps_each, self.step_lr, self.steps = snr, n_steps_each, step_lr, steps
         self.eps, self.denoise, self.order, self.step_rule = eps, denoise, order, step_rule
 
@@ -224,13 +231,14 @@ class PCSampler(Sampler):
         return (self.steps or sde.N) * per_level
 
     def sample(self, D: Denoiser, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
-               device: torch.device | str = "cpu", x_init: Tensor | None = None,
+               device: torch.device | str = "cpu", start_noise: Tensor | None = None, x_init: Tensor | None = None,
                project: Projection | None = None) -> SampleResult:
-        """``project(x, x_mean, t)``, if given, runs after each time step (conditional generation, appendix I)."""
+        """``x_init``, if given, is x_T itself (in place of prior std * z); ``project(x, x_mean, t)``, if given, runs
+        after each time step (conditional generation, appendix I)."""
         sde = rediscretize(sde, self.steps or sde.N)
         counted = Counted(D)
         noise = SeededNoise(seeds, shape, device)
-        x = seeded_prior(sde, seeds, shape, device) if x_init is None else x_init
+        x = sde.prior_from_noise(initial_noise(seeds, shape, device, start_noise)) if x_init is None else x_init
         eps = default_eps(sde) if self.eps is None else self.eps
         grid = torch.linspace(sde.T, eps, sde.N, dtype=torch.float64)
         timesteps = grid.to(device, x.dtype)  # one copy to the device; the steps index it there

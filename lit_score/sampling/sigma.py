@@ -16,7 +16,8 @@ from torch import Tensor
 
 from lit_score.registry import Registry
 from lit_score.diffusion.denoiser import Counted, Denoiser
-from lit_score.sampling.base import SampleResult, Sampler
+from lit_score.sampling.base import (SampleResult, Sampler, check_bool, check_choice, check_int, check_real,
+                                     initial_noise)
 from lit_score.rng import SeededNoise
 from lit_score.diffusion.sdes import SDE
 
@@ -98,12 +99,10 @@ def _phi3(H: float) -> float:
 
 def check_dpm_solver_pp(order: int, eta: float, s_noise: float, solver_type: str) -> None:
     """Raise unless ``dpm_solver_pp`` takes these options."""
-    if order not in (1, 2, 3):
-        raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}")
-    if eta < 0 or s_noise < 0:
-        raise ValueError(f"need eta >= 0 and s_noise >= 0, got {eta}, {s_noise}")
-    if solver_type not in ("midpoint", "heun"):
-        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+    check_choice("order", order, (1, 2, 3))
+    check_real("eta", eta, 0)
+    check_real("s_noise", s_noise, 0)
+    check_choice("solver_type", solver_type, ("midpoint", "heun"))
 
 
 def dpm_solver_pp(D: Denoiser, x: Tensor, sigmas: Tensor, noise: Callable[[], Tensor] | None = None, order: int = 2,
@@ -166,9 +165,10 @@ SIGMA_ARGS = """steps: noise levels N, then a last step to sigma = 0 (NFE = N).
 
 
 class SigmaSampler(Sampler):
-    __doc__ = f"""A sampler in the sigma view: x_hat starts at sigma_0 from each image's seed and a solver steps it down
-    the schedule's noise levels to sigma = 0, where it is x_0; one network evaluation per level unless ``planned_nfe``
-    says otherwise. Subclasses give ``solve``.
+    __doc__ = f"""A sampler in the sigma view: x_hat starts at sigma_0 z, z the seed's starting noise (the same as the
+    t-view samplers'), and a solver steps it down the schedule's noise levels to sigma = 0, where it is x_0; one
+    network evaluation per level unless ``planned_nfe`` says otherwise. Stochastic solvers draw their noise from
+    draws 1, 2, ... of each seed's noise stream (release 0.1 started from its draw 0). Subclasses give ``solve``.
 
     Args:
         {SIGMA_ARGS}
@@ -176,9 +176,14 @@ class SigmaSampler(Sampler):
 
     def __init__(self, steps: int, schedule: str = "karras", sigma_min: float | None = None,
                  sigma_max: float | None = None, float64: bool = False) -> None:
-        SCHEDULES[schedule]
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+        check_int("steps", steps, 1)
+        check_choice("schedule", schedule, SCHEDULES.names())
+        check_real("sigma_min", sigma_min, 0, low_open=True, none="max(SDE's sigma_min, 0.002)")
+        check_real("sigma_max", sigma_max, 0, low_open=True, none="the SDE's sigma_max")
+        if sigma_min is not None and sigma_max is not None and not sigma_min < sigma_max:
+            raise ValueError(f"sigma_min must be below sigma_max, got sigma_min = {sigma_min!r} and "
+                             f"sigma_max = {sigma_max!r}")
+        check_bool("float64", float64)
         self.steps, self.schedule, self.sigma_min, self.sigma_max = steps, schedule, sigma_min, sigma_max
         self.float64 = float64
 
@@ -190,11 +195,12 @@ class SigmaSampler(Sampler):
         return self.steps
 
     def sample(self, D: Denoiser, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
-               device: torch.device | str = "cpu") -> SampleResult:
+               device: torch.device | str = "cpu", start_noise: Tensor | None = None) -> SampleResult:
+        """From x_hat = sigma_0 z, z the seeds' starting noise (or ``start_noise``), to sigma = 0."""
         sigmas = sigma_steps(sde, self.steps, self.schedule, self.sigma_min, self.sigma_max)
         counted = Counted(D)
-        noise = SeededNoise(seeds, shape, device)
-        x = noise() * float(sigmas[0])
+        x = initial_noise(seeds, shape, device, start_noise) * float(sigmas[0])
+        noise = SeededNoise(seeds, shape, device, step=1)  # draws 1, 2, ...: as 0.1, whose draw 0 was the start
         net = counted
         if self.float64:  # as EDM's sampler: float64 state, the network in its own dtype
             net, x = float32_net(counted), x.double()
@@ -216,9 +222,12 @@ class EDMSampler(SigmaSampler):
                  sigma_max: float | None = None, S_churn: float = 0.0, S_min: float = 0.0,
                  S_max: float = float("inf"), S_noise: float = 1.0, float64: bool = False) -> None:
         super().__init__(steps, schedule, sigma_min, sigma_max, float64)
-        if S_churn < 0 or S_noise < 0 or S_min > S_max:
-            raise ValueError(f"need S_churn >= 0, S_noise >= 0, S_min <= S_max; got {S_churn}, {S_noise}, "
-                             f"{S_min}, {S_max}")
+        check_real("S_churn", S_churn, 0)
+        check_real("S_min", S_min, 0)
+        check_real("S_max", S_max, 0)
+        if S_max < S_min:
+            raise ValueError(f"S_max must be a number >= S_min = {S_min:g}, got {S_max!r}")
+        check_real("S_noise", S_noise, 0)
         self.S_churn, self.S_min, self.S_max, self.S_noise = S_churn, S_min, S_max, S_noise
 
     def planned_nfe(self, sde: SDE) -> int:

@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 
 from lit_score.diffusion.denoiser import Counted, Denoiser
-from lit_score.rng import SeededNoise, seeded_prior
-from lit_score.sampling.base import SampleResult, Sampler, denoise, time_vector
+from lit_score.rng import SeededNoise
+from lit_score.sampling.base import (SampleResult, Sampler, check_bool, check_choice, check_int, check_real, denoise,
+                                     initial_noise, time_vector)
 from lit_score.sampling.sigma import (SIGMA_ARGS, DPMSolverPP, SigmaSampler, check_dpm_solver_pp, dpm_solver_pp,
                                       sigma_like)
 from lit_score.diffusion.sdes import SDE, VESDE, ScoreFn, bcast
@@ -59,10 +60,8 @@ def _unipc_weights(rs: Sequence[float], h: float, B: float) -> Tensor:
 
 
 def _check_unipc(order: int, variant: str) -> None:
-    if order not in (1, 2, 3):
-        raise ValueError(f"UniPC order must be 1, 2 or 3, got {order}")
-    if variant not in ("bh1", "bh2"):
-        raise ValueError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
+    check_choice("order", order, (1, 2, 3))
+    check_choice("variant", variant, ("bh1", "bh2"))
 
 
 def unipc(D: Denoiser, x: Tensor, sigmas: Tensor, order: int = 2, variant: str = "bh2",
@@ -110,8 +109,7 @@ _ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12
 
 
 def _check_ipndm(order: int) -> None:
-    if order not in _ADAMS_BASHFORTH:
-        raise ValueError(f"iPNDM order must be 1 to 4, got {order}")
+    check_choice("order", order, tuple(_ADAMS_BASHFORTH))
 
 
 def _adams_bashforth_weights(nodes: Sequence[float], s_next: float) -> list[float]:
@@ -142,9 +140,11 @@ def ipndm(D: Denoiser, x: Tensor, sigmas: Tensor, order: int = 4, variable: bool
 
 
 def _check_adaptive(abstol: float, reltol: float, safety: float, exp: float, h_init: float) -> None:
-    if abstol <= 0 or reltol < 0 or not 0 < safety <= 1 or exp <= 0 or h_init <= 0:
-        raise ValueError(f"need abstol > 0, reltol >= 0, 0 < safety <= 1, exp > 0, h_init > 0; got "
-                         f"{abstol}, {reltol}, {safety}, {exp}, {h_init}")
+    check_real("abstol", abstol, 0, low_open=True)
+    check_real("reltol", reltol, 0)
+    check_real("safety", safety, 0, 1, low_open=True)
+    check_real("exp", exp, 0, low_open=True)
+    check_real("h_init", h_init, 0, low_open=True)
 
 
 def adaptive_sde(score_fn: ScoreFn, sde: SDE, x: Tensor, noise: Noise, eps: float, abstol: float = 0.0078,
@@ -252,6 +252,7 @@ class UniPC(SigmaSampler):
                  corrector: bool = True) -> None:
         super().__init__(steps, schedule, sigma_min, sigma_max, float64)
         _check_unipc(order, variant)
+        check_bool("corrector", corrector)
         self.order, self.variant, self.corrector = order, variant, corrector
 
     def solve(self, D, x, sigmas, noise):
@@ -272,6 +273,7 @@ class IPNDM(SigmaSampler):
                  variable: bool = False) -> None:
         super().__init__(steps, schedule, sigma_min, sigma_max, float64)
         _check_ipndm(order)
+        check_bool("variable", variable)
         self.order, self.variable = order, variable
 
     def solve(self, D, x, sigmas, noise):
@@ -295,19 +297,21 @@ class AdaptiveSDESampler(Sampler):
     def __init__(self, abstol: float = 0.0078, reltol: float = 0.01, safety: float = 0.9, exp: float = 0.9,
                  h_init: float = 0.01, eps: float | None = None, step_control: str = "image", denoise: bool = True,
                  max_iters: int = 100_000) -> None:
-        if step_control not in ("image", "batch"):
-            raise ValueError(f"step_control must be 'image' or 'batch', got {step_control!r}")
         _check_adaptive(abstol, reltol, safety, exp, h_init)
-        if eps is not None and eps < 0:
-            raise ValueError(f"eps must be >= 0 (or None for the SDE's default), got {eps}")
+        check_real("eps", eps, 0, none="1e-5 for a VESDE, 1e-3 otherwise")
+        check_choice("step_control", step_control, ("image", "batch"))
+        check_bool("denoise", denoise)
+        check_int("max_iters", max_iters, 1)
         self.abstol, self.reltol, self.safety, self.exp, self.h_init = abstol, reltol, safety, exp, h_init
         self.eps, self.step_control, self.denoise, self.max_iters = eps, step_control, denoise, max_iters
 
     def sample(self, D: Denoiser, sde: SDE, shape: tuple[int, ...], seeds: Sequence[int] | Tensor,
-               device: torch.device | str = "cpu") -> SampleResult:
+               device: torch.device | str = "cpu", start_noise: Tensor | None = None) -> SampleResult:
+        """From x_T = prior std * z, z the seeds' starting noise (or ``start_noise``), to eps; the steps' noise
+        from draws 0, 1, ... of each seed's noise stream."""
         eps = self.eps if self.eps is not None else (1e-5 if isinstance(sde, VESDE) else 1e-3)
         counted = Counted(D)
-        x = seeded_prior(sde, seeds, shape, device)
+        x = sde.prior_from_noise(initial_noise(seeds, shape, device, start_noise))
         x, _ = adaptive_sde(counted.score, sde, x, SeededNoise(seeds, shape, device), eps, self.abstol, self.reltol,
                             self.safety, self.exp, self.h_init, self.step_control == "image", self.max_iters)
         if self.denoise:
