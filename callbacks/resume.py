@@ -185,6 +185,10 @@ class ResumableDataLoader(DataLoader):
         self._epoch, self._seen = epoch, start
 
 
+# Top-level options that a saved config.yaml has already resolved into the trainer and its callbacks.
+RESOLVED_IN_CONFIG = ("--ema_rate", "--sample_every", "--val_every", "--checkpoint_every", "--fid_every")
+
+
 def resume_args(argv: list[str]) -> list[str]:
     """``lit-score fit --resume RUN_DIR [overrides]``: the arguments that continue the run in ``RUN_DIR`` in place,
     its saved ``config.yaml``, the same logger directory and version (so the same TensorBoard run and
@@ -204,6 +208,11 @@ def resume_args(argv: list[str]) -> list[str]:
     if not (run_dir / "config.yaml").is_file():
         raise ValueError(f"--resume {value}: no config.yaml in {run_dir}; pass the run directory that holds "
                          f"config.yaml and checkpoints/, e.g. runs/quickstart/version_0")
+    resolved = [a.split("=", 1)[0] for a in rest if a.split("=", 1)[0] in RESOLVED_IN_CONFIG]
+    if resolved:
+        raise ValueError(f"--resume {value}: {', '.join(resolved)} would be ignored: the run's config.yaml holds its "
+                         "value already written into the callbacks; edit it there (or, for --val_every, pass "
+                         "--trainer.val_check_interval), or start a new run with --init_weights")
     logger = "--trainer.logger.init_args."
     return [*argv[:i], "--config", str(run_dir / "config.yaml"), f"{logger}save_dir={run_dir.parent.parent}",
             f"{logger}name={run_dir.parent.name}", f"{logger}version={version_of(run_dir)}", "--ckpt_path=last", *rest]

@@ -393,3 +393,18 @@ def test_resumable_loader_rejects_its_own_arguments():
         ResumableDataLoader(list(range(4)), sampler=[0, 1, 2, 3])
     with pytest.raises(ValueError, match="not a ResumableDataLoader state"):
         ResumableDataLoader(list(range(4))).load_state_dict({"epoch": 0})
+
+
+def test_resume_refuses_an_interval_its_config_has_already_resolved(tmp_path):
+    """Property: `fit --resume RUN --sample_every 5` (or --ema_rate, ...) stops in one line instead of resuming
+    with the interval of the run's config.yaml, whose callbacks hold the resolved value; other overrides pass."""
+    run = tmp_path / "runs" / "q" / "version_0"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("sample_every: 100\n")
+    for option in ("--sample_every", "--ema_rate"):
+        with pytest.raises(ConfigurationError, match=rf"^--resume .*{option} would be ignored") as err:
+            run_cli(["fit", "--resume", str(run), option, "5"])
+        assert "\n" not in str(err.value)
+    from lit_score.callbacks.resume import resume_args
+
+    assert resume_args(["fit", "--resume", str(run), "--trainer.max_steps", "9"])[-2:] == ["--trainer.max_steps", "9"]
