@@ -79,7 +79,7 @@ class ScoreCLI(LightningCLI):
         try:
             super().__init__(model_class, datamodule_class, **kwargs)
         except (ArgumentError, ValueError, TypeError) as err:
-            if traceback_wanted() or suggest.raised_in(err, "_run_subcommand", "_run"):  # a run's own error
+            if traceback_wanted() or getattr(self, "_built", False):  # after the config was built: the run's own
                 raise
             given = kwargs.get("args")
             args = list(sys.argv[1:] if given is None else given if isinstance(given, (list, tuple)) else [])
@@ -250,6 +250,7 @@ class ScoreCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
+        self._built = True  # errors from here on are the checkpoint's or the run's, reported as they are
         if not isinstance(getattr(self, "model", None), ScoreModel):  # e.g. `lit-score submit` reads the config only
             return
         source = self._checkpoint

@@ -317,16 +317,6 @@ def rejected_value_message(cls: type, err: BaseException, config: Any, subcomman
     return f"{where[0]} ({class_path}): {text}" if where is not None else f"{class_path}: {text}"
 
 
-def raised_in(err: BaseException, *functions: str) -> bool:
-    """Whether ``err`` passed through a call of a function with one of these names."""
-    tb = err.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_name in functions:
-            return True
-        tb = tb.tb_next
-    return False
-
-
 def original_argv() -> list[str]:
     """The command line as the user typed it to ``lit-score`` or ``lit-score-eval`` (``sys.argv`` may hold the
     expanded one); ``sys.argv`` when the process is something else (e.g. a test runner calling the CLI)."""

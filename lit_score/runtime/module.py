@@ -125,8 +125,11 @@ class ScoreModel(L.LightningModule):
         Predict, test and validate take the model only: the training callbacks' states are left out, so Lightning
         neither restores them nor asks for the callbacks that saved them."""
         upgrade_checkpoint(checkpoint)
-        trainer = self._trainer
-        if trainer is not None and trainer.state.fn not in (None, "fit"):
+        try:
+            stage = self.trainer.state.fn
+        except RuntimeError:  # not attached to a Trainer: e.g. load_from_checkpoint
+            stage = None
+        if stage not in (None, "fit"):
             checkpoint.pop("callbacks", None)
         state = checkpoint.get("state_dict", {})
         if self.ema is None and any(k.startswith(EMA) for k in state):
