@@ -60,7 +60,7 @@ def fast_dev_run(trainer: L.Trainer) -> bool:
 
 def continues_run(trainer: L.Trainer) -> bool:
     """Whether this fit continues the run whose folder holds the checkpoint it starts from (a resume, not a new run
-    from another run's checkpoint). A collective: every rank asks."""
+    from another run's checkpoint)."""
     run_dir = Path(trainer.log_dir or trainer.default_root_dir).resolve()
     return trainer.ckpt_path is not None and run_dir in Path(trainer.ckpt_path).resolve().parents
 
