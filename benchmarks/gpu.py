@@ -11,7 +11,9 @@ skipped and says so):
 4. FID feature extraction: torch-fidelity's InceptionV3 (random weights: throughput only), uint8 32x32 at batch 500;
 5. a 2-minute CIFAR-10-shaped training run (synthetic images, DDPM++, lightning.Trainer, bf16-mixed on GPU) whose
    loss must fall;
-6. the training step with torch.compile (bf16; inductor), compilation time apart.
+6. EDM's config F training step (DDPM++ 128 x [2, 2, 2], dropout 0.13, EDM loss, bf16 autocast) with its non-leaky
+   augmentation (p 0.12, 9 labels) and without, the augmentation's own time apart;
+7. the training step with torch.compile (bf16; inductor), compilation time apart.
 
 It prints one table and writes one JSON (``--json``). ``--device cpu --quick`` runs the same code on tiny networks and
 batches in a minute or two (``make bench-gpu-quick``, in CI).
@@ -32,9 +34,10 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.training import (VARIANTS, BareLoop, NetConfig, Variant, lightning_parts, maxrss_mib,
+from benchmarks.training import (TINY, VARIANTS, BareLoop, NetConfig, Variant, lightning_parts, maxrss_mib,
                                  gpu_bf16_peak_tflops, quiet_lightning, sync, train_step_flops)
 from lit_score.diffusion.denoiser import Denoiser
+from lit_score.networks import DDPMpp
 
 TRAIN_VARIANTS = {"fp32": VARIANTS["fp32"], "bf16": VARIANTS["bf16"],
                   "bf16 + channels_last": Variant("bf16 + channels_last", bf16=True, channels_last=True),
@@ -140,6 +143,49 @@ def train_step(suite: Suite, name: str, variant_key: str) -> list[dict[str, Any]
         row["compile_s"], row["setting"] = warmup_s, f"{variant_key} ({suite.compile_backend})"
     del bare
     return [row]
+
+
+def edm_step(suite: Suite, augment: bool) -> list[dict[str, Any]]:
+    """Median seconds of ``train_steps`` EDM config F steps (augment, forward, EDM loss, backward, Adam) in bf16
+    autocast, and of the augmentation alone."""
+    from lit_score.diffusion.augment import AugmentPipe
+    from lit_score.diffusion.denoiser import EDMPrecond, NetworkDenoiser
+    from lit_score.diffusion.losses import EDMLoss
+    from lit_score.diffusion.sdes import VESDE
+
+    s, device = suite.sizes, suite.device
+    torch.manual_seed(0)
+    kwargs = {**TINY, "ch_mult": (2, 2)} if s.tiny else dict(ch_mult=(2, 2, 2))
+    net = DDPMpp(dropout=0.13, augment_dim=9, **kwargs).to(device).train()
+    D, loss_fn = NetworkDenoiser(net, EDMPrecond(0.5), VESDE(0.002, 80.0)), EDMLoss(reduce_mean=False)
+    pipe, opt = AugmentPipe(p=0.12), torch.optim.Adam(net.parameters(), lr=1e-4)
+    x = torch.rand(s.train_batch, 3, net.image_size, net.image_size, device=device) * 2 - 1
+    reset_peak(device)
+    step_s, augment_s = [], []
+    for i in range(2 + s.train_steps):
+        sync(device)
+        t0 = time.perf_counter()
+        if augment:
+            x_in, labels = pipe(x, torch.arange(len(x), device=device), epoch=i)
+            cond = {"augment": labels}
+        else:
+            x_in, cond = x, None
+        sync(device)
+        t1 = time.perf_counter()
+        with autocast(device, True):
+            loss = loss_fn(D, x_in, cond=cond)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        if i >= 2:
+            step_s.append(time.perf_counter() - t0)
+            augment_s.append(t1 - t0)
+    step = statistics.median(step_s)
+    detail = f"augmentation {1e3 * statistics.median(augment_s):.2f} ms of the step" if augment else None
+    return [{"network": "ddpmpp (EDM config F)", "setting": f"bf16, {'augment p 0.12' if augment else 'no augment'}",
+             "batch": s.train_batch, "images_per_s": s.train_batch / step, "ms": 1e3 * step,
+             "peak_mib": peak_mib(device), "detail": detail}]
 
 
 # ------------------------------------------------------------------------------------------------------- sampling
@@ -387,6 +433,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     suite.run("ode", 30 if big else 5, lambda: ode(suite))
     suite.run("fid features", 20 if big else 10, lambda: fid_features(suite))
     suite.run("training run", sizes.run_seconds + 20, lambda: training_run(suite))
+    for augment in (True, False):
+        suite.run("EDM step", 20 if big else 5, lambda a=augment: edm_step(suite, a))
     if not a.no_compile:
         for name in sizes.compile_nets:
             suite.run("train step", 120 if big else 60, lambda n=name: train_step(suite, n, "bf16 + torch.compile"))

@@ -2,7 +2,8 @@
 from lit_score.callbacks.dashboard import Dashboard
 from lit_score.callbacks.ema import EMA
 from lit_score.callbacks.fid import FID
+from lit_score.callbacks.nonfinite import NonFinite
 from lit_score.callbacks.posthoc_ema import PostHocEMA
 from lit_score.callbacks.sampling import SampleGrid
 
-__all__ = ["Dashboard", "EMA", "FID", "PostHocEMA", "SampleGrid"]
+__all__ = ["Dashboard", "EMA", "FID", "NonFinite", "PostHocEMA", "SampleGrid"]

@@ -1,6 +1,6 @@
-"""Problems with what the user gave (configuration, data, checkpoint, weights, allocation). The command line
-prints them in one or two lines and exits with status 2; ``LIT_SCORE_TRACEBACK=1`` (or ``--traceback``) shows
-the full traceback instead."""
+"""Problems with what the user gave (configuration, data, checkpoint, weights, allocation) or that a run cannot go
+on with (values that stay non-finite). The command line prints them in one or two lines and exits with status 2;
+``LIT_SCORE_TRACEBACK=1`` (or ``--traceback``) shows the full traceback instead."""
 from __future__ import annotations
 
 import os
@@ -35,6 +35,11 @@ class CheckpointError(UserError, ValueError):
 
 class WeightsError(UserError, FileNotFoundError):
     """Pretrained weights (e.g. Inception's) that are missing or do not fit."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """A training run whose loss or gradients stayed non-finite for too many consecutive optimizer steps (see
+    ``lit_score.callbacks.NonFinite``); its message names the steps and the settings to change."""
 
 
 def _chain(err: BaseException | None) -> list[BaseException]:

@@ -11,7 +11,8 @@ _MASK32 = 0xFFFFFFFF
 PHILOX_M = (0xD2511F53, 0xCD9E8D57)  # Philox4x32 round multipliers (Salmon et al. 2011, Table 2)
 PHILOX_W = (0x9E3779B9, 0xBB67AE85)  # Weyl key increments
 PHILOX_ROUNDS = 10
-NOISE_STREAM, PRIOR_STREAM = 0, 1  # counter word 3: SeededNoise / seeded_normal draws, starting_noise
+NOISE_STREAM, PRIOR_STREAM, AUGMENT_STREAM = 0, 1, 2  # counter word 3: SeededNoise / seeded_normal, starting_noise,
+# lit_score.diffusion.augment
 
 
 def philox_round_keys(k0: Tensor, k1: Tensor, rounds: int = PHILOX_ROUNDS) -> Tensor:
@@ -103,15 +104,17 @@ class _Philox:
 
 
 def seeded_normal(seeds: Sequence[int] | Tensor, shape: tuple[int, ...], step: int = 0,
-                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                  stream: int = NOISE_STREAM) -> Tensor:
     """Standard normal noise (B, *shape) where row i depends only on (seeds[i], step).
 
     The same seed gives the same image whatever the batch or the number of processes it is drawn in: element j of
     row i is a counter-based draw, Philox4x32-10 of (seed, step, j) on the target device and a float32 Box-Muller
     transform. The 32-bit words are identical on every device; the float32 transcendental functions of CPU and
-    CUDA may differ in the last bit. Values are float32-accurate whatever ``dtype``.
+    CUDA may differ in the last bit. Values are float32-accurate whatever ``dtype``. ``stream`` (counter word 3)
+    keeps the draws of different uses apart.
     """
-    return _Philox(seeds, shape, device, dtype).draw(int(step))
+    return _Philox(seeds, shape, device, dtype).draw(int(step), int(stream))
 
 
 class SeededNoise:

@@ -116,6 +116,7 @@ def test_gpu_suite_sections_run_on_cpu():
     suite.run("ode", 1, lambda: gpu.ode(suite))
     suite.run("fid features", 1, lambda: gpu.fid_features(suite))
     suite.run("training run", 1, lambda: gpu.training_run(suite))
+    suite.run("EDM step", 1, lambda: gpu.edm_step(suite, True))
     suite.run("never", 10_000, lambda: [])
     suite.run("broken", 1, lambda: 1 / 0)
     rows = suite.rows
@@ -128,6 +129,8 @@ def test_gpu_suite_sections_run_on_cpu():
     assert next(r for r in rows if r["section"] == "fid features")["detail"] == "2048 features"
     run = next(r for r in rows if r["section"] == "training run")
     assert run["steps"] >= 1 and run["network"] == "ddpmpp"
+    edm = next(r for r in rows if r["section"] == "EDM step")
+    assert edm["setting"] == "bf16, augment p 0.12" and edm["ms"] > 0 and "augmentation" in edm["detail"]
     assert "budget" in rows[-2]["skipped"] and "ZeroDivisionError" in rows[-1]["error"]
     assert gpu.failures(rows)[0] == f"broken failed: {rows[-1]['error']}"
     assert "| train step | ddpmpp | bf16 + channels_last | 2 |" in gpu.table(rows)

@@ -2,6 +2,8 @@
 
 A small NCSN++ on 16x16 digits, 256 samples, a random conv feature network for FID and another as IS classifier.
 """
+import contextlib
+import io
 import json
 import math
 import os
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from lit_score.errors import CheckpointError
+from lit_score.errors import CheckpointError, ConfigurationError
 from lit_score.evaluate import (Evaluator, inception_score, load_experiment, load_reference, load_weights,
                                 save_reference)
 from lit_score.diffusion.likelihood import Likelihood
@@ -145,7 +147,9 @@ def test_protocol_is_recorded_in_json_and_tensorboard(setup):
     assert metrics["n"] == 256 and metrics["feature_network"]["identity"] == features.identity
     assert metrics["feature_network"]["weights_hash"] == features.identity.split("-")[-1]
     assert metrics["kid"] == {"subsets": 100, "subset_size": 64, "features": 10000, "seed": 2020}
-    assert {"fid", "kid_mean", "kid_std", "is_mean", "is_std", "inception_score"} <= set(saved)
+    assert set(saved) == {"complete", "n", "fid", "kid_mean", "kid_std", "nfe", "inception_score", "is_mean",
+                          "is_std", "protocol"}
+    assert "seed_sets" not in protocol["samples"] and "seed_sets" not in metrics
     events = EventAccumulator(str(tmp / "one" / "tensorboard"))
     events.Reload()
     assert {"eval/fid@256", "eval/kid@256", "eval/is@256", "eval/nfe"} <= set(events.Tags()["scalars"])
@@ -171,6 +175,115 @@ def test_stopped_run_resumes_from_its_shards_with_the_same_result(setup):
     assert second["protocol"]["resumed_shards"] == 3
     assert {n: (out / "samples" / n).stat().st_mtime_ns for n in kept} == kept
     assert second["fid"] == one["fid"] and second["inception_score"] == one["inception_score"]
+
+
+@pytest.fixture(scope="module")
+def three_sets(setup, one_thread):
+    """`lit-score-eval ... --evaluation.num_samples 64 --evaluation.seed_sets 3` (in-process): its results.json and
+    what it printed."""
+    from lit_score.evaluate.cli import run as evaluate
+
+    tmp, experiment, one = setup
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        evaluate(["--config", str(tmp / "tiny.yaml"), "--config", str(tmp / "eval.yaml"), "--ckpt_path",
+                  str(tmp / "tiny.ckpt"), "--evaluation.out_dir", str(tmp / "sets3"), "--trainer.devices", "1",
+                  "--evaluation.num_samples", "64", "--evaluation.seed_sets", "3"])
+    return json.loads((tmp / "sets3" / "results.json").read_text()), printed.getvalue()
+
+
+def test_three_seed_sets_report_each_sets_numbers_their_minimum_and_mean(setup, three_sets):
+    """EDM's protocol in one command: set k holds seeds 64k..64k+63, and its FID, KID and IS equal exactly those of
+    a one-set run with first_seed 64k (the oracle); the minimum, mean and sample std over the sets are numpy's, the
+    top-level numbers are the lowest-FID set's, the reference is named, TensorBoard has each set's FID with the min
+    and mean, and one line sums it up."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tmp, experiment, one = setup
+    results, printed = three_sets
+    sets = results["seed_sets"]
+    assert [s["seeds"] for s in sets] == [[0, 63], [64, 127], [128, 191]] and results["n"] == 64
+    assert len(list((tmp / "sets3" / "samples").glob("shard_*.pt"))) == 6
+    for k, s in enumerate(sets):
+        alone = evaluator(tmp / f"set{k}", tmp / "cache", num_samples=64, first_seed=64 * k).run(
+            experiment.model, experiment.datamodule, tmp / "tiny.ckpt")
+        assert alone["protocol"]["samples"]["seeds"] == s["seeds"]
+        for key in ("fid", "kid_mean", "kid_std", "inception_score", "is_mean", "is_std", "nfe"):
+            assert s[key] == alone[key], (k, key)
+    fids = np.array([s["fid"] for s in sets])
+    assert len(set(fids)) == 3
+    summary = results["over_seed_sets"]
+    assert summary["fid"]["min"] == fids.min() and summary["fid"]["argmin"] == fids.argmin()
+    assert summary["fid"]["mean"] == pytest.approx(fids.mean(), rel=1e-12)
+    assert summary["fid"]["sample_std"] == pytest.approx(fids.std(ddof=1), rel=1e-9)
+    assert summary["inception_score"]["max"] == max(s["inception_score"] for s in sets)
+    best = sets[results["best_seed_set"]]
+    assert results["fid"] == fids.min() == best["fid"] and results["inception_score"] == best["inception_score"]
+    assert summary["reference"]["key"] == one["protocol"]["reference"]["key"]
+    assert summary["reference"]["source"] == "training set of the DataModule (cached)"
+    assert results["protocol"]["metrics"]["seed_sets"] == [[0, 63], [64, 127], [128, 191]]
+    line = next(line for line in printed.splitlines() if "seed sets" in line)
+    assert line.startswith("lit-score-eval: FID@64 over 3 seed sets: ") and "(seeds 128..191)" in line
+    assert f"min {fids.min():.4g} (set {fids.argmin()})" in line and f"mean {fids.mean():.4g}" in line
+    events = EventAccumulator(str(tmp / "sets3" / "tensorboard"))
+    events.Reload()
+    for tag, value in [*((f"eval/fid@64/set_{k}", f) for k, f in enumerate(fids)), ("eval/fid@64/min", fids.min()),
+                       ("eval/fid@64/mean", fids.mean()), ("eval/fid@64", fids.min())]:
+        assert events.Scalars(tag)[0].value == pytest.approx(value, rel=1e-6), tag
+
+
+def test_a_restart_after_the_first_seed_set_reuses_its_shards(setup, three_sets):
+    """A run stopped once the first set's 2 shards are done (max_shards) leaves them untouched on restart, which
+    samples only the other 4 and reports exactly what the uninterrupted command did; another seed_sets in the same
+    out_dir is refused, naming it."""
+    tmp, experiment, one = setup
+    out = tmp / "sets3_resumed"
+    first = evaluator(out, tmp / "cache", num_samples=64, seed_sets=3, max_shards=2).run(
+        experiment.model, experiment.datamodule, tmp / "tiny.ckpt")
+    assert first == {"complete": False, "shards_left": 4, "num_shards": 6}
+    kept = {p.name: p.stat().st_mtime_ns for p in (out / "samples").glob("shard_*.pt")}
+    assert sorted(kept) == ["shard_000000.pt", "shard_000001.pt"]
+    assert [torch.load(out / "samples" / n, weights_only=True)["seeds"] for n in sorted(kept)] == [[0, 31], [32, 63]]
+    second = evaluator(out, tmp / "cache", num_samples=64, seed_sets=3).run(
+        experiment.model, experiment.datamodule, tmp / "tiny.ckpt")
+    assert second["protocol"]["resumed_shards"] == 2
+    assert {n: (out / "samples" / n).stat().st_mtime_ns for n in kept} == kept
+    assert len(list((out / "samples").glob("shard_*.pt"))) == 6
+    assert second["seed_sets"] == three_sets[0]["seed_sets"]
+    assert second["over_seed_sets"] == three_sets[0]["over_seed_sets"]
+    for seed_sets in (2, 1):
+        with pytest.raises(ValueError, match=rf"another protocol \(samples: .*seed_sets: 3 -> {seed_sets}"):
+            evaluator(out, tmp / "cache", num_samples=64, seed_sets=seed_sets).run(
+                experiment.model, experiment.datamodule, tmp / "tiny.ckpt")
+
+
+@pytest.mark.parametrize("value", [0, -3, 1.5, True, "3"])
+def test_seed_sets_must_be_a_whole_number_of_at_least_one(value, tmp_path):
+    with pytest.raises(ConfigurationError, match=rf"^seed_sets must be a whole number >= 1 .*got {value!r}$"):
+        evaluator(tmp_path, tmp_path, seed_sets=value)
+
+
+def test_lit_score_eval_refuses_bad_seed_sets_in_one_line(setup, capsys, monkeypatch):
+    """`--evaluation.seed_sets 0` and `... three` are one-line errors with exit status 2, before any output."""
+    from lit_score.errors import run_reporting_errors
+    from lit_score.evaluate.cli import run as evaluate
+
+    tmp, experiment, one = setup
+    monkeypatch.setattr(sys, "argv", [str(Path(sys.executable).parent / "lit-score-eval")])
+    with pytest.raises(ConfigurationError, match="export_reference writes one sample set's statistics"):
+        evaluator(tmp, tmp, seed_sets=3, export_reference=str(tmp / "x.npz"))
+    for value, message in (("0", "seed_sets must be a whole number >= 1"),
+                           ("three", "evaluation.seed_sets: Expected a <class 'int'>")):
+        try:
+            status = run_reporting_errors(lambda: evaluate(
+                ["--config", str(tmp / "tiny.yaml"), "--config", str(tmp / "eval.yaml"), "--ckpt_path",
+                 str(tmp / "tiny.ckpt"), "--evaluation.out_dir", str(tmp / "bad"), "--evaluation.seed_sets", value])
+                and 0, "lit-score-eval")
+        except SystemExit as exit_:  # what the parser refuses exits at once
+            status = exit_.code
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert status == 2 and lines[-2].startswith("lit-score-eval: error: ") and message in lines[-2], lines
+    assert not (tmp / "bad").exists()
 
 
 @pytest.mark.slow

@@ -245,14 +245,16 @@ def test_centered_false_maps_to_minus_one_one_and_the_fourier_label_is_embedded_
         torch.testing.assert_close(base.all_modules[0](c_noise), expected, rtol=0, atol=1e-4)
 
 
-def test_unconditional_networks_refuse_cond() -> None:
-    """cond (class or augmentation labels) has its place in every network's signature; an unconditional network
-    says so in one line instead of ignoring it."""
+def test_networks_refuse_cond_they_cannot_take() -> None:
+    """cond has its place in every network's signature; a network says in one line what it cannot take (a bare
+    tensor, a key it does not know, augmentation labels without augment_dim) instead of ignoring it."""
     x = torch.randn(2, 3, 16, 16)
-    with pytest.raises(ValueError, match="unconditional"):
+    with pytest.raises(ValueError, match="cond must be a dict"):
         NCSNpp(3, 16, **SMALL)(x, torch.ones(2), torch.zeros(2, dtype=torch.long))
-    with pytest.raises(ValueError, match="unconditional"):
-        ScoreMLP(num_channels=2)(torch.randn(2, 2), torch.ones(2), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="cond keys"):
+        NCSNpp(3, 16, **SMALL)(x, torch.ones(2), {"class": torch.zeros(2, dtype=torch.long)})
+    with pytest.raises(ValueError, match="augment_dim"):
+        ScoreMLP(num_channels=2)(torch.randn(2, 2), torch.ones(2), {"augment": torch.zeros(2, 9)})
 
 
 def test_zero_init_scale_makes_a_ddpmpp_output_start_near_zero() -> None:

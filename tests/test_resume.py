@@ -1,7 +1,7 @@
 """Nothing lost: a run stopped by Ctrl-C, SIGTERM or SIGUSR1 (in a real process, at a chosen step), or killed
 with ``kill -9`` and restarted, reaches max_steps with the weights, optimizer, EMA, random state, loop counters and
-TensorBoard loss curve of an uninterrupted run, bit for bit; the end of a run always leaves last.ckpt at its final
-step; a crash during a save leaves the previous checkpoint whole."""
+TensorBoard loss curve of an uninterrupted run, bit for bit (with EDM's augmentation on); the end of a run always
+leaves last.ckpt at its final step; a crash during a save leaves the previous checkpoint whole."""
 from __future__ import annotations
 
 import os
@@ -39,7 +39,9 @@ TINY = {
             {"class_path": "lit_score.callbacks.EMA", "init_args": {"rate": 0.9}},
         ],
     },
-    "model": {"warmup": 5, "net": {"init_args": {"nf": 8, "ch_mult": [1, 2], "attn_resolutions": []}}},
+    # with EDM's augmentation (p 0.5), whose draws must resume exactly too
+    "model": {"warmup": 5, "net": {"init_args": {"nf": 8, "ch_mult": [1, 2], "attn_resolutions": [], "augment_dim": 9}},
+              "augment": {"class_path": "lit_score.diffusion.augment.AugmentPipe", "init_args": {"p": 0.5}}},
     "data": {"init_args": {"image_size": 8, "batch_size": 32, "val_fraction": 0.9}},
 }
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(ROOT)]), "OMP_NUM_THREADS": "1"}

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_score.diffusion.sdes import SDE, VESDE, VPSDE, bcast, table_on
+from lit_score.networks.cond import Cond
 
 
 class Denoiser(abc.ABC):
@@ -24,14 +25,14 @@ class Denoiser(abc.ABC):
     sde: SDE
 
     @abc.abstractmethod
-    def __call__(self, x_hat: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+    def __call__(self, x_hat: Tensor, sigma: Tensor, cond: Cond | None = None) -> Tensor:
         """E[x_0 | x_hat] at noise levels sigma (B,)."""
 
-    def residual(self, x_hat: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
+    def residual(self, x_hat: Tensor, sigma: Tensor, cond: Cond | None = None) -> Tensor:
         """D(x_hat; sigma) - x_hat, which a subclass may compute without the cancellation of the difference."""
         return self(x_hat, sigma, cond) - x_hat
 
-    def score(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+    def score(self, x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
         """grad log p_t(x) = (D(x / s; sigma) - x / s) / (s sigma^2) (Tweedie's formula; Karras et al. 2022, eq. 3)."""
         sigma, s = self.sde.sigma(t), self.sde.scale(t)
         return self.residual(x / bcast(s, x), sigma, cond) / bcast(s * sigma**2, x)
@@ -208,7 +209,7 @@ class NetworkDenoiser(Denoiser):
         precond.check(sde)
         self.net, self.precond, self.sde = net, precond, sde
 
-    def _parts(self, x_hat: Tensor, sigma: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def _parts(self, x_hat: Tensor, sigma: Tensor, cond: Cond | None) -> tuple[Tensor, Tensor, Tensor]:
         """c_skip, c_out (broadcast to x_hat) and F(c_in x_hat; c_noise, cond)."""
         c_skip, c_out, c_in, c_noise = self.precond.coefficients(sigma, self.sde)
         x_in = bcast(c_in, x_hat) * x_hat

@@ -11,6 +11,7 @@ from torch import Tensor
 from lit_score.diffusion.denoiser import (DDPMSteps, EDMPrecond, NetworkDenoiser, NoisePrediction, Preconditioning,
                                           ScorePrediction, SMLDLevels, edm_weighting, lognormal_sigma)
 from lit_score.diffusion.sdes import SDE, VESDE, VPSDE, ScoreFn, bcast
+from lit_score.networks.cond import Cond
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -34,16 +35,17 @@ def _rand(n: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
 
 
 def dsm_loss(score_fn: ScoreFn, sde: SDE, x: Tensor, eps: float = 1e-5, reduce_mean: bool = True,
-             likelihood_weighting: bool = False, generator: torch.Generator | None = None) -> Tensor:
+             likelihood_weighting: bool = False, generator: torch.Generator | None = None,
+             cond: Cond | None = None) -> Tensor:
     """Continuous denoising score matching with t ~ U(eps, T) (Song et al. 2021, eq. 7).
 
     lambda(t) = std(t)^2 by default, or g(t)^2 with likelihood_weighting (Song et al. 2021b, "Maximum likelihood
-    training of score-based diffusion models").
+    training of score-based diffusion models"). ``cond``: the network's conditioning, as given.
     """
     t = _rand(x.shape[0], x, generator) * (sde.T - eps) + eps
     z = _randn(x, generator)
     mean, std = sde.marginal_prob(x, t)
-    score = score_fn(mean + bcast(std, x) * z, t)
+    score = score_fn(mean + bcast(std, x) * z, t) if cond is None else score_fn(mean + bcast(std, x) * z, t, cond)
     if likelihood_weighting:
         g2 = sde.diffusion(t) ** 2
         losses = _reduce(torch.square(score + z / bcast(std, x)), reduce_mean) * g2
@@ -53,7 +55,7 @@ def dsm_loss(score_fn: ScoreFn, sde: SDE, x: Tensor, eps: float = 1e-5, reduce_m
 
 
 def smld_loss(model_fn: ModelFn, sde: VESDE, x: Tensor, reduce_mean: bool = False,
-              generator: torch.Generator | None = None) -> Tensor:
+              generator: torch.Generator | None = None, cond: Cond | None = None) -> Tensor:
     """Discrete NCSN objective over the geometric noise levels of a VE SDE, weighted by sigma^2 (Song & Ermon 2019, eq. 5-6).
 
     The network is conditioned on sigma and (with scale_by_sigma) outputs the score.
@@ -63,13 +65,13 @@ def smld_loss(model_fn: ModelFn, sde: VESDE, x: Tensor, reduce_mean: bool = Fals
     idx = (_rand(x.shape[0], x, generator) * sde.N).long().clamp(max=sde.N - 1)
     sigma = sde.discrete_sigmas.to(x.device, x.dtype)[idx]
     noise = _randn(x, generator) * bcast(sigma, x)
-    score = model_fn(x + noise, sigma)
+    score = model_fn(x + noise, sigma) if cond is None else model_fn(x + noise, sigma, cond)
     target = -noise / bcast(sigma, x) ** 2
     return (_reduce(torch.square(score - target), reduce_mean) * sigma**2).mean()
 
 
 def ddpm_loss(model_fn: ModelFn, sde: VPSDE, x: Tensor, reduce_mean: bool = True,
-              generator: torch.Generator | None = None) -> Tensor:
+              generator: torch.Generator | None = None, cond: Cond | None = None) -> Tensor:
     """Discrete DDPM noise-prediction objective (Ho et al. 2020, eq. 14); the network sees the step index."""
     if not isinstance(sde, VPSDE):
         raise TypeError(f"the DDPM loss needs a VPSDE, got {type(sde).__name__}")
@@ -77,23 +79,26 @@ def ddpm_loss(model_fn: ModelFn, sde: VPSDE, x: Tensor, reduce_mean: bool = True
     a = sde.sqrt_alphas_cumprod.to(x.device, x.dtype)[idx]
     s = sde.sqrt_1m_alphas_cumprod.to(x.device, x.dtype)[idx]
     noise = _randn(x, generator)
-    out = model_fn(bcast(a, x) * x + bcast(s, x) * noise, idx.to(x.dtype))
+    x_i = bcast(a, x) * x + bcast(s, x) * noise
+    out = model_fn(x_i, idx.to(x.dtype)) if cond is None else model_fn(x_i, idx.to(x.dtype), cond)
     return _reduce(torch.square(out - noise), reduce_mean).mean()
 
 
-def edm_loss(D: Callable[[Tensor, Tensor], Tensor], x: Tensor, P_mean: float = -1.2, P_std: float = 1.2,
-             sigma_data: float = 0.5, reduce_mean: bool = True, generator: torch.Generator | None = None) -> Tensor:
+def edm_loss(D: Callable[..., Tensor], x: Tensor, P_mean: float = -1.2, P_std: float = 1.2,
+             sigma_data: float = 0.5, reduce_mean: bool = True, generator: torch.Generator | None = None,
+             cond: Cond | None = None) -> Tensor:
     """E_sigma,n[lambda(sigma) |D(x + sigma n; sigma) - x|^2] with ln sigma ~ N(P_mean, P_std^2) and
     lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (Karras et al. 2022, eq. 2 and Table 1)."""
     sigma = lognormal_sigma(x.shape[0], P_mean, P_std, x, generator)
     n = _randn(x, generator)
-    out = D(x + bcast(sigma, x) * n, sigma)
+    out = D(x + bcast(sigma, x) * n, sigma) if cond is None else D(x + bcast(sigma, x) * n, sigma, cond)
     return (_reduce(torch.square(out - x), reduce_mean) * edm_weighting(sigma, sigma_data)).mean()
 
 
 class Loss(abc.ABC):
     """A training objective of the model's denoiser D (``lit_score.diffusion.denoiser``); ``ScoreModel`` calls
-    ``loss(D, x)``. Each loss names the parametrisation it trains by default (``default_precond``)."""
+    ``loss(D, x, cond=cond)`` (``cond``: the network's conditioning, e.g. augmentation labels). Each loss names the
+    parametrisation it trains by default (``default_precond``)."""
 
     def __init__(self, reduce_mean: bool = True) -> None:
         self.reduce_mean = bool(reduce_mean)
@@ -107,7 +112,8 @@ class Loss(abc.ABC):
         precond.check(sde)
 
     @abc.abstractmethod
-    def __call__(self, D: NetworkDenoiser, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(self, D: NetworkDenoiser, x: Tensor, generator: torch.Generator | None = None,
+                 cond: Cond | None = None) -> Tensor:
         """The batch's mean loss."""
 
     def __repr__(self) -> str:
@@ -131,8 +137,8 @@ class DSMLoss(Loss):
             raise ValueError(f"eps (the smallest time sampled) must be in (0, 1), got {eps}")
         self.eps, self.likelihood_weighting = float(eps), bool(likelihood_weighting)
 
-    def __call__(self, D, x, generator=None):
-        return dsm_loss(D.score, D.sde, x, self.eps, self.reduce_mean, self.likelihood_weighting, generator)
+    def __call__(self, D, x, generator=None, cond=None):
+        return dsm_loss(D.score, D.sde, x, self.eps, self.reduce_mean, self.likelihood_weighting, generator, cond)
 
 
 class _DiscreteLoss(Loss):
@@ -160,9 +166,9 @@ class SMLDLoss(_DiscreteLoss):
     def __init__(self, reduce_mean: bool = False) -> None:
         super().__init__(reduce_mean)
 
-    def __call__(self, D, x, generator=None):
-        score = lambda x_t, sigma: D.score(x_t, D.sde.t_from_sigma(sigma))  # noqa: E731
-        return smld_loss(score, D.sde, x, self.reduce_mean, generator)
+    def __call__(self, D, x, generator=None, cond=None):
+        score = lambda x_t, sigma, *c: D.score(x_t, D.sde.t_from_sigma(sigma), *c)  # noqa: E731
+        return smld_loss(score, D.sde, x, self.reduce_mean, generator, cond)
 
 
 class DDPMLoss(_DiscreteLoss):
@@ -171,9 +177,9 @@ class DDPMLoss(_DiscreteLoss):
 
     sde_type, precond_type = VPSDE, DDPMSteps
 
-    def __call__(self, D, x, generator=None):
-        noise_prediction = lambda x_i, i: D.net(x_i, D.precond.step_label(i))  # noqa: E731
-        return ddpm_loss(noise_prediction, D.sde, x, self.reduce_mean, generator)
+    def __call__(self, D, x, generator=None, cond=None):
+        noise_prediction = lambda x_i, i, *c: D.net(x_i, D.precond.step_label(i), *c)  # noqa: E731
+        return ddpm_loss(noise_prediction, D.sde, x, self.reduce_mean, generator, cond)
 
 
 class EDMLoss(Loss):
@@ -200,5 +206,5 @@ class EDMLoss(Loss):
     def default_precond(self, sde: SDE) -> Preconditioning:
         return EDMPrecond(self.sigma_data)
 
-    def __call__(self, D, x, generator=None):
-        return edm_loss(D, x, self.P_mean, self.P_std, self.sigma_data, self.reduce_mean, generator)
+    def __call__(self, D, x, generator=None, cond=None):
+        return edm_loss(D, x, self.P_mean, self.P_std, self.sigma_data, self.reduce_mean, generator, cond)

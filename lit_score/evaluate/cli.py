@@ -14,6 +14,9 @@ folder (as ``lit-score predict``'s ``predict_<N>``; for an export, ``runs/<expor
 directory): the folder that already holds this protocol's evaluation, so that the same command resumes it, or a new
 one. The training run's own files are never written. Each output is printed, one line each.
 
+``--evaluation.seed_sets 3`` evaluates three disjoint sets of ``num_samples`` seeds in the same command (EDM's
+protocol: its FID is the minimum over the three) and prints one line with each set's FID, their minimum and mean.
+
 The model comes from the checkpoint as for ``lit-score`` (``--ckpt_path`` fixes the network, SDE, loss and
 preconditioning): from an export or a checkpoint alone (no experiment YAML) the samples come from seeds, and FID then
 needs ``--evaluation.reference FILE`` and ``--evaluation.bpd false`` (there are no training or test images).
@@ -33,7 +36,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lit_score.cli.config import expand_config_args
 from lit_score.distributed import close
 from lit_score.errors import ConfigurationError, run_reporting_errors
-from lit_score.evaluate.evaluator import Evaluator
+from lit_score.evaluate.evaluator import Evaluator, seed_sets_summary
 from lit_score.cli.lightning_cli import output_parent
 from lit_score.evaluate.experiment import ExperimentCLI
 from lit_score.callbacks.preemption import Interrupted, stop_at_boundaries
@@ -87,6 +90,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
     elif fabric.global_rank == 0:
         summary = {k: v for k, v in results.items() if k != "protocol"}
         print(json.dumps(summary, indent=2))
+        line = seed_sets_summary(results)
+        if line:
+            print(f"lit-score-eval: {line}")
         for path in sorted(evaluator.out_dir.iterdir()):
             print(f"lit-score-eval: {EVAL_OUTPUTS.get(path.name, path.name)}: {path}")
         if evaluator.export_reference is not None:

@@ -9,6 +9,10 @@ depend on how the work was split; it streams them (FID from float64 sums, IS fro
 first ``kid_features`` feature vectors for KID, so its memory does not grow with N. Results go to
 ``<out_dir>/results.json`` and TensorBoard (``<out_dir>/tensorboard``)
 with the protocol spelled out: number of samples, seeds, sampler and its NFE, weights, checkpoint, reference set.
+
+With ``seed_sets`` K > 1 the metrics are computed for K disjoint sets of ``num_samples`` seeds, set k holding seeds
+``first_seed + k * num_samples + i`` (its shards follow those of set k - 1 in the same folder), and reported per set
+with their minimum, mean and sample standard deviation: EDM's FID is the minimum over three sets of 50,000.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
@@ -32,7 +37,7 @@ from lit_score.evaluate.shards import ShardStore
 from lit_score.diffusion.likelihood import Likelihood
 from lit_score.data_space import DataSpace
 from lit_score.metrics.features import FeatureExtractor, InceptionV3, tensor_bytes
-from lit_score.metrics.frechet import FeatureStatistics, frechet_distance, metric_tag
+from lit_score.metrics.frechet import FeatureStatistics, frechet_distance, metric_tag, sample_count
 from lit_score.metrics.kid import kernel_inception_distance
 from lit_score.metrics.reference import ReferenceStatistics, cache_path, reference_key, reference_statistics
 from lit_score.runtime.module import ScoreModel
@@ -41,6 +46,7 @@ from lit_score.progress import Progress, planned_nfe
 from lit_score.sampling.base import Sampler
 
 Weights = Literal["ema", "raw"]
+SET_METRICS = ("fid", "kid_mean", "inception_score", "is_mean")
 
 
 def describe(obj: Any) -> dict[str, Any]:
@@ -50,6 +56,16 @@ def describe(obj: Any) -> dict[str, Any]:
             if not k.startswith("__") and isinstance(v, (bool, int, float, str, type(None), list, tuple, Path))}
     args = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in args.items()}
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args}
+
+
+def seed_sets_summary(results: dict[str, Any]) -> str | None:
+    """One line: each seed set's FID with its seeds, their minimum, mean and sample std; None for one set."""
+    if "over_seed_sets" not in results:
+        return None
+    fid, sets = results["over_seed_sets"]["fid"], results["seed_sets"]
+    each = ", ".join(f"{s['fid']:.4g} (seeds {s['seeds'][0]}..{s['seeds'][1]})" for s in sets)
+    return (f"FID@{sample_count(results['n'])} over {len(sets)} seed sets: {each}; min {fid['min']:.4g} "
+            f"(set {fid['argmin']}), mean {fid['mean']:.4g} +- {fid['sample_std']:.2g} (sample std)")
 
 
 def load_weights(model: ScoreModel, ckpt_path: str | Path, weights: Weights) -> dict[str, Any]:
@@ -89,6 +105,9 @@ class Evaluator:
             :meth:`run` is given (``lit-score-eval``: the checkpoint's run folder, see ``--output``), the one that
             holds this protocol's evaluation (so that running the same command again resumes it), else a new one.
         num_samples: samples for FID / IS (the paper: 50,000), seeds ``first_seed .. first_seed + num_samples - 1``.
+        seed_sets: evaluate this many disjoint sets of ``num_samples`` seeds, set k with seeds ``first_seed +
+            k * num_samples + i``, and report each set's metrics with their minimum, mean and sample standard
+            deviation (EDM: FID = the minimum over 3 sets of 50,000). 1: one set, reported as before.
         batch_size: images sampled at once.
         shard_size: images per shard, the unit of work distribution and of resumption.
         sampler: a ``lit_score.sampling`` sampler (default: the model's, ``ScoreModel.sampler_in_use``).
@@ -122,9 +141,10 @@ class Evaluator:
         tensorboard: write the results as TensorBoard scalars and the protocol as text.
     """
 
-    def __init__(self, out_dir: str | None = None, num_samples: int = 50000, first_seed: int = 0, batch_size: int = 250,
-                 shard_size: int = 1000, sampler: Sampler | None = None, features: FeatureExtractor | None = None,
-                 inception_score: bool = True, classifier: FeatureExtractor | None = None, is_splits: int = 10,
+    def __init__(self, out_dir: str | None = None, num_samples: int = 50000, first_seed: int = 0, seed_sets: int = 1,
+                 batch_size: int = 250, shard_size: int = 1000, sampler: Sampler | None = None,
+                 features: FeatureExtractor | None = None, inception_score: bool = True,
+                 classifier: FeatureExtractor | None = None, is_splits: int = 10,
                  kid: bool = True, kid_subsets: int = 100, kid_subset_size: int = 1000, kid_features: int = 10000,
                  weights: Weights = "ema", reference: str | None = None, export_reference: str | None = None,
                  reference_format: ReferenceFormat = "edm", cache_dir: str | None = None,
@@ -140,6 +160,12 @@ class Evaluator:
             raise ConfigurationError(f"KID draws subsets of kid_subset_size={kid_subset_size} from the first "
                              f"kid_features={kid_features} of num_samples={num_samples} samples: it needs "
                              f"2 <= kid_subset_size <= both, and kid_subsets >= 1 (got {kid_subsets}); or kid: false")
+        if isinstance(seed_sets, bool) or not isinstance(seed_sets, int) or seed_sets < 1:
+            raise ConfigurationError(f"seed_sets must be a whole number >= 1 (how many disjoint sets of num_samples "
+                                     f"seeds to evaluate; EDM: 3), got {seed_sets!r}")
+        if seed_sets > 1 and export_reference is not None:
+            raise ConfigurationError(f"export_reference writes one sample set's statistics, but seed_sets={seed_sets}; "
+                                     "export with seed_sets 1 and first_seed at that set's first seed")
         if reference_format not in FORMATS:
             raise ConfigurationError(f"reference_format must be one of {FORMATS}, got {reference_format!r}")
         if export_reference is not None and not str(export_reference).endswith(".npz"):
@@ -156,6 +182,7 @@ class Evaluator:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.num_samples, self.first_seed, self.batch_size, self.shard_size = num_samples, first_seed, batch_size, \
             shard_size
+        self.seed_sets = seed_sets
         self.sampler = sampler
         self.features = features if features is not None else InceptionV3()
         self.inception_score, self.is_splits = inception_score, is_splits
@@ -174,18 +201,31 @@ class Evaluator:
 
     # -- protocol -------------------------------------------------------------------------------------------------
     @property
-    def num_shards(self) -> int:
+    def shards_per_set(self) -> int:
         return math.ceil(self.num_samples / self.shard_size)
 
+    @property
+    def num_shards(self) -> int:
+        return self.seed_sets * self.shards_per_set
+
+    def set_seeds(self, k: int) -> list[int]:
+        """First and last seed of seed set ``k``."""
+        start = self.first_seed + k * self.num_samples
+        return [start, start + self.num_samples - 1]
+
     def shard_seeds(self, index: int) -> list[int]:
-        start = self.first_seed + index * self.shard_size
-        return list(range(start, min(start + self.shard_size, self.first_seed + self.num_samples)))
+        k, i = divmod(index, self.shards_per_set)
+        first, last = self.set_seeds(k)
+        start = first + i * self.shard_size
+        return list(range(start, min(start + self.shard_size, last + 1)))
 
     def protocol(self, model: ScoreModel, datamodule: L.LightningDataModule, checkpoint: dict[str, Any],
                  config: str | None) -> dict[str, Any]:
         """Everything the numbers depend on; the ``samples`` part fingerprints the shards."""
         samples = {
-            "num_samples": self.num_samples, "seeds": [self.first_seed, self.first_seed + self.num_samples - 1],
+            "num_samples": self.num_samples,
+            "seeds": [self.first_seed, self.first_seed + self.seed_sets * self.num_samples - 1],
+            **({"seed_sets": self.seed_sets} if self.seed_sets > 1 else {}),
             "batch_size": self.batch_size, "shard_size": self.shard_size,
             "sampler": describe(model.sampler_in_use(self.sampler)),
             "sde": describe(model.sde), "data_space": model.data_space.to_dict(), "weights": self.weights,
@@ -198,6 +238,8 @@ class Evaluator:
                    "is_splits": self.is_splits if self.classifier is not None else None,
                    "kid": {"subsets": self.kid_subsets, "subset_size": self.kid_subset_size,
                            "features": self.kid_features, "seed": 2020} if self.kid else None}
+        if self.seed_sets > 1:
+            metrics["seed_sets"] = [self.set_seeds(k) for k in range(self.seed_sets)]
         return {"samples": samples, "metrics": metrics, "checkpoint": checkpoint, "config": config,
                 "bpd": {**describe(self.likelihood)["init_args"], "num_images": self.bpd_num_images,
                         "batch_size": self.bpd_batch_size, "first_seed": self.bpd_first_seed} if self.bpd else None}
@@ -216,7 +258,8 @@ class Evaluator:
             return None
         previous = json.loads(path.read_text())
         for part in ("samples", "bpd"):
-            old, new = previous.get(part) or {}, protocol.get(part) or {}
+            implied = {"seed_sets": 1} if part == "samples" else {}  # absent: one set
+            old, new = {**implied, **(previous.get(part) or {})}, {**implied, **(protocol.get(part) or {})}
             differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             if differ:
                 return f"{part}: {', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in differ)}"
@@ -281,16 +324,15 @@ class Evaluator:
         self.out_dir = Path(out_dir)
 
         reference = self._reference(datamodule, model.data_space, device)
-        protocol["reference"] = {"key": reference.key, "count": reference.count,
-                                 "source": self.reference or "training set of the DataModule (cached)",
-                                 "kid_features": None if reference.features is None else reference.features.shape[0]}
+        protocol["reference"] = self._reference_record(reference)
         started = time.time()
         store = ShardStore(self.out_dir / "samples", self.fingerprint(protocol["samples"]))
         pending = broadcast(store.pending(self.num_shards) if rank == 0 else None)
         barrier()
         sampler = model.sampler_in_use(self.sampler)
         mine = pending[rank::world][:self.max_shards]
-        with Progress(f"samples for FID@{self.num_samples}", sum(len(self.shard_seeds(i)) for i in mine),
+        label = f"samples for FID@{self.num_samples}" + (f" x {self.seed_sets} sets" if self.seed_sets > 1 else "")
+        with Progress(label, sum(len(self.shard_seeds(i)) for i in mine),
                       planned_nfe(sampler, model.sde)) as progress:
             for index in mine:
                 store.save(index, self._sample_shard(model, sampler, index, progress))
@@ -325,6 +367,11 @@ class Evaluator:
                              f"network {self.features.num_features}; they were made with another network")
         return reference
 
+    def _reference_record(self, reference: ReferenceStatistics) -> dict[str, Any]:
+        return {"key": reference.key, "count": reference.count,
+                "source": self.reference or "training set of the DataModule (cached)",
+                "kid_features": None if reference.features is None else reference.features.shape[0]}
+
     def _sample_shard(self, model: ScoreModel, sampler: Sampler, index: int, progress: Progress) -> dict[str, Any]:
         seeds = self.shard_seeds(index)
         images, features, logits, nfe = [], [], [], []
@@ -341,9 +388,9 @@ class Evaluator:
                 "logits": torch.cat(logits) if logits else None,
                 "images": torch.cat(images) if self.keep_samples else None, "nfe": nfe}
 
-    def _shards(self, store: ShardStore):
-        """Every shard in seed order, checked to hold its seeds."""
-        for index in range(self.num_shards):
+    def _shards(self, store: ShardStore, seed_set: int = 0):
+        """Every shard of a seed set in seed order, checked to hold its seeds."""
+        for index in range(seed_set * self.shards_per_set, (seed_set + 1) * self.shards_per_set):
             shard = store.load(index)
             seeds = self.shard_seeds(index)
             if shard["seeds"] != [seeds[0], seeds[-1]] or shard["features"].shape[0] != len(seeds):
@@ -351,11 +398,31 @@ class Evaluator:
             yield shard
 
     def _sample_metrics(self, store: ShardStore, reference: ReferenceStatistics) -> dict[str, Any]:
+        """The samples' metrics; with several seed sets, those of the set with the lowest FID, each set's, and their
+        minimum, mean and sample standard deviation."""
+        head = {"complete": True, "n": self.num_samples}
+        if self.seed_sets == 1:
+            return {**head, **self._set_metrics(store, reference, 0)}
+        sets = [{"set": k, "seeds": self.set_seeds(k), **self._set_metrics(store, reference, k)}
+                for k in range(self.seed_sets)]
+        best = min(range(self.seed_sets), key=lambda k: sets[k]["fid"])
+        summary: dict[str, Any] = {"sets": self.seed_sets, "n_per_set": self.num_samples,
+                                   "reference": self._reference_record(reference)}
+        for key in SET_METRICS:
+            if sets[0].get(key) is not None:
+                values = np.array([s[key] for s in sets], dtype=np.float64)
+                summary[key] = {"min": float(values.min()), "argmin": int(values.argmin()),
+                                "mean": float(values.mean()), "sample_std": float(values.std(ddof=1)),
+                                "max": float(values.max()), "argmax": int(values.argmax())}
+        top = {k: v for k, v in sets[best].items() if k not in ("set", "seeds")}
+        return {**head, **top, "best_seed_set": best, "seed_sets": sets, "over_seed_sets": summary}
+
+    def _set_metrics(self, store: ShardStore, reference: ReferenceStatistics, seed_set: int) -> dict[str, Any]:
         stats = FeatureStatistics(self.features.num_features, sync_on_compute=False)  # rank 0 reads every shard
         scores = [InceptionScore(self.num_samples, 1), InceptionScore(self.num_samples, self.is_splits)] \
             if self.classifier is not None else []
         kept, num_kept, images_nfe = [], 0, 0
-        for shard in self._shards(store):
+        for shard in self._shards(store, seed_set):
             stats.update(shard["features"])
             for score in scores:
                 score.update(shard["logits"])
@@ -364,8 +431,7 @@ class Evaluator:
                 num_kept += kept[-1].shape[0]
             images_nfe += sum(n * e for n, e in shard["nfe"])
         mean, cov, count = stats.compute()
-        results: dict[str, Any] = {"complete": True, "n": self.num_samples,
-                                   "fid": frechet_distance(mean, cov, reference.mean, reference.cov),
+        results: dict[str, Any] = {"fid": frechet_distance(mean, cov, reference.mean, reference.cov),
                                    "kid_mean": None, "kid_std": None, "nfe": images_nfe / count}
         if self.kid and reference.features is not None:
             results["kid_mean"], results["kid_std"] = kernel_inception_distance(
@@ -441,6 +507,14 @@ class Evaluator:
                 writer.add_scalar(metric_tag("kid", n, "eval"), results["kid_mean"], step)
             if results.get("bpd"):
                 writer.add_scalar("eval/bpd", results["bpd"]["mean"], step)
+            for key, metric in (("fid", "fid"), ("kid_mean", "kid"), ("inception_score", "is")):
+                if key not in results.get("over_seed_sets", {}):
+                    continue
+                tag, summary = metric_tag(metric, n, "eval"), results["over_seed_sets"][key]
+                for s in results["seed_sets"]:
+                    writer.add_scalar(f"{tag}/set_{s['set']}", s[key], step)
+                for stat in ("min", "mean", "sample_std"):
+                    writer.add_scalar(f"{tag}/{stat}", summary[stat], step)
             writer.add_text("eval/protocol", "```\n" + json.dumps(results["protocol"], indent=2) + "\n```", step)
         finally:
             writer.close()

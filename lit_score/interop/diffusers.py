@@ -59,7 +59,11 @@ def is_plain(args: dict[str, Any]) -> bool:
 def diffusers_problems(args: dict[str, Any]) -> list[str]:
     """Why UNet2DModel cannot express the NCSNpp / DDPMpp of ``args`` (its full init_args); empty when it can.
     What the network's output means is the model's preconditioning: see :func:`precond_problems`."""
-    return _plain_problems(args) if is_plain(args) else _skip_problems(args)
+    problems = _plain_problems(args) if is_plain(args) else _skip_problems(args)
+    if args.get("augment_dim"):
+        problems.append(f"augment_dim={args['augment_dim']}: UNet2DModel has no input for augmentation labels "
+                        "(EDM's map_augment)")
+    return problems
 
 
 def precond_problems(precond: Preconditioning, plain: bool) -> list[str]:

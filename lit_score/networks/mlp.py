@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .cond import Cond, augment_labels
 from .layers import GaussianFourierProjection, timestep_embedding
 
 
@@ -49,10 +50,9 @@ class ScoreMLP(nn.Module):
         """Shape of one sample: (D,)."""
         return (self.num_channels,)
 
-    def forward(self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None) -> Tensor:
-        """x (B, D), c_noise (B,) -> (B, D); ``cond`` must be None (the network is unconditional)."""
-        if cond is not None:
-            raise ValueError("ScoreMLP is unconditional: it takes no cond (class or augmentation labels)")
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None) -> Tensor:
+        """x (B, D), c_noise (B,) -> (B, D); takes no augmentation labels (``cond`` None or without them)."""
+        augment_labels(self, cond, x.shape[0])
         if x.ndim != 2 or x.shape[1] != self.num_channels:
             raise ValueError(f"ScoreMLP expects input of shape (B, {self.num_channels}), got {tuple(x.shape)}")
         c_noise = torch.as_tensor(c_noise, device=x.device)

@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from .cond import Cond, augment_labels
 from .fir import Downsample, Upsample
 from .layers import (
     AttnBlockpp,
@@ -57,7 +58,9 @@ class NCSNpp(nn.Module):
     model's preconditioning gives (``lit_score.diffusion.denoiser``), embedded as it is: Gaussian Fourier features
     (``embedding_type='fourier'``; score_sde's VE networks see log sigma) or sinusoidal positions ('positional';
     its VP networks see 999 t). ``centered=False`` maps inputs in [0, 1] to [-1, 1] (2x - 1) first; unlike the
-    official VE config (data.centered=False) it defaults to True: set it explicitly.
+    official VE config (data.centered=False) it defaults to True: set it explicitly. ``augment_dim`` > 0 adds EDM's
+    ``map_augment`` (a bias-free linear map of the augmentation labels ``cond["augment"]`` into the noise embedding;
+    Karras et al. 2022, appendix B.4); without labels it computes what the network without it computes.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class NCSNpp(nn.Module):
         init_scale: float = 0.0,
         nonlinearity: str = "swish",
         centered: bool = True,
+        augment_dim: int = 0,
     ) -> None:
         super().__init__()
         resblock_type = _choice("resblock_type", resblock_type, _RESBLOCKS)
@@ -91,6 +95,9 @@ class NCSNpp(nn.Module):
         combine = _choice("progressive_combine", progressive_combine, _COMBINE)
         embedding_type = _choice("embedding_type", embedding_type, _EMBEDDINGS)
         ch_mult, attn_resolutions, fir_kernel = tuple(ch_mult), tuple(attn_resolutions), tuple(fir_kernel)
+        if augment_dim < 0 or (augment_dim and not conditional):
+            raise ValueError(f"augment_dim must be >= 0 and needs conditional=True (augmentation labels join the noise "
+                             f"embedding), got augment_dim={augment_dim}, conditional={conditional}")
         if num_channels < 1 or nf < 1 or num_res_blocks < 0 or not ch_mult or min(ch_mult) < 1:
             raise ValueError(
                 f"need num_channels >= 1, nf >= 1, num_res_blocks >= 0 and a non-empty positive ch_mult; got "
@@ -207,6 +214,11 @@ class NCSNpp(nn.Module):
         if progressive != "output_skip":
             modules += [group_norm(in_ch), conv3x3(in_ch, num_channels, init_scale=init_scale)]
         self.all_modules = nn.ModuleList(modules)
+        # EDM's map_augment: augmentation labels join the noise embedding (outside all_modules: the official layout)
+        self.augment_dim = int(augment_dim)
+        self.map_augment = nn.Linear(augment_dim, embed_dim, bias=False) if augment_dim else None
+        if self.map_augment is not None:
+            nn.init.xavier_uniform_(self.map_augment.weight)
 
     # ------------------------------------------------------------------ forward
     def _check_inputs(self, x: Tensor, c_noise: Tensor) -> Tensor:
@@ -230,11 +242,11 @@ class NCSNpp(nn.Module):
         """Shape of one sample: (C, H, W)."""
         return (self.num_channels, self.image_size, self.image_size)
 
-    def forward(self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None) -> Tensor:
-        """x (B, C, H, W), c_noise (B,) -> (B, C, H, W); ``cond`` must be None (the network is unconditional)."""
-        if cond is not None:
-            raise ValueError(f"{type(self).__name__} is unconditional: it takes no cond (class or augmentation labels)")
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None) -> Tensor:
+        """x (B, C, H, W), c_noise (B,) -> (B, C, H, W); ``cond``: {"augment": (B, augment_dim)} labels of a network
+        with ``augment_dim`` (absent or None: zero labels, the un-augmented images sampling draws)."""
         c_noise = self._check_inputs(x, c_noise)
+        augment = augment_labels(self, cond, x.shape[0])
         it = iter(self.all_modules)
         act = self.act
 
@@ -242,6 +254,8 @@ class NCSNpp(nn.Module):
             temb = next(it)(c_noise)
         else:
             temb = timestep_embedding(c_noise, self.nf)
+        if augment is not None:
+            temb = temb + self.map_augment(augment.to(self.map_augment.weight.dtype))
         if self.conditional:
             dense_0, dense_1 = next(it), next(it)
             temb = dense_1(act(dense_0(temb.to(dense_0.weight.dtype))))
@@ -337,6 +351,7 @@ class DDPMpp(NCSNpp):
         init_scale: float = 0.0,
         nonlinearity: str = "swish",
         centered: bool = True,
+        augment_dim: int = 0,
     ) -> None:
         super().__init__(
             num_channels=num_channels, image_size=image_size, nf=nf, ch_mult=ch_mult,
@@ -345,6 +360,6 @@ class DDPMpp(NCSNpp):
             skip_rescale=skip_rescale, resblock_type=resblock_type, progressive=progressive,
             progressive_input=progressive_input, progressive_combine=progressive_combine,
             embedding_type=embedding_type, fourier_scale=fourier_scale, init_scale=init_scale,
-            nonlinearity=nonlinearity, centered=centered,
+            nonlinearity=nonlinearity, centered=centered, augment_dim=augment_dim,
         )
 

@@ -13,12 +13,14 @@ import torch
 from torch import Tensor, nn
 
 from lit_score.data_space import DataSpace
+from lit_score.diffusion.augment import AugmentPipe
 from lit_score.diffusion.denoiser import Counted, NetworkDenoiser, Preconditioning
 from lit_score.diffusion.likelihood import Likelihood
 from lit_score.diffusion.losses import DSMLoss, Loss
 from lit_score.progress import Progress, planned_nfe
 from lit_score.sampling.base import SampleResult, Sampler
 from lit_score.diffusion.sdes import SDE, ScoreFn
+from lit_score.networks.cond import Cond
 from lit_score.runtime.bpd import BitsPerDimRun
 from lit_score.runtime.upgrade import EMA, NET, upgrade_checkpoint
 
@@ -44,6 +46,8 @@ class ScoreModel(L.LightningModule):
         data_space: shape, range and quantisation of the data (``lit_score.data_space.DataSpace`` or its dict); the
             CLI passes the DataModule's. Saved in the hyperparameters, so checkpoints carry it; without it, it is
             inferred from the network (its ``data_shape`` and ``centered``; 8-bit levels for images).
+        augment: EDM's non-leaky augmentation of training batches (``lit_score.diffusion.augment.AugmentPipe``);
+            its labels condition the network, which needs ``augment_dim`` equal to the pipeline's ``dim``.
     """
 
     def __init__(self, net: nn.Module, sde: SDE, loss: Loss | None = None, precond: Preconditioning | None = None,
@@ -51,7 +55,7 @@ class ScoreModel(L.LightningModule):
                  betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8, weight_decay: float = 0.0,
                  warmup: int = 5000, channels_last: bool = False, compile: bool = False,
                  sampler: Sampler | None = None, likelihood: Likelihood | None = None,
-                 data_space: DataSpace | dict | None = None) -> None:
+                 data_space: DataSpace | dict | None = None, augment: AugmentPipe | None = None) -> None:
         super().__init__()
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
@@ -69,10 +73,14 @@ class ScoreModel(L.LightningModule):
         loss = DSMLoss() if loss is None else loss
         precond = loss.default_precond(sde) if precond is None else precond
         loss.check(sde, precond)
+        if augment is not None and augment.dim != getattr(net, "augment_dim", 0):
+            raise ValueError(f"the augmentation pipeline draws {augment.dim} labels but the network takes "
+                             f"{getattr(net, 'augment_dim', 0)}: set model.net.init_args.augment_dim to {augment.dim}")
         with warnings.catch_warnings():  # `lit-score` saves the network's config here, so checkpoints reload alone
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
             self.save_hyperparameters(ignore=["data_space"])
         self.net, self.sde, self.sampler, self.loss, self.precond = net, sde, sampler, loss, precond
+        self.augment = augment
         self.ema: nn.Module | None = None  # the EMA network, beside net (EDM); see sampling_net
         self.likelihood = likelihood or Likelihood()
         self._data_space = data_space_from(data_space, net)
@@ -248,12 +256,27 @@ class ScoreModel(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def compute_loss(self, x: Tensor, generator: torch.Generator | None = None, net: nn.Module | None = None) -> Tensor:
-        """The loss of ``net`` (default: the trained network) on the batch x."""
-        return self.loss(self.denoiser(self.net if net is None else net), x, generator)
+    def compute_loss(self, x: Tensor, generator: torch.Generator | None = None, net: nn.Module | None = None,
+                     cond: Cond | None = None) -> Tensor:
+        """The loss of ``net`` (default: the trained network) on the batch x, conditioned on ``cond``."""
+        return self.loss(self.denoiser(self.net if net is None else net), x, generator, cond)
+
+    def augmented(self, x: Tensor, batch_idx: int) -> tuple[Tensor, Cond | None]:
+        """The training batch augmented by ``augment`` (if any) and the labels it conditions on: image i of this
+        process's batch is image (batch_idx world + rank) batch_size + i of the epoch's global order."""
+        if self.augment is None:
+            return x, None
+        trainer = self._trainer
+        rank, world, epoch = (0, 1, 0) if trainer is None else (trainer.global_rank, trainer.world_size,
+                                                                 trainer.current_epoch)
+        stride = max(len(x), int(getattr(getattr(trainer, "datamodule", None), "batch_size", 0) or 0))
+        index = (batch_idx * world + rank) * stride + torch.arange(len(x), device=x.device)
+        x, labels = self.augment(x, index, epoch)
+        return x, {"augment": labels}
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        loss = self.compute_loss(self._prepare(batch))
+        x, cond = self.augmented(self._prepare(batch), batch_idx)
+        loss = self.compute_loss(x, cond=cond)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
