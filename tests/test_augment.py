@@ -223,37 +223,21 @@ def test_edm_yamls_build_config_f_with_the_official_parameter_count(arch, tmp_pa
     assert trainable == OFFICIAL_COUNTS[f"{arch}_augment9_label0"]
 
 
-def flip_detector():
-    """A logistic regression telling upright digits from x-flipped ones, fitted on 1200 real digits only (never on
-    samples); returns it with its rates of calling held-out upright and flipped digits flipped."""
-    from sklearn.linear_model import LogisticRegression
-
-    from lit_score.data.digits import load_digits_images
-
-    x = load_digits_images(16).numpy()[:, 0]
-    order = np.random.default_rng(0).permutation(len(x))
-    train, held_out = x[order[:1200]], x[order[1200:]]
-    features = np.concatenate([train, train[:, :, ::-1]]).reshape(2 * len(train), -1)
-    labels = np.r_[np.zeros(len(train)), np.ones(len(train))]
-    clf = LogisticRegression(max_iter=2000, C=0.1).fit(features, labels)
-    upright = clf.predict(held_out.reshape(len(held_out), -1)).mean()
-    flipped = clf.predict(held_out[:, :, ::-1].reshape(len(held_out), -1)).mean()
-    return clf, upright, flipped
-
-
 @pytest.mark.slow  # ~6-8 min: the quickstart_edm fit with augmentation, as the README gives it
 def test_quickstart_edm_with_augmentation_trains_and_samples_upright_digits(tmp_path):
     """`lit-score fit --config experiments/quickstart_edm.yaml --model.augment.init_args.p 0.12`: the validation loss
     falls, and 500 samples (zero labels) are not x-flipped the way half the training images were. An independent
-    flip detector (fitted on real digits) measures the flipped fraction f of the samples: a model that ignored its
-    labels would draw f = 0.5 (every image is flipped with probability 1/2: xflip 1e8), the unaugmented quickstart
-    draws f = -0.01; measured here after 1500 steps: 0.27 (the labels' use is still being learned: 0.48 at step 500,
-    0.44 at 1000). Threshold 0.4: 3 binomial standard deviations (0.035 for 500 samples) below a full leak."""
+    flip detector (``benchmarks.augment_leak``, fitted on real digits) estimates the flipped fraction of the samples:
+    a model that ignored its labels would draw 0.5 (every image is flipped with probability 1/2: xflip 1e8), the
+    unaugmented quickstart draws -0.01; measured after 1500 steps: 0.27 (the labels' use is still being learned:
+    0.48 at step 500, 0.44 at 1000, 0.10 at 3000, 0.04 at 4500). Threshold 0.4: 3 binomial standard deviations (0.035
+    for 500 samples) below a full leak."""
     import subprocess
     import sys
 
     from test_train import scalars
 
+    from benchmarks import augment_leak
     from lit_score.runtime.module import ScoreModel
 
     lit_score = str(Path(sys.executable).parent / "lit-score")
@@ -264,11 +248,8 @@ def test_quickstart_edm_with_augmentation_trains_and_samples_upright_digits(tmp_
     run = tmp_path / "quickstart_edm" / "version_0"
     val = scalars(run, "val/loss")
     assert len(val) == 6 and val[-1] < 0.8 * val[0], val
-    model = ScoreModel.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu").eval()
+    model = ScoreModel.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")
     assert model.augment.p == 0.12 and model.net.augment_dim == 9
-    samples = ((model.sample(list(range(500))).samples[:, 0] + 1) / 2).clamp(0, 1).numpy()
-    clf, upright, flipped = flip_detector()
-    called = clf.predict(samples.reshape(500, -1)).mean()
-    leak = (called - upright) / (flipped - upright)
-    print(f"flip detector: upright {upright:.3f}, flipped {flipped:.3f}; samples {called:.3f}, leak {leak:.3f}")
-    assert leak < 0.4, leak
+    result = augment_leak.leak(run / "checkpoints" / "last.ckpt", 500)
+    print(result)
+    assert result["leak"] < 0.4, result
