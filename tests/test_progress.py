@@ -12,8 +12,8 @@ from conftest import ScoreDenoiser
 
 from lit_score.diffusion.denoiser import Counted
 from lit_score.progress import Progress, planned_nfe
-from lit_score.sampling import (IPNDM, DPMSolverPP, DPMSolverPP3M, DPMSolverPPSDE, EDMSampler, EulerSampler,
-                                ODESampler, PCSampler, UniPC)
+from lit_score.sampling import (IPNDM, ConsistencySampler, DPMSolverPP, DPMSolverPP3M, DPMSolverPPSDE, EDMSampler,
+                                EulerSampler, ODESampler, PCSampler, UniPC)
 from lit_score.diffusion.sdes import VESDE, VPSDE
 
 FIXED = {
@@ -28,6 +28,7 @@ FIXED = {
     "dpm_sde": DPMSolverPPSDE(steps=6, order=3),
     "unipc": UniPC(steps=6),
     "ipndm": IPNDM(steps=6),
+    "consistency": ConsistencySampler(steps=3),
     "euler": EulerSampler(steps=6),
 }
 

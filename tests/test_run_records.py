@@ -193,6 +193,22 @@ def test_init_weights_start_a_new_run_from_the_checkpoints_weights(run, monkeypa
     assert "\n" not in str(err.value)
 
 
+def test_init_weights_are_not_read_when_a_checkpoint_is_given(run, tmp_path, monkeypatch, capsys):
+    """Property: a YAML that names --init_weights (as quickstart_ect.yaml names its teacher) predicts from
+    --ckpt_path in a directory where that file does not exist, and without --ckpt_path the missing file is one
+    line naming the option."""
+    config = yaml.safe_load(run["config"].read_text())
+    config["init_weights"] = "runs/teacher/version_0/checkpoints/last.ckpt"
+    path = tmp_path / "tuned.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(run["elsewhere"])
+    run_cli(["predict", "--config", str(path), "--ckpt_path", str(run["ckpt"]), *FAST])
+    assert printed(capsys.readouterr().out, "lit-score predict")
+    with pytest.raises(CheckpointError, match=r"^--init_weights runs/teacher/version_0/checkpoints/last.ckpt: not "
+                                              r"found; give the \.ckpt or `lit-score export` folder"):
+        run_cli(["fit", "--config", str(path), "--trainer.max_steps", "1"])
+
+
 EVAL = """
 evaluation:
   num_samples: 8

@@ -12,8 +12,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from lit_score.sampling import (IPNDM, DPMSolverPP, DPMSolverPP3M, DPMSolverPPSDE, EDMSampler, EulerSampler,
-                                PCSampler, UniPC)
+from lit_score.sampling import (IPNDM, ConsistencySampler, DPMSolverPP, DPMSolverPP3M, DPMSolverPPSDE, EDMSampler,
+                                EulerSampler, PCSampler, UniPC)
 from lit_score.diffusion.sdes import VESDE, VPSDE, bcast
 
 
@@ -75,6 +75,7 @@ SAMPLERS = {
     "unipc": (lambda n: UniPC(steps=n, order=3), VPSDE()),
     "ipndm-v": (lambda n: IPNDM(steps=n, variable=True), VESDE()),
     "euler": (lambda n: EulerSampler(steps=n), VPSDE()),
+    "consistency": (lambda n: ConsistencySampler(steps=n), VESDE()),
 }
 
 

@@ -14,8 +14,9 @@ from lit_score import rng
 from lit_score.diffusion.denoiser import Denoiser
 from lit_score.diffusion.densities import GaussianMixture
 from lit_score.diffusion.sdes import VESDE, VPSDE
-from lit_score.sampling import (IPNDM, AdaptiveSDESampler, DPMSolverPP, DPMSolverPP3M, DPMSolverPPSDE, EDMSampler,
-                                EulerSampler, ODESampler, PCSampler, Sampler, UniPC, starting_noise)
+from lit_score.sampling import (IPNDM, AdaptiveSDESampler, ConsistencySampler, DPMSolverPP, DPMSolverPP3M,
+                                DPMSolverPPSDE, EDMSampler, EulerSampler, ODESampler, PCSampler, Sampler, UniPC,
+                                starting_noise)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,6 +41,7 @@ SAMPLERS = {
     "unipc": lambda: UniPC(steps=3),
     "ipndm": lambda: IPNDM(steps=3),
     "euler": lambda: EulerSampler(steps=3),
+    "consistency 2 steps": lambda: ConsistencySampler(steps=2, sigma_max=None),  # starts at the SDE's sigma_max
 }
 
 

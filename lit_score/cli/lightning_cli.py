@@ -152,7 +152,8 @@ class ScoreCLI(LightningCLI):
         parser.add_argument("--init_weights", type=Optional[str], default=None,
                             help="a .ckpt or a `lit-score export` folder whose sampling weights (EMA if present) "
                                  "start the network this config builds (shapes must fit): fit starts a new run from "
-                                 "them at step 0, its EMA too. A checkpoint restored by --ckpt_path replaces them")
+                                 "them at step 0, its EMA too. Not read when --ckpt_path is given (its weights are "
+                                 "the ones used)")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """As LightningCLI's (without its warning that ``args`` and ``sys.argv`` are both given: ``run_cli`` and
@@ -174,13 +175,13 @@ class ScoreCLI(LightningCLI):
         subcommand = next((a for a in argv if a in self.subcommands()), None) \
             if getattr(self, "_with_subcommands", False) else None
         given = {key: option_value(argv, f"--{key}") for key in ("ckpt_path", "init_weights")}
-        sources = {key: read_checkpoint(value) for key, value in given.items() if is_local_path(value)}
+        sources = {key: read_checkpoint(value, key) for key, value in used(given).items()}
         self.config = parser.parse_args(with_checkpoint_base(argv, subcommand, *sources.values()))
         section = self._section(self.config)
         named = {key: section.get(key) for key in given if section.get(key) != given[key]}
         if any(is_local_path(value) for value in named.values()):  # named in a YAML
-            sources = {key: sources[key] if key not in named else read_checkpoint(named[key]) for key in given
-                       if is_local_path(section.get(key))}
+            sources = {key: sources[key] if key not in named else read_checkpoint(value, key)
+                       for key, value in used({key: section.get(key) for key in given}).items()}
             self.config = parser.parse_args(with_checkpoint_base(argv, subcommand, *sources.values()))
         self._checkpoint, self._initial = sources.get("ckpt_path"), sources.get("init_weights")
         if self._checkpoint is not None:
@@ -501,9 +502,21 @@ def is_local_path(value: Any) -> bool:
         and not str(value).startswith(("hpc", "registry")) and "://" not in str(value)
 
 
-def read_checkpoint(path: str | Path) -> CheckpointSource:
+def used(paths: dict[str, Any]) -> dict[str, str]:
+    """The local paths among ``ckpt_path`` and ``init_weights`` that are read: ``init_weights`` only without a
+    ``ckpt_path``, whose weights replace them (a resumed or evaluated run never needs the weights it started from)."""
+    local = {key: value for key, value in paths.items() if is_local_path(value)}
+    if paths.get("ckpt_path"):
+        local.pop("init_weights", None)
+    return local
+
+
+def read_checkpoint(path: str | Path, option: str = "ckpt_path") -> CheckpointSource:
     """What ``path`` (a .ckpt or a ``lit-score export`` folder) holds; the .ckpt is read once, memory-mapped."""
     path = Path(path)
+    if not path.exists() and option == "init_weights":
+        raise CheckpointError(f"--init_weights {path}: not found; give the .ckpt or `lit-score export` folder of the "
+                              "model to start from (an experiment YAML that names one says how to train it)")
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}; give a .ckpt file, a `lit-score export` folder, or "
                               "`last` to resume the newest checkpoint of the run")

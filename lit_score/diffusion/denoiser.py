@@ -90,6 +90,28 @@ class EDMPrecond(Preconditioning):
         return sd2 / total, sigma * self.sigma_data / total.sqrt(), total.rsqrt(), sigma.log() / 4
 
 
+class ConsistencyPrecond(Preconditioning):
+    """A consistency function f(x; sigma) = c_skip x + c_out F(c_in x; c_noise) with f(x; sigma_min) = x for any F
+    (Song et al. 2023, eq. 5 and appendix C): EDM's c_in and c_noise, c_skip = sigma_data^2 / ((sigma - sigma_min)^2
+    + sigma_data^2), c_out = (sigma - sigma_min) sigma_data / sqrt(sigma^2 + sigma_data^2), as ECT samples (Geng et
+    al. 2024). A network trained with EDMPrecond keeps its meaning away from sigma_min.
+
+    Args:
+        sigma_data: the data's standard deviation.
+        sigma_min: where f is the identity (the samplers' smallest noise level).
+    """
+
+    def __init__(self, sigma_data: float = 0.5, sigma_min: float = 0.002) -> None:
+        if not sigma_data > 0 or not sigma_min > 0:
+            raise ValueError(f"sigma_data and sigma_min must be positive, got {sigma_data} and {sigma_min}")
+        self.sigma_data, self.sigma_min = float(sigma_data), float(sigma_min)
+
+    def coefficients(self, sigma, sde):
+        sd2, above = self.sigma_data**2, sigma - self.sigma_min
+        scale = (sigma**2 + sd2).rsqrt()
+        return sd2 / (above**2 + sd2), above * self.sigma_data * scale, scale, sigma.log() / 4
+
+
 class VPPrecond(Preconditioning):
     """The VP SDE's noise prediction in EDM's form (Karras et al. 2022, Table 1): c_skip = 1, c_out = -sigma,
     c_in = 1 / sqrt(sigma^2 + 1), c_noise = (M - 1) t(sigma) for its own linear beta schedule."""
@@ -243,5 +265,6 @@ def edm_weighting(sigma: Tensor, sigma_data: float) -> Tensor:
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
-__all__ = ["Denoiser", "Counted", "NetworkDenoiser", "Preconditioning", "EDMPrecond", "VPPrecond", "VEPrecond",
+__all__ = ["Denoiser", "Counted", "NetworkDenoiser", "Preconditioning", "EDMPrecond", "ConsistencyPrecond",
+           "VPPrecond", "VEPrecond",
            "NoisePrediction", "ScorePrediction", "SMLDLevels", "DDPMSteps", "lognormal_sigma", "edm_weighting"]

@@ -8,8 +8,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from lit_score.diffusion.denoiser import (DDPMSteps, EDMPrecond, NetworkDenoiser, NoisePrediction, Preconditioning,
-                                          ScorePrediction, SMLDLevels, edm_weighting, lognormal_sigma)
+from lit_score.diffusion.denoiser import (ConsistencyPrecond, DDPMSteps, EDMPrecond, NetworkDenoiser, NoisePrediction,
+                                          Preconditioning, ScorePrediction, SMLDLevels, edm_weighting,
+                                          lognormal_sigma)
 from lit_score.diffusion.sdes import SDE, VESDE, VPSDE, ScoreFn, bcast
 from lit_score.networks.cond import Cond
 
@@ -95,10 +96,41 @@ def edm_loss(D: Callable[..., Tensor], x: Tensor, P_mean: float = -1.2, P_std: f
     return (_reduce(torch.square(out - x), reduce_mean) * edm_weighting(sigma, sigma_data)).mean()
 
 
+def ect_ratio(t: Tensor, step: int, q: float = 2.0, k: float = 8.0, b: float = 1.0,
+              stage_iters: int = 25000) -> Tensor:
+    """r / t = 1 - q^-(stage + 1) (1 + k sigmoid(-b t)), stage = floor(step / stage_iters): ECT's mapping from t to the
+    earlier level r, whose gap t - r shrinks by q every stage towards the differential limit (Geng et al. 2024)."""
+    decay = float(q) ** -(step // stage_iters + 1)
+    return 1 - decay * (1 + k * torch.sigmoid(-b * t))
+
+
+def ect_loss(D: Callable[..., Tensor], x: Tensor, step: int, P_mean: float = -1.1, P_std: float = 2.0,
+             q: float = 2.0, k: float = 8.0, b: float = 1.0, stage_iters: int = 25000, c: float = 0.0,
+             sigma_min: float = 0.002, generator: torch.Generator | None = None, cond: Cond | None = None) -> Tensor:
+    """E[(sqrt(|f(x + t n; t) - sg(f(x + r n; r))|^2 + c^2) - c) / (t - r)] with ln t ~ N(P_mean, P_std^2) and r from
+    ``ect_ratio``, floored at sigma_min where f is the identity; one noise n for both, the target f(x + r n; r) by the
+    same weights with the same dropout masks and no gradient (ECT's teacher-free consistency tuning). Levels t at or
+    below sigma_min have nothing to learn and count 0."""
+    t = lognormal_sigma(x.shape[0], P_mean, P_std, x, generator)
+    r = (t * ect_ratio(t, step, q, k, b, stage_iters)).clamp(min=sigma_min)
+    n = _randn(x, generator)
+    args = () if cond is None else (cond,)
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
+        target = D(x + bcast(r, x) * n, r, *args)  # the RNG is rewound after: the same dropout masks below
+    out = D(x + bcast(t, x) * n, t, *args)
+    dtype = torch.promote_types(out.dtype, torch.float32)  # bf16 outputs are compared in float32
+    sq = torch.square(out.to(dtype) - target.to(dtype)).flatten(1).sum(1)
+    distance = (sq + c**2).clamp(min=1e-30).sqrt() - c
+    valid = t > r
+    weight = valid / torch.where(valid, t - r, torch.ones_like(t))  # 1 / (t - r), 0 where nothing is learnt
+    return (distance * weight.to(dtype)).mean()
+
+
 class Loss(abc.ABC):
     """A training objective of the model's denoiser D (``lit_score.diffusion.denoiser``); ``ScoreModel`` calls
-    ``loss(D, x, cond=cond)`` (``cond``: the network's conditioning, e.g. augmentation labels). Each loss names the
-    parametrisation it trains by default (``default_precond``)."""
+    ``loss(D, x, cond=cond, step=step)`` (``cond``: the network's conditioning, e.g. augmentation labels; ``step``:
+    the optimizer step, for objectives with a schedule). Each loss names the parametrisation it trains by default
+    (``default_precond``)."""
 
     def __init__(self, reduce_mean: bool = True) -> None:
         self.reduce_mean = bool(reduce_mean)
@@ -113,7 +145,7 @@ class Loss(abc.ABC):
 
     @abc.abstractmethod
     def __call__(self, D: NetworkDenoiser, x: Tensor, generator: torch.Generator | None = None,
-                 cond: Cond | None = None) -> Tensor:
+                 cond: Cond | None = None, step: int = 0) -> Tensor:
         """The batch's mean loss."""
 
     def __repr__(self) -> str:
@@ -137,7 +169,7 @@ class DSMLoss(Loss):
             raise ValueError(f"eps (the smallest time sampled) must be in (0, 1), got {eps}")
         self.eps, self.likelihood_weighting = float(eps), bool(likelihood_weighting)
 
-    def __call__(self, D, x, generator=None, cond=None):
+    def __call__(self, D, x, generator=None, cond=None, step=0):
         return dsm_loss(D.score, D.sde, x, self.eps, self.reduce_mean, self.likelihood_weighting, generator, cond)
 
 
@@ -166,7 +198,7 @@ class SMLDLoss(_DiscreteLoss):
     def __init__(self, reduce_mean: bool = False) -> None:
         super().__init__(reduce_mean)
 
-    def __call__(self, D, x, generator=None, cond=None):
+    def __call__(self, D, x, generator=None, cond=None, step=0):
         score = lambda x_t, sigma, *c: D.score(x_t, D.sde.t_from_sigma(sigma), *c)  # noqa: E731
         return smld_loss(score, D.sde, x, self.reduce_mean, generator, cond)
 
@@ -177,7 +209,7 @@ class DDPMLoss(_DiscreteLoss):
 
     sde_type, precond_type = VPSDE, DDPMSteps
 
-    def __call__(self, D, x, generator=None, cond=None):
+    def __call__(self, D, x, generator=None, cond=None, step=0):
         noise_prediction = lambda x_i, i, *c: D.net(x_i, D.precond.step_label(i), *c)  # noqa: E731
         return ddpm_loss(noise_prediction, D.sde, x, self.reduce_mean, generator, cond)
 
@@ -206,5 +238,48 @@ class EDMLoss(Loss):
     def default_precond(self, sde: SDE) -> Preconditioning:
         return EDMPrecond(self.sigma_data)
 
-    def __call__(self, D, x, generator=None, cond=None):
+    def __call__(self, D, x, generator=None, cond=None, step=0):
         return edm_loss(D, x, self.P_mean, self.P_std, self.sigma_data, self.reduce_mean, generator, cond)
+
+
+class ECTLoss(Loss):
+    """Easy Consistency Tuning (Geng et al. 2024, "Consistency Models Made Easy"): tunes a diffusion model into a
+    consistency model, the model its own target (``ect_loss``); the gap t - r follows ``ect_ratio`` over the optimizer
+    steps. Default parametrisation ``ConsistencyPrecond(sigma_data, sigma_min)`` (f(x; sigma_min) = x); start from
+    an EDM-trained checkpoint with ``--init_weights``. The defaults are ECT's CIFAR-10 values (its stage of 25,000
+    iterations is 250 ticks of 12.8 kimg at batch 128).
+
+    Args:
+        P_mean, P_std: ln t ~ N(P_mean, P_std^2).
+        q, k, b, stage_iters: the mapping r / t = 1 - q^-(stage + 1) (1 + k sigmoid(-b t)), stage = step // stage_iters.
+        c: the pseudo-Huber constant of the metric sqrt(d^2 + c^2) - c over the whole sample (ECT: 0, the L2 norm).
+        sigma_data: the data's standard deviation; sigma_min: where f is the identity.
+    """
+
+    def __init__(self, P_mean: float = -1.1, P_std: float = 2.0, q: float = 2.0, k: float = 8.0, b: float = 1.0,
+                 stage_iters: int = 25000, c: float = 0.0, sigma_data: float = 0.5, sigma_min: float = 0.002) -> None:
+        if not P_std > 0:
+            raise ValueError(f"P_std must be > 0, got {P_std}")
+        if not q > 1:
+            raise ValueError(f"q (how much t - r shrinks per stage) must be > 1, got {q}")
+        if not k >= 0 or not b >= 0 or not c >= 0:
+            raise ValueError(f"k, b and c must be >= 0, got {k}, {b}, {c}")
+        if isinstance(stage_iters, bool) or not isinstance(stage_iters, int) or stage_iters < 1:
+            raise ValueError(f"stage_iters (optimizer steps per stage) must be an integer >= 1, got {stage_iters!r}")
+        if not sigma_data > 0 or not sigma_min > 0:
+            raise ValueError(f"sigma_data and sigma_min must be > 0, got {sigma_data}, {sigma_min}")
+        self.P_mean, self.P_std, self.q, self.k, self.b = float(P_mean), float(P_std), float(q), float(k), float(b)
+        self.stage_iters, self.c = stage_iters, float(c)
+        self.sigma_data, self.sigma_min = float(sigma_data), float(sigma_min)
+
+    def default_precond(self, sde: SDE) -> Preconditioning:
+        return ConsistencyPrecond(self.sigma_data, self.sigma_min)
+
+    def check(self, sde: SDE, precond: Preconditioning) -> None:
+        if not isinstance(precond, ConsistencyPrecond) or precond.sigma_min != self.sigma_min:
+            raise TypeError(f"ECTLoss trains a consistency function: it needs ConsistencyPrecond(sigma_min="
+                            f"{self.sigma_min:g}), got {precond!r}; leave model.precond unset or set both sigma_min")
+
+    def __call__(self, D, x, generator=None, cond=None, step=0):
+        return ect_loss(D, x, step, self.P_mean, self.P_std, self.q, self.k, self.b, self.stage_iters, self.c,
+                        self.sigma_min, generator, cond)

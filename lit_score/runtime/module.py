@@ -25,6 +25,9 @@ from lit_score.runtime.bpd import BitsPerDimRun
 from lit_score.runtime.upgrade import EMA, NET, upgrade_checkpoint
 
 
+OPTIMIZERS = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}
+
+
 class ScoreModel(L.LightningModule):
     """Trains the denoiser D(x_hat; sigma, cond) of ``net`` under ``precond`` with ``loss``; ``sde`` gives its
     sigma view and the samplers' time variable, prior and discretisation.
@@ -37,7 +40,8 @@ class ScoreModel(L.LightningModule):
             ``EDMLoss`` (Karras et al. 2022).
         precond: how F's output becomes the denoiser (``lit_score.diffusion.denoiser``); default: the loss's
             (score_sde's for DSMLoss, the discrete levels for SMLDLoss / DDPMLoss, ``EDMPrecond`` for EDMLoss).
-        lr, betas, adam_eps, weight_decay: Adam settings.
+        lr, betas, adam_eps, weight_decay: the optimizer's settings.
+        optimizer: ``adam`` (torch.optim.Adam, the papers') or ``radam`` (torch.optim.RAdam, ECT's).
         warmup: steps of linear learning-rate warm-up.
         channels_last: keep images and the network in channels-last memory format.
         compile: compile the network with ``torch.compile``.
@@ -55,7 +59,8 @@ class ScoreModel(L.LightningModule):
                  betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8, weight_decay: float = 0.0,
                  warmup: int = 5000, channels_last: bool = False, compile: bool = False,
                  sampler: Sampler | None = None, likelihood: Likelihood | None = None,
-                 data_space: DataSpace | dict | None = None, augment: AugmentPipe | None = None) -> None:
+                 data_space: DataSpace | dict | None = None, augment: AugmentPipe | None = None,
+                 optimizer: str = "adam") -> None:
         super().__init__()
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
@@ -65,6 +70,8 @@ class ScoreModel(L.LightningModule):
             raise ValueError(f"adam_eps must be >= 0, got {adam_eps}")
         if not weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
         if warmup < 0:
             raise ValueError(f"warmup must be >= 0 (steps), got {warmup}")
         if isinstance(loss, str):
@@ -259,7 +266,7 @@ class ScoreModel(L.LightningModule):
     def compute_loss(self, x: Tensor, generator: torch.Generator | None = None, net: nn.Module | None = None,
                      cond: Cond | None = None) -> Tensor:
         """The loss of ``net`` (default: the trained network) on the batch x, conditioned on ``cond``."""
-        return self.loss(self.denoiser(self.net if net is None else net), x, generator, cond)
+        return self.loss(self.denoiser(self.net if net is None else net), x, generator, cond, step=self.global_step)
 
     def augmented(self, x: Tensor, batch_idx: int) -> tuple[Tensor, Cond | None]:
         """The training batch augmented by ``augment`` (if any) and the labels it conditions on: image i of this
@@ -296,8 +303,8 @@ class ScoreModel(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.Adam(self.net.parameters(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.adam_eps,
-                                     weight_decay=hp.weight_decay)
+        optimizer = OPTIMIZERS[hp.get("optimizer", "adam")](self.net.parameters(), lr=hp.lr, betas=tuple(hp.betas),
+                                                            eps=hp.adam_eps, weight_decay=hp.weight_decay)
         warmup = max(int(hp.warmup), 0)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min((step + 1) / warmup, 1.0) if warmup else 1.0)
