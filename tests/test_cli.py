@@ -83,6 +83,7 @@ def test_cifar10_networks_build_with_the_data_shape(experiment, tmp_path):
     assert type(model.precond) is expected
 
 
+@pytest.mark.slow  # CLI starts in processes (~8 s); tests/test_one_line_errors.py covers the same in-process: runs in make test-slow (CI)
 def test_misspelt_key_on_the_command_line_is_named():
     """`--trainer.max_stepz 3` exits non-zero with a message naming max_stepz."""
     proc = subprocess.run([LIT_SCORE, "fit", "--config", "experiments/quickstart.yaml", "--trainer.max_stepz", "3"],

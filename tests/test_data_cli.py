@@ -31,6 +31,7 @@ def rgb_folder(folder: Path, n: int = 12, size: int = 16) -> Path:
     return folder
 
 
+@pytest.mark.slow  # a CLI fit in a process (~8 s): runs in make test-slow (CI)
 def test_fit_from_an_rgb_image_folder(tmp_path):
     """`lit-score fit` on the example YAML with only the folder path set trains 2 steps and checkpoints."""
     folder = rgb_folder(tmp_path / "images")

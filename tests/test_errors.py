@@ -68,6 +68,7 @@ def tiny(tmp_path_factory):
     return tmp
 
 
+@pytest.mark.slow  # a CLI start in a process: runs in make test-slow (CI)
 def test_empty_image_folder(tmp_path):
     (tmp_path / "images").mkdir()
     proc = run(BIN / "lit-score", "fit", "--config", "imagefolder_example", "--data.init_args.path",
@@ -91,6 +92,7 @@ def test_truncated_checkpoint(tiny):
     assert_brief(proc, "cut.ckpt")
 
 
+@pytest.mark.slow  # a CLI start in a process: runs in make test-slow (CI)
 def test_architecture_mismatch_in_evaluation(tiny):
     """A checkpoint of nf=16 against the experiment at nf=8: the counts of mismatched shapes, not 200 lines."""
     (tiny / "eval.yaml").write_text(EVAL % (tiny / "no_weights.pth", tiny / "cache"))
@@ -101,6 +103,7 @@ def test_architecture_mismatch_in_evaluation(tiny):
     assert len(proc.stderr.strip().splitlines()) <= 4, proc.stderr
 
 
+@pytest.mark.slow  # a CLI start in a process: runs in make test-slow (CI)
 def test_missing_inception_weights_in_evaluation(tiny):
     (tiny / "eval.yaml").write_text(EVAL % (tiny / "no_weights.pth", tiny / "cache"))
     proc = run(BIN / "lit-score-eval", "--config", tiny / "tiny.yaml", "--config", tiny / "eval.yaml",

@@ -69,6 +69,7 @@ def test_export_rebuilds_the_ema_network_without_yaml(checkpoint, exported, one_
     assert "ScoreModel.from_pretrained" in card and "upload_folder" in card and "step 2" in card
 
 
+@pytest.mark.slow  # two CLI predicts in processes (~12 s): runs in make test-slow (CI)
 def test_predict_from_the_folder_equals_predict_from_the_checkpoint(checkpoint, exported, tmp_path):
     """Property: `lit-score predict --ckpt_path FOLDER` writes the same images, with the same seeds and sampler,
     as from the .ckpt's EMA weights."""

@@ -51,6 +51,7 @@ def test_threads_argument_is_taken_out_of_the_command_line():
             pop_threads_arg(bad)
 
 
+@pytest.mark.slow  # CLI starts in processes (~7 s): runs in make test-slow (CI)
 def test_lit_score_takes_threads():
     cli = [sys.executable, "-c", "import sys; from lit_score.cli.main import main; sys.argv[0] = 'lit-score'; main()"]
     env = {**os.environ, "PYTHONPATH": ROOT}

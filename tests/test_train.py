@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -46,6 +47,7 @@ def test_short_fit_lowers_the_loss_and_writes_one_run_directory(tmp_path):
     assert reloaded.data_shape == (1, 8, 8) and type(reloaded.sde).__name__ == "VPSDE"
 
 
+@pytest.mark.slow  # a CLI fit per switch (~9 s): runs in make test-slow (CI)
 def test_gpu_switches_do_no_harm_on_cpu(tmp_path):
     """channels_last and bf16 autocast train on CPU: a few steps finish with a finite loss."""
     cmd = [LIT_SCORE, "fit", "--config", "experiments/quickstart.yaml", *TINY, "--trainer.max_steps", "4",

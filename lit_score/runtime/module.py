@@ -273,7 +273,10 @@ class ScoreModel(L.LightningModule):
         process's batch is image (batch_idx world + rank) batch_size + i of the epoch's global order."""
         if self.augment is None:
             return x, None
-        trainer = self._trainer
+        try:
+            trainer = self.trainer
+        except RuntimeError:  # not attached to a Trainer
+            trainer = None
         rank, world, epoch = (0, 1, 0) if trainer is None else (trainer.global_rank, trainer.world_size,
                                                                  trainer.current_epoch)
         stride = max(len(x), int(getattr(getattr(trainer, "datamodule", None), "batch_size", 0) or 0))
