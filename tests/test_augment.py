@@ -224,6 +224,7 @@ def test_edm_yamls_build_config_f_with_the_official_parameter_count(arch, tmp_pa
 
 
 @pytest.mark.slow  # ~6-8 min: the quickstart_edm fit with augmentation, as the README gives it
+@pytest.mark.timeout(1800)
 def test_quickstart_edm_with_augmentation_trains_and_samples_upright_digits(tmp_path):
     """`lit-score fit --config experiments/quickstart_edm.yaml --model.augment.init_args.p 0.12`: the validation loss
     falls, and 500 samples (zero labels) are not x-flipped the way half the training images were. An independent

@@ -171,6 +171,7 @@ def test_the_model_takes_ects_optimizer():
 
 
 @pytest.mark.slow  # ~15 min: the EDM quickstart (the teacher), then its ECT tuning, as the README gives them
+@pytest.mark.timeout(2400)
 def test_quickstart_ect_draws_digits_in_one_step(tmp_path):
     """`lit-score fit --config experiments/quickstart_edm.yaml`, then `... quickstart_ect.yaml` in the same folder:
     the tuned model's 1-step FID@500 (its FID callback, the quickstart's random features) is within 4 times the
