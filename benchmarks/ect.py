@@ -25,6 +25,8 @@ TEACHER = {
     "DPM-Solver++ 2M (10 NFE)": {"class_path": "lit_score.sampling.DPMSolverPP", "init_args": {"steps": 10}},
     "UniPC (10 NFE)": {"class_path": "lit_score.sampling.UniPC", "init_args": {"steps": 10}},
     "iPNDM (10 NFE)": {"class_path": "lit_score.sampling.IPNDM", "init_args": {"steps": 10}},
+    # one evaluation at sigma 80: the teacher's E[x0 | x], what the tuning starts from
+    "one evaluation (1 NFE)": {"class_path": "lit_score.sampling.ConsistencySampler", "init_args": {"steps": 1}},
 }
 STUDENT = {
     "consistency, 1 step": {"class_path": "lit_score.sampling.ConsistencySampler", "init_args": {"steps": 1}},
@@ -105,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"| {t_time} |")
     for name, value in ten.items():
         print(f"| teacher | {name.split(' (')[0]}{' (best 10-NFE)' if name == best else ''} | 10 | {value:.4f} | |")
+    print(f"| teacher | one evaluation at sigma 80 | 1 | {results['teacher']['fid']['one evaluation (1 NFE)']:.4f} | |")
     for steps, name in enumerate(STUDENT, 1):
         print(f"| ECT (quickstart_ect) | {name} | {steps} | {results['student']['fid'][name]:.4f} "
               f"| + {student_seconds:.0f} s |")
