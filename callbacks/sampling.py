@@ -22,13 +22,18 @@ def batched(seeds: Sequence[int], batch_size: int) -> Iterator[list[int]]:
 
 @torch.no_grad()
 def draw(pl_module: L.LightningModule, seeds: Sequence[int], sampler: Sampler | None, batch_size: int,
-         progress: Progress | None = None) -> Tensor:
+         progress: Progress | None = None, labels: Sequence[int] | None = None) -> Tensor:
     """Samples for ``seeds`` in batches, in eval mode (the module's train/eval mode is restored after), counted
-    into ``progress`` if given."""
+    into ``progress`` if given; a class-conditional model draws image i of class ``labels[i]`` (default: class-
+    balanced, ``balanced_labels``)."""
     was_training = pl_module.training
     pl_module.eval()
+    if labels is None and pl_module.labelled:
+        labels = balanced_labels(seeds, pl_module.label_space.num_classes)
     try:
-        chunks = [pl_module.sample(chunk, sampler, progress).samples for chunk in batched(seeds, batch_size)]
+        chunks = [pl_module.sample(chunk, sampler, progress,
+                                   None if labels is None else torch.as_tensor(labels[i:i + batch_size])).samples
+                  for i, chunk in zip(range(0, len(seeds), batch_size), batched(seeds, batch_size))]
     finally:
         pl_module.train(was_training)
     if not chunks:
@@ -36,14 +41,22 @@ def draw(pl_module: L.LightningModule, seeds: Sequence[int], sampler: Sampler | 
     return torch.cat(chunks)
 
 
+def balanced_labels(seeds: Sequence[int], num_classes: int) -> list[int]:
+    """Class-balanced labels: seed mod num_classes, the same on any number of processes."""
+    return [int(s) % num_classes for s in seeds]
+
+
 def draw_all(trainer: L.Trainer, pl_module: L.LightningModule, seeds: Sequence[int], sampler: Sampler | None,
-             batch_size: int, desc: str = "samples") -> Tensor:
+             batch_size: int, desc: str = "samples", labels: Sequence[int] | None = None) -> Tensor:
     """Samples for every seed, in order, on every rank: each rank draws a contiguous share, then all gather."""
     world, rank = trainer.world_size, trainer.global_rank
     share = math.ceil(len(seeds) / world)
     padded = list(seeds) + [seeds[-1] + 1 + i for i in range(share * world - len(seeds))]
+    if labels is not None:
+        labels = list(labels) + [labels[-1]] * (len(padded) - len(seeds))
+        labels = labels[rank * share:(rank + 1) * share]
     with pl_module.sampling_progress(desc, share, sampler) as progress:
-        local = draw(pl_module, padded[rank * share:(rank + 1) * share], sampler, batch_size, progress)
+        local = draw(pl_module, padded[rank * share:(rank + 1) * share], sampler, batch_size, progress, labels)
     if world == 1:
         return local
     gathered = trainer.strategy.all_gather(local)  # (world, share, ...)
@@ -95,6 +108,16 @@ class SampleGrid(L.Callback):
     def seeds(self) -> list[int]:
         return list(range(self.first_seed, self.first_seed + self.num_samples))
 
+    def layout(self, pl_module: L.LightningModule) -> tuple[list[int], list[int] | None, int]:
+        """Seeds, labels and images per row: a class-conditional model's grid has one row per class (about
+        num_samples / num_classes images each)."""
+        if not pl_module.labelled:
+            return self.seeds, None, self.nrow
+        k = pl_module.label_space.num_classes
+        per_row = max(1, round(self.num_samples / k))
+        seeds = list(range(self.first_seed, self.first_seed + k * per_row))
+        return seeds, [i // per_row for i in range(len(seeds))], per_row
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if fast_dev_run(trainer):
             return
@@ -122,10 +145,11 @@ class SampleGrid(L.Callback):
         from torchvision.utils import make_grid
 
         step = self._last_step = trainer.global_step
-        samples = draw_all(trainer, pl_module, self.seeds, self.sampler, self.batch_size,
-                           f"sample grid at step {step}")  # with the model's weights to sample with (its EMA)
+        seeds, labels, nrow = self.layout(pl_module)
+        samples = draw_all(trainer, pl_module, seeds, self.sampler, self.batch_size,
+                           f"sample grid at step {step}", labels)  # with the model's weights to sample with (its EMA)
         images = pl_module.data_space.to_uint8(samples).cpu()
-        grid = make_grid(images, nrow=self.nrow, padding=1)
+        grid = make_grid(images, nrow=nrow, padding=1)
         run_dir = trainer.log_dir or trainer.default_root_dir  # a collective: every rank asks
         if trainer.is_global_zero:
             self._write(trainer, Path(run_dir) / "samples", grid, step)

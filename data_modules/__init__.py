@@ -6,6 +6,10 @@
 - ``CachedImageDataModule``: the same for small datasets, decoded once to a uint8 tensor and augmented on the device.
 - ``DigitsDataModule``: the quickstart's embedded digits, upsampled on tensors.
 - ``Toy2DDataModule``: the embedded 2-D toy densities (``TOY_DENSITIES``), batches (B, 2).
+
+Labelled data (the digits; an image folder with one subfolder per class; a table's ClassLabel ``label``/``labels``
+column or its ``label_column``) declare their classes in ``data_space`` and give batches ``(x, y)``, y the (B,)
+int64 class labels; predict's seeds then come as ``(seeds, labels)`` (``class_label``: one class for all).
 """
 from lit_score.data import presets
 from lit_score.data.base import ScoreDataModule

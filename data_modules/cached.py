@@ -6,6 +6,10 @@ batch (CIFAR-10: 150 MB). The training DataLoader then yields only indices; ``on
 images on the device and flips, dequantises and scales them there, so no worker process decodes images during
 training. Each image's flip and dequantisation noise are Philox draws keyed by (seed, image index, epoch), so they
 do not depend on the batch, the number of processes or a resume.
+
+Labelled data (see ``ImageDataModule``) are served as ``(x, y)``: the labels of the training split are kept beside
+the pixels (on the device, and in the cache file, which is decoded again when its labels are not those of the table,
+e.g. a cache written before the images were sorted into class folders).
 """
 from __future__ import annotations
 
@@ -76,7 +80,8 @@ class CachedImageDataModule(ImageDataModule):
     Args (beside ImageDataModule's):
         max_cache_gb: refuse to cache a training split larger than this (uint8 bytes); use ImageDataModule then.
         cache: keep the decoded tensor in ``$LIT_SCORE_CACHE/images`` for the next run.
-    Validation and test batches come from ImageDataModule's loaders, unchanged.
+    Validation and test batches come from ImageDataModule's loaders, unchanged. Training batches are the augmented
+    images, or ``(x, y)`` for labelled data.
     """
 
     def __init__(self, *args: Any, max_cache_gb: float = 4.0, cache: bool = True, **kwargs: Any) -> None:
@@ -86,14 +91,20 @@ class CachedImageDataModule(ImageDataModule):
                              "datasets larger than that: use ImageDataModule with streaming: true")
         self.max_cache_gb, self.cache = max_cache_gb, cache
         self.pixels: Tensor | None = None  # (N, C, H, W) uint8 on the host
+        self.train_labels: Tensor | None = None  # (N,) int64 on the host, for labelled data
         self._on_device: dict[str, Tensor] = {}
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
         if stage in (None, "fit") and self.pixels is None:
+            labels = self.train_set.labels
+            self.train_labels = None if labels is None else torch.from_numpy(labels)
             self.pixels = self._load_or_decode(self.train_set)
 
     def _load_or_decode(self, train_set: ArrowImages) -> Tensor:
+        """The training split as uint8 (N, C, H, W): from the cache file when it holds these images (their shape
+        and, for labelled data, the same labels), else decoded (and cached). A file holds the pixels alone
+        (unlabelled data, as files written before labels were read) or {"pixels", "labels"}."""
         n, c, s = len(train_set), self.num_channels, self.image_size
         gb = n * c * s * s / 1e9
         if gb > self.max_cache_gb:
@@ -101,9 +112,13 @@ class CachedImageDataModule(ImageDataModule):
                              "raise max_cache_gb or use lit_score.data.ImageDataModule")
         digest = hashlib.sha1(np.asarray(train_set.rows, dtype=np.int64).tobytes()).hexdigest()[:12]
         path = cache_dir() / f"{self.cache_key()}-train-{digest}.pt"
+        labels = None if train_set.labels is None else torch.from_numpy(train_set.labels)
         if self.cache and path.is_file():
-            pixels = torch.load(path, weights_only=True)
-            if pixels.shape == (n, c, s, s) and pixels.dtype == torch.uint8:
+            saved = torch.load(path, weights_only=True)
+            pixels, saved_labels = (saved.get("pixels"), saved.get("labels")) if isinstance(saved, dict) else \
+                (saved, None)
+            fits = isinstance(pixels, Tensor) and pixels.shape == (n, c, s, s) and pixels.dtype == torch.uint8
+            if fits and (labels is None or (isinstance(saved_labels, Tensor) and torch.equal(saved_labels, labels))):
                 return pixels
         decoded = ArrowImages(train_set.table, train_set.column, train_set.rows, self.transform(augment=False).pixels,
                               train_set.source)
@@ -112,7 +127,7 @@ class CachedImageDataModule(ImageDataModule):
         if self.cache:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            torch.save(pixels, tmp)
+            torch.save(pixels if labels is None else {"pixels": pixels, "labels": labels}, tmp)
             os.replace(tmp, path)
         return pixels
 
@@ -129,6 +144,13 @@ class CachedImageDataModule(ImageDataModule):
             self._on_device[key] = self.pixels.to(device)
         return self._on_device[key]
 
+    def labels_on(self, device: torch.device) -> Tensor:
+        """The int64 training labels on ``device``, moved there once."""
+        key = f"labels:{device}"
+        if key not in self._on_device:
+            self._on_device[key] = self.train_labels.to(device)
+        return self._on_device[key]
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = getattr(self, "_trainer", None)
         if not (isinstance(batch, Tensor) and batch.dtype == torch.long and batch.dim() == 1) or (
@@ -136,7 +158,9 @@ class CachedImageDataModule(ImageDataModule):
             return batch
         return self.serve(batch, trainer.current_epoch if trainer is not None else 0)
 
-    def serve(self, index: Tensor, epoch: int = 0) -> Tensor:
-        """The augmented training images of ``index`` (a batch of the training DataLoader) on its device."""
+    def serve(self, index: Tensor, epoch: int = 0) -> Tensor | tuple[Tensor, Tensor]:
+        """The augmented training images of ``index`` (a batch of the training DataLoader) on its device, with
+        their labels, ``(x, y)``, for labelled data."""
         pixels = self.pixels_on(index.device)[index]
-        return augment(pixels, index, epoch, self.seed, bool(self.plugin.random_flip), self.centered, self.dequantize)
+        x = augment(pixels, index, epoch, self.seed, bool(self.plugin.random_flip), self.centered, self.dequantize)
+        return x if self.train_labels is None else (x, self.labels_on(index.device)[index])

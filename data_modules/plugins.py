@@ -1,8 +1,8 @@
 """Dataset plugins: named ways to get a table of images, with the preprocessing they are trained with.
 
 A plugin is a :class:`DatasetPlugin`: a ``load(SourceOptions) -> datasets.Dataset | datasets.IterableDataset``
-function plus defaults (location, split, image column, resolution, crop, flip). ``ImageDataModule(dataset=...)``
-finds a plugin by name, in this order:
+function plus defaults (location, split, image column, label column, resolution, crop, flip).
+``ImageDataModule(dataset=...)`` finds a plugin by name, in this order:
 
 1. the ``DATASETS`` registry (built-in presets, ``huggingface``, ``digits``; ``@DATASETS.register`` adds more);
 2. the ``lit_score.datasets`` entry-point group of installed packages, e.g. in a plugin's pyproject.toml::
@@ -56,6 +56,9 @@ class DatasetPlugin:
 
     ``image_size`` / ``num_channels`` None: read from the first image. ``center_crop``: side of the central
     square cut before resizing. ``random_flip``: the training-time augmentation of the paper's setup.
+    ``label_column``: the column of class labels; None: a ``datasets.ClassLabel`` column named ``label`` or
+    ``labels`` when the table has one, else unlabelled. ``class_names``: the classes of a hub dataset, known before
+    it is downloaded (a model is built before the data are read).
     """
 
     load: Callable[[SourceOptions], Images]
@@ -63,6 +66,8 @@ class DatasetPlugin:
     config_name: str | None = None
     split: str = "train"
     image_column: str | None = None
+    label_column: str | None = None
+    class_names: tuple[str, ...] | None = None
     image_size: int | None = None
     num_channels: int | None = None
     center_crop: int | None = None
@@ -138,10 +143,25 @@ def _load_local(path: Path, options: SourceOptions) -> Images:
     if not has_images and not any(p.suffix.lower() in DATA_FILE_SUFFIXES for p in path.rglob("*")):
         raise MissingDataError(f"folder {path} contains no images (looked for {', '.join(IMAGE_SUFFIXES)})")
     builder = "imagefolder" if has_images else str(path)
-    kwargs = {"data_dir": str(path)} if has_images else {}
+    kwargs = {"data_dir": str(path), **_split_files(path, options.split)} if has_images else {}
     with quiet_progress_bars():  # datasets says "Downloading data" while it reads local files
         return datasets.load_dataset(builder, options.config_name, split=options.split, streaming=options.streaming,
                                      **kwargs)
+
+
+def _split_files(path: Path, split: str) -> dict:
+    """``data_files`` of an image folder's ``split`` alone (the patterns ``datasets`` finds for it, e.g. ``train/**``),
+    so that its class labels come from that split's files only: one subfolder per class (two or more, every image
+    at the same depth) gives a ``label`` ClassLabel of the sorted subfolder names, as torchvision's ``ImageFolder``;
+    a flat split has none. (Given the whole folder, ``datasets`` pools the folder names of every split, so that
+    flat ``train/`` and ``test/`` folders become the classes 'test' and 'train', set on the test images only.)"""
+    from datasets.data_files import get_data_patterns
+
+    try:
+        patterns = {str(k): v for k, v in get_data_patterns(str(path)).items()}
+    except Exception:  # noqa: BLE001 - datasets then reports the folder as it does without this
+        return {}
+    return {"data_files": {split: patterns[split]}} if split in patterns else {}
 
 
 @contextlib.contextmanager

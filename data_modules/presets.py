@@ -20,15 +20,18 @@ from lit_score.data.plugins import DATASETS, DatasetPlugin, load_huggingface
 
 
 def _preset(name: str, path: str, image_size: int, config_name: str | None = None,
-            center_crop: int | None = None, description: str = "") -> DatasetPlugin:
+            center_crop: int | None = None, description: str = "",
+            class_names: tuple[str, ...] | None = None) -> DatasetPlugin:
     plugin = DatasetPlugin(load=load_huggingface, path=path, config_name=config_name, split="train",
-                           image_size=image_size, num_channels=3,
+                           image_size=image_size, num_channels=3, class_names=class_names,
                            center_crop=center_crop, random_flip=True, description=description)
     return DATASETS.register(name)(plugin)
 
 
 CIFAR10 = _preset("cifar10", "uoft-cs/cifar10", 32, config_name="plain_text",
-                  description="CIFAR-10 train, 50k 32x32 RGB")
+                  description="CIFAR-10 train, 50k 32x32 RGB (its ClassLabel column `label`: 10 classes)",
+                  class_names=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                               "truck"))
 CELEBA64 = _preset("celeba64", "flwrlabs/celeba", 64, config_name="img_align+identity+attr",
                    center_crop=140, description="CelebA aligned 178x218, center crop 140, resized to 64")
 CELEBAHQ256 = _preset("celebahq256", "eurecom-ds/celeba-hq-256", 256, description="CelebA-HQ at 256x256")

@@ -20,13 +20,15 @@ class SeedsDataModule(ScoreDataModule):
         data_space: shape, range and quantisation of the samples (``lit_score.data_space.DataSpace`` as a dict).
         num_channels, image_size, centered: what the network was built with (the checkpoint's); by default those
             of ``data_space``.
-        num_samples, sample_batch_size, first_seed: as for every lit-score DataModule.
+        num_samples, sample_batch_size, first_seed, class_label: as for every lit-score DataModule; for a labelled
+            data space (num_classes > 0) the batches are ``(seeds, labels)``, labels ``class_label`` when given, else
+            drawn per seed with the data space's class frequencies.
     """
 
     def __init__(self, data_space: dict[str, Any], num_channels: int | None = None, image_size: int | None = None,
                  centered: bool | None = None, num_samples: int = 64, sample_batch_size: int = 64,
-                 first_seed: int = 0) -> None:
-        super().__init__(num_samples, sample_batch_size, first_seed)
+                 first_seed: int = 0, class_label: int | None = None) -> None:
+        super().__init__(num_samples, sample_batch_size, first_seed, class_label)
         try:
             self._space = DataSpace.from_dict(data_space)
         except (KeyError, TypeError, ValueError) as err:
@@ -36,6 +38,7 @@ class SeedsDataModule(ScoreDataModule):
         self.num_channels = num_channels if num_channels is not None else self._space.shape[0]
         self.image_size = image_size if image_size is not None else (self._space.shape[1] if image else 1)
         self.centered = centered if centered is not None or not image else self._space.centered
+        self.check_class_label()
 
     @property
     def data_space(self) -> DataSpace:

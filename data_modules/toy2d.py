@@ -28,8 +28,8 @@ class Toy2DDataModule(ScoreDataModule):
 
     def __init__(self, density: str = "two_gaussians", num_train: int = 20000, num_val: int = 2000,
                  batch_size: int = 512, seed: int = 0, num_samples: int = 1000, sample_batch_size: int = 1000,
-                 first_seed: int = 0) -> None:
-        super().__init__(num_samples, sample_batch_size, first_seed)
+                 first_seed: int = 0, class_label: int | None = None) -> None:
+        super().__init__(num_samples, sample_batch_size, first_seed, class_label)
         if density not in TOY_DENSITIES:
             raise DataError(f"density must be one of {', '.join(TOY_DENSITIES)}, got {density!r}")
         for name, value in (("num_train", num_train), ("num_val", num_val), ("batch_size", batch_size)):
@@ -38,6 +38,7 @@ class Toy2DDataModule(ScoreDataModule):
         self.mixture = TOY_DENSITIES[density]()
         self.density, self.num_train, self.num_val, self.batch_size, self.seed = (
             density, num_train, num_val, batch_size, seed)
+        self.check_class_label()  # unlabelled: a class_label is an error
 
     def setup(self, stage: str | None = None) -> None:
         data = self.mixture.sample(self.num_train + self.num_val, torch.Generator().manual_seed(self.seed))

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lit_score.rng import seeded_normal
+from lit_score.rng import LABEL_STREAM, seeded_normal
 
 UINT8_LEVELS = 256
 
@@ -44,11 +44,17 @@ class DataSpace:
         centered: values in [-1, 1] rather than [0, 1].
         num_levels: quantisation levels of the stored data (256 for 8-bit images); None for continuous data
             (no dequantisation, no uint8 images, bits/dim without an offset).
+        num_classes: classes of labelled data (0: unlabelled); labels are 0 .. num_classes - 1.
+        class_names: the name of each class (an image folder's subfolders, a ClassLabel's names).
+        class_counts: training images per class: the frequencies labels are drawn with when sampling.
     """
 
     shape: tuple[int, ...]
     centered: bool = False
     num_levels: int | None = UINT8_LEVELS
+    num_classes: int = 0
+    class_names: tuple[str, ...] | None = None
+    class_counts: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         shape = tuple(int(s) for s in self.shape)
@@ -58,6 +64,20 @@ class DataSpace:
             raise ValueError(f"num_levels must be >= 2, or None for continuous data; got {self.num_levels}")
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "centered", bool(self.centered))
+        n = int(self.num_classes)
+        if n < 0:
+            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+        object.__setattr__(self, "num_classes", n)
+        for name, kind in (("class_names", str), ("class_counts", int)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            value = tuple(kind(v) for v in value)
+            if len(value) != n:
+                raise ValueError(f"{name} must have one entry per class ({n}), got {len(value)}")
+            object.__setattr__(self, name, value)
+        if self.class_counts is not None and (min(self.class_counts, default=0) < 0 or n and not sum(self.class_counts)):
+            raise ValueError(f"class_counts must be >= 0 with a positive total, got {list(self.class_counts)}")
 
     @classmethod
     def image(cls, num_channels: int, image_size: int, centered: bool = False,
@@ -67,11 +87,48 @@ class DataSpace:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "DataSpace":
-        return cls(tuple(d["shape"]), bool(d["centered"]), d.get("num_levels", UINT8_LEVELS))
+        return cls(tuple(d["shape"]), bool(d["centered"]), d.get("num_levels", UINT8_LEVELS),
+                   int(d.get("num_classes", 0) or 0), d.get("class_names"), d.get("class_counts"))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain values, as hyperparameters, checkpoints and config.json hold them."""
-        return {"shape": list(self.shape), "centered": self.centered, "num_levels": self.num_levels}
+        """Plain values, as hyperparameters, checkpoints and config.json hold them (the class entries only for
+        labelled data, so an unlabelled data space reads as before)."""
+        d: dict[str, Any] = {"shape": list(self.shape), "centered": self.centered, "num_levels": self.num_levels}
+        if self.num_classes:
+            d["num_classes"] = self.num_classes
+            d["class_names"] = None if self.class_names is None else list(self.class_names)
+            d["class_counts"] = None if self.class_counts is None else list(self.class_counts)
+        return d
+
+    def unlabelled(self) -> "DataSpace":
+        """The same data without its classes."""
+        return DataSpace(self.shape, self.centered, self.num_levels)
+
+    def class_probabilities(self) -> Tensor:
+        """(num_classes,) float64: the training set's class frequencies, uniform when the counts are unknown."""
+        if not self.num_classes:
+            raise ValueError("the data are unlabelled (num_classes 0): they have no class frequencies")
+        counts = torch.ones(self.num_classes, dtype=torch.float64) if self.class_counts is None else \
+            torch.tensor(self.class_counts, dtype=torch.float64)
+        return counts / counts.sum()
+
+    def labels_for(self, seeds: Sequence[int] | Tensor, class_label: int | None = None,
+                   device: torch.device | str | None = None) -> Tensor:
+        """(B,) int64 class labels of the images drawn with ``seeds``: all ``class_label`` when given, else label i
+        drawn from seed i alone (its own stream) with the training set's class frequencies, so a seed's label is the
+        same on any number of processes and batch sizes."""
+        if not self.num_classes:
+            raise ValueError("the data are unlabelled (num_classes 0): a class-conditional model needs labelled "
+                             "data (see the README's conditional section)")
+        n = len(seeds)
+        if class_label is not None:
+            if not 0 <= int(class_label) < self.num_classes:
+                raise ValueError(f"class_label must be in 0..{self.num_classes - 1}, got {class_label}")
+            return torch.full((n,), int(class_label), dtype=torch.long, device=device)
+        z = seeded_normal(seeds, (1,), device=device, dtype=torch.float64, stream=LABEL_STREAM)[:, 0]
+        u = torch.special.ndtr(z)
+        edges = self.class_probabilities().to(u.device).cumsum(0)[:-1]
+        return torch.searchsorted(edges, u, right=True).long()
 
     @property
     def is_image(self) -> bool:

@@ -11,8 +11,8 @@ _MASK32 = 0xFFFFFFFF
 PHILOX_M = (0xD2511F53, 0xCD9E8D57)  # Philox4x32 round multipliers (Salmon et al. 2011, Table 2)
 PHILOX_W = (0x9E3779B9, 0xBB67AE85)  # Weyl key increments
 PHILOX_ROUNDS = 10
-NOISE_STREAM, PRIOR_STREAM, AUGMENT_STREAM = 0, 1, 2  # counter word 3: SeededNoise / seeded_normal, starting_noise,
-# lit_score.diffusion.augment
+# counter word 3: SeededNoise / seeded_normal, starting_noise, lit_score.diffusion.augment, DataSpace.labels_for
+NOISE_STREAM, PRIOR_STREAM, AUGMENT_STREAM, LABEL_STREAM = 0, 1, 2, 3
 
 
 def philox_round_keys(k0: Tensor, k1: Tensor, rounds: int = PHILOX_ROUNDS) -> Tensor:

@@ -156,7 +156,7 @@ def test_labels_the_network_cannot_take_are_refused_in_one_line():
     x, c = torch.randn(2, 1, 8, 8), torch.ones(2)
     with pytest.raises(ValueError, match="set model.net.init_args.augment_dim to 9"):
         net(x, c, {"augment": torch.zeros(2, 9)})
-    with pytest.raises(ValueError, match=r"cond keys \['augment'\], got \['class'\]"):
+    with pytest.raises(ValueError, match=r"cond keys \['augment', 'class_labels'\], got \['class'\]"):
         net(x, c, {"class": torch.zeros(2)})
     with pytest.raises(ValueError, match="set model.net.init_args.augment_dim to 9"):
         ScoreMLP(num_channels=2)(torch.randn(2, 2), c, {"augment": torch.zeros(2, 9)})

@@ -274,7 +274,8 @@ def test_dotted_path_plugin_and_registry(tmp_path):
     assert (datamodule.num_channels, datamodule.image_size) == (1, 16)
     assert get_plugin("digits") is DATASETS["digits"]
     datamodule.setup("fit")
-    assert next(iter(datamodule.train_dataloader())).shape == (16, 1, 16, 16)
+    x, y = next(iter(datamodule.train_dataloader()))  # the digits plugin's table is labelled
+    assert x.shape == (16, 1, 16, 16) and y.shape == (16,) and y.dtype == torch.int64
 
 
 @pytest.fixture(scope="session")

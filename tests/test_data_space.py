@@ -28,7 +28,9 @@ def test_uint8_levels_round_trip_in_both_ranges():
 
 
 def test_datamodules_declare_their_space():
-    assert DigitsDataModule(image_size=8, centered=True).data_space == DataSpace((1, 8, 8), True, 256)
+    digits = DigitsDataModule(image_size=8, centered=True).data_space
+    assert digits.unlabelled() == DataSpace((1, 8, 8), True, 256) and digits.num_classes == 10
+    assert DigitsDataModule(image_size=8, centered=True, labels=False).data_space == DataSpace((1, 8, 8), True, 256)
     toy = Toy2DDataModule(num_train=8, num_val=2, batch_size=4).data_space
     assert toy == DataSpace((2,), False, None) and not toy.is_image
     with pytest.raises(ValueError, match="not images"):

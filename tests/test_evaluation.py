@@ -330,7 +330,7 @@ def test_test_set_bits_per_dim_are_the_likelihood_of_the_first_test_images(setup
     assert any(b.startswith("samples for FID@32: 100%") and "images 32/32, NFE 5 per image" in b for b in bars)
     assert any(b.startswith("test-set bits/dim of 2 images: 100%") and "images 2/2, NFE" in b for b in bars)
     model, data = experiment.model, experiment.datamodule
-    x = torch.stack([data.test_dataloader().dataset[i] for i in range(2)])
+    x = torch.stack([data.test_dataloader().dataset[i][0] for i in range(2)])  # (image, label) pairs
     expected = torch.cat([likelihood.bits_per_dim(model.score_fn, model.sde, x[i:i + 1], [i], model.data_space)[0]
                           for i in (0, 1)])
     assert results["bpd"]["num_images"] == 2
@@ -478,7 +478,7 @@ def test_inception_evaluation_under_one_and_two_processes(setup, inception_weigh
     tmp, experiment, one = setup
     features = InceptionV3(str(inception_weights))
     experiment.datamodule.setup("fit")
-    images = torch.stack([experiment.datamodule.train_set[i] for i in range(12)])
+    images = torch.stack([experiment.datamodule.train_set[i][0] for i in range(12)])  # (image, label) pairs
     save_reference(tmp / "pool3.npz", torch.zeros(2048), torch.eye(2048), "score_sde",
                    features(experiment.model.data_space.to_uint8(images)))
     (tmp / "inception.yaml").write_text(INCEPTION_EVAL.format(weights=inception_weights, reference=tmp / "pool3.npz"))

@@ -39,8 +39,10 @@ TINY = {
             {"class_path": "lit_score.callbacks.EMA", "init_args": {"rate": 0.9}},
         ],
     },
-    # with EDM's augmentation (p 0.5), whose draws must resume exactly too
-    "model": {"warmup": 5, "net": {"init_args": {"nf": 8, "ch_mult": [1, 2], "attn_resolutions": [], "augment_dim": 9}},
+    # with EDM's augmentation (p 0.5), whose draws must resume exactly too, class-conditional on the digits' labels
+    # with label dropout (its draws too)
+    "model": {"warmup": 5, "net": {"init_args": {"nf": 8, "ch_mult": [1, 2], "attn_resolutions": [], "augment_dim": 9,
+                                                 "num_classes": 10, "label_dropout": 0.2}},
               "augment": {"class_path": "lit_score.diffusion.augment.AugmentPipe", "init_args": {"p": 0.5}}},
     "data": {"init_args": {"image_size": 8, "batch_size": 32, "val_fraction": 0.9}},
 }

@@ -232,6 +232,7 @@ def assert_requeued_and_resumed(cluster: SlurmCluster, job: str, run_dir: Path, 
 
 
 @needs_slurm
+@pytest.mark.slow  # ~45 s: two sbatch jobs (CI runs the slow suite too)
 def test_two_nodes_one_task_each_preempted_requeued_and_resumed(cluster, tmp_path, reference_job):
     """multi_node.sbatch on 2 nodes x 1 task: SIGUSR1 from SLURM during step 4, before the first periodic
     checkpoint -> last.ckpt at step 4, requeue, resume from it in the same run directory, and at max_steps the

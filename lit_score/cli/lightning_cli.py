@@ -74,6 +74,7 @@ class ScoreCLI(LightningCLI):
 
         set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
         kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("seed_everything_default", 0)  # the experiments' (base/trainer.yaml), without a YAML too
         kwargs["parser_kwargs"] = {"parser_mode": "omegaconf+", "exit_on_error": False, "allow_abbrev": False,
                                    **kwargs.get("parser_kwargs", {})}
         try:
@@ -240,8 +241,14 @@ class ScoreCLI(LightningCLI):
                 raise CheckpointError(f"the data do not fit the checkpoint's network: {'; '.join(problems)}. Set "
                                       f"{', '.join('--' + p.split(' is ')[0] for p in problems)} to the checkpoint's "
                                       "values, or leave the data out: predict samples from seeds")
-            seeds = {k: given[k] for k in ("num_samples", "sample_batch_size", "first_seed") if k in given}
+            seeds = {k: given[k] for k in ("num_samples", "sample_batch_size", "first_seed", "class_label")
+                     if k in given}
             self._set({"data": {"class_path": SEEDS, "init_args": {**source.seeds, **seeds}}})
+        data = section.get("data")
+        if subcommand == "predict" and isinstance(data, Namespace) and data.class_path == SEEDS:
+            classes = classifier_classes(model, (data.get("init_args") or Namespace()).get("data_space"))
+            if classes:
+                self._set({"data": {"class_path": SEEDS, "init_args": {**data.init_args.as_dict(), **classes}}})
         if subcommand and source is self._checkpoint and source.export:  # the Trainer reads files: weights go in later
             self._section(self.config)["ckpt_path"] = None
 
@@ -509,6 +516,20 @@ def used(paths: dict[str, Any]) -> dict[str, str]:
     if paths.get("ckpt_path"):
         local.pop("init_weights", None)
     return local
+
+
+def classifier_classes(model: dict[str, Any], space: dict[str, Any] | None) -> dict[str, Any]:
+    """For an unconditional model guided by a classifier, the seeds' data space with the classifier's classes (the
+    labels it guides towards); else nothing."""
+    guidance = model.get("guidance") or {}
+    path = (guidance.get("init_args") or {}).get("classifier")
+    if not str(guidance.get("class_path", "")).endswith("ClassifierGuidance") or not isinstance(path, str) or \
+            not isinstance(space, dict) or space.get("num_classes") or not Path(path).exists():
+        return {}
+    classes = (read_checkpoint(path).seeds or {}).get("data_space") or {}
+    if not classes.get("num_classes"):
+        return {}
+    return {"data_space": {**space, **{k: classes.get(k) for k in ("num_classes", "class_names", "class_counts")}}}
 
 
 def read_checkpoint(path: str | Path, option: str = "ckpt_path") -> CheckpointSource:

@@ -10,6 +10,7 @@ Samplers in the sigma view call D; the score-view samplers and the likelihood ca
 from __future__ import annotations
 
 import abc
+import copy
 from typing import Callable
 
 import torch
@@ -37,18 +38,38 @@ class Denoiser(abc.ABC):
         sigma, s = self.sde.sigma(t), self.sde.scale(t)
         return self.residual(x / bcast(s, x), sigma, cond) / bcast(s * sigma**2, x)
 
+    def rows(self, index: Tensor) -> "Denoiser":
+        """The denoiser of images ``index`` of the batch, for solvers that step some images only: per-image
+        conditioning bound to the batch (class labels) is sliced; a denoiser without any is itself."""
+        return self
+
+
+def score_rows(score_fn: Callable[..., Tensor], index: Tensor) -> Callable[..., Tensor]:
+    """``score_fn`` for images ``index`` of the batch: a denoiser's score of those rows (``Denoiser.rows``)."""
+    owner = getattr(score_fn, "__self__", None)
+    return owner.rows(index).score if isinstance(owner, Denoiser) else score_fn
+
 
 class Counted(Denoiser):
     """A denoiser that counts its evaluations (NFE), D and score alike, and calls ``on_call`` after each."""
 
     def __init__(self, inner: Denoiser, on_call: Callable[[], None] | None = None) -> None:
         self.inner, self.sde, self.on_call, self.nfe = inner, inner.sde, on_call, 0
+        self._root = self
 
     def _counted(self, out: Tensor) -> Tensor:
-        self.nfe += 1
+        self._root.nfe += 1
         if self.on_call is not None:
             self.on_call()
         return out
+
+    def rows(self, index):
+        inner = self.inner.rows(index)
+        if inner is self.inner:
+            return self
+        view = copy.copy(self)
+        view.inner = inner
+        return view
 
     def __call__(self, x_hat, sigma, cond=None):
         return self._counted(self.inner(x_hat, sigma, cond))
@@ -230,6 +251,11 @@ class NetworkDenoiser(Denoiser):
     def __init__(self, net: nn.Module, precond: Preconditioning, sde: SDE) -> None:
         precond.check(sde)
         self.net, self.precond, self.sde = net, precond, sde
+
+    @property
+    def num_classes(self) -> int:
+        """Classes the network is conditioned on (0: unconditional)."""
+        return int(getattr(self.net, "num_classes", 0) or 0)
 
     def _parts(self, x_hat: Tensor, sigma: Tensor, cond: Cond | None) -> tuple[Tensor, Tensor, Tensor]:
         """c_skip, c_out (broadcast to x_hat) and F(c_in x_hat; c_noise, cond)."""

@@ -16,6 +16,7 @@ from lit_score.data_space import DataSpace
 from lit_score.progress import Progress
 from lit_score.rng import seeded_normal
 from lit_score.sampling.ode import dopri5
+from lit_score.diffusion.denoiser import score_rows
 from lit_score.diffusion.sdes import SDE, ScoreFn
 
 Probe = Literal["rademacher", "gaussian", "exact"]
@@ -59,11 +60,10 @@ def log_likelihood(score_fn: ScoreFn, sde: SDE, x: Tensor, seeds: Sequence[int] 
             v = torch.eye(D, device=x.device).reshape(D, 1, *shape).expand(D, x.shape[0], *shape).transpose(0, 1)
         else:
             v = hutchinson_probes(seeds, shape, probe, x.device)[:, None]
-        rsde = sde.reverse(score_fn, probability_flow=True)
-
-        def field(t: Tensor, y: Tensor, v_rows: Tensor) -> Tensor:
+        def field(t: Tensor, y: Tensor, rows_cond: tuple[Tensor, Tensor]) -> Tensor:
+            v_rows, rows = rows_cond  # the probes and indices of the images dopri5 steps
             xt = y[:, :D].reshape(-1, *shape).detach().requires_grad_(True)
-            drift = rsde.sde(xt, t)[0]
+            drift = sde.reverse(score_rows(score_fn, rows), probability_flow=True).sde(xt, t)[0]
             div = torch.zeros(xt.shape[0], device=xt.device, dtype=xt.dtype)
             for j in range(v_rows.shape[1]):
                 (vjp,) = torch.autograd.grad((drift * v_rows[:, j]).sum(), xt, retain_graph=j + 1 < v_rows.shape[1])
@@ -71,7 +71,7 @@ def log_likelihood(score_fn: ScoreFn, sde: SDE, x: Tensor, seeds: Sequence[int] 
             return torch.cat([drift.detach().flatten(1), div.detach()[:, None]], 1)
 
         y0 = torch.cat([x.flatten(1), x.new_zeros(x.shape[0], 1)], 1)
-        sol = dopri5(field, y0, eps, sde.T, rtol, atol, cond=v)
+        sol = dopri5(field, y0, eps, sde.T, rtol, atol, cond=(v, torch.arange(x.shape[0], device=x.device)))
     z = sol.y[:, :D].reshape(x.shape)
     logp = sde.prior_logp(z) + sol.y[:, D]
     return LikelihoodResult(logp.detach(), z.detach(), int(sol.nfe.max()))

@@ -283,3 +283,57 @@ class ECTLoss(Loss):
     def __call__(self, D, x, generator=None, cond=None, step=0):
         return ect_loss(D, x, step, self.P_mean, self.P_std, self.q, self.k, self.b, self.stage_iters, self.c,
                         self.sigma_min, generator, cond)
+
+
+def classifier_logits(net: torch.nn.Module, precond: Preconditioning, sde: SDE, x_hat: Tensor, sigma: Tensor | float,
+                      cond: Cond | None = None) -> Tensor:
+    """(B, K) logits of the noise-conditional classifier ``net`` (e.g. ``lit_score.networks.NoiseClassifierNet``)
+    at x_hat in the sigma view: net(c_in(sigma) x_hat, c_noise(sigma)) with the model's preconditioning; sigma (B,)
+    or a scalar. Differentiable in x_hat, for classifier guidance's grad log p_sigma(y | x_hat). ``cond``: the
+    network's other conditioning (augmentation labels), never class labels."""
+    sigma = torch.as_tensor(sigma, device=x_hat.device, dtype=x_hat.dtype)
+    if sigma.ndim == 0:
+        sigma = sigma.expand(x_hat.shape[0])
+    _, _, c_in, c_noise = precond.coefficients(sigma, sde)
+    x_in = bcast(c_in, x_hat) * x_hat
+    return net(x_in, c_noise) if cond is None else net(x_in, c_noise, cond)
+
+
+class ClassifierLoss(Loss):
+    """Cross-entropy of a noise-conditional classifier p_sigma(y | x_hat) on noisy labelled data, for classifier
+    guidance (Song et al. 2021, appendix I; Dhariwal & Nichol 2021): t ~ U(eps, T) per sample as ``DSMLoss``, sigma =
+    sigma(t), x_hat = x + sigma n, logits from ``classifier_logits`` (the model's c_in and c_noise; c_skip and c_out
+    play no part). Needs labelled data: ``cond["class_labels"]`` (B,) in 0 .. K - 1 (``needs_labels``). Default
+    parametrisation ``EDMPrecond()`` (unit-variance input); any other works.
+
+    Args:
+        eps: smallest time sampled.
+    """
+
+    needs_labels = True
+
+    def __init__(self, eps: float = 1e-5) -> None:
+        if not 0 < eps < 1:
+            raise ValueError(f"eps (the smallest time sampled) must be in (0, 1), got {eps}")
+        self.eps = float(eps)
+
+    def default_precond(self, sde: SDE) -> Preconditioning:
+        return EDMPrecond()
+
+    def __call__(self, D, x, generator=None, cond=None, step=0):
+        labels = None if cond is None else cond.get("class_labels")
+        if labels is None:
+            raise ValueError("ClassifierLoss trains a classifier and needs labelled data: a DataModule whose batches "
+                             "are (images, labels), passed as cond['class_labels']")
+        t = _rand(x.shape[0], x, generator) * (D.sde.T - self.eps) + self.eps
+        n = _randn(x, generator)
+        sigma = D.sde.sigma(t)
+        rest = {k: v for k, v in cond.items() if k != "class_labels" and v is not None}
+        logits = classifier_logits(D.net, D.precond, D.sde, x + bcast(sigma, x) * n, sigma, rest or None)
+        if logits.ndim != 2 or tuple(labels.shape) != (x.shape[0],) or labels.dtype.is_floating_point:
+            raise ValueError(f"ClassifierLoss needs (B, K) logits and integer labels of shape ({x.shape[0]},), got "
+                             f"logits {tuple(logits.shape)} and labels {labels.dtype} {tuple(labels.shape)}")
+        if bool(((labels < 0) | (labels >= logits.shape[1])).any()):
+            raise ValueError(f"class labels must be in 0..{logits.shape[1] - 1} (the classifier's classes), got "
+                             f"{sorted(set(labels.tolist()))[:5]}")
+        return torch.nn.functional.cross_entropy(logits.float(), labels.to(logits.device, torch.long))

@@ -17,6 +17,11 @@ one. The training run's own files are never written. Each output is printed, one
 ``--evaluation.seed_sets 3`` evaluates three disjoint sets of ``num_samples`` seeds in the same command (EDM's
 protocol: its FID is the minimum over the three) and prints one line with each set's FID, their minimum and mean.
 
+``--evaluation.guidance_scales [1,2,3,5]`` evaluates a guided model (``--model.guidance ClassifierFreeGuidance``,
+``AutoGuidance`` or ``ClassifierGuidance``) once per guidance scale, each scale's shards in ``guidance_<w>/``, and
+prints one line per scale; ``results.json`` lists them under ``guidance_sweep`` and ``fid_vs_guidance.png`` plots FID
+against the scale.
+
 The model comes from the checkpoint as for ``lit-score`` (``--ckpt_path`` fixes the network, SDE, loss and
 preconditioning): from an export or a checkpoint alone (no experiment YAML) the samples come from seeds, and FID then
 needs ``--evaluation.reference FILE`` and ``--evaluation.bpd false`` (there are no training or test images).
@@ -36,7 +41,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lit_score.cli.config import expand_config_args
 from lit_score.distributed import close
 from lit_score.errors import ConfigurationError, run_reporting_errors
-from lit_score.evaluate.evaluator import Evaluator, seed_sets_summary
+from lit_score.evaluate.evaluator import Evaluator, guidance_sweep_summary, seed_sets_summary
 from lit_score.cli.lightning_cli import output_parent
 from lit_score.evaluate.experiment import ExperimentCLI
 from lit_score.callbacks.preemption import Interrupted, stop_at_boundaries
@@ -52,7 +57,15 @@ class EvaluateCLI(ExperimentCLI):
 
 
 EVAL_OUTPUTS = {"results.json": "the results", "protocol.json": "the protocol", "samples": "shards of samples",
-                "bpd": "shards of bits/dim", "tensorboard": "TensorBoard events (metrics)"}
+                "bpd": "shards of bits/dim", "tensorboard": "TensorBoard events (metrics)",
+                "fid_vs_guidance.png": "FID against the guidance scale"}
+
+
+def output_description(name: str) -> str:
+    """What an output of the out_dir holds."""
+    if name.startswith("guidance_"):
+        return f"shards of samples at guidance scale {name[len('guidance_'):]}"
+    return EVAL_OUTPUTS.get(name, name)
 
 
 def run(argv: Sequence[str] | None = None) -> dict:
@@ -93,8 +106,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
         line = seed_sets_summary(results)
         if line:
             print(f"lit-score-eval: {line}")
+        for line in guidance_sweep_summary(results):
+            print(f"lit-score-eval: {line}")
         for path in sorted(evaluator.out_dir.iterdir()):
-            print(f"lit-score-eval: {EVAL_OUTPUTS.get(path.name, path.name)}: {path}")
+            print(f"lit-score-eval: {output_description(path.name)}: {path}")
         if evaluator.export_reference is not None:
             print(f"lit-score-eval: the samples' statistics: {evaluator.export_reference}")
     close()

@@ -13,9 +13,16 @@ with the protocol spelled out: number of samples, seeds, sampler and its NFE, we
 With ``seed_sets`` K > 1 the metrics are computed for K disjoint sets of ``num_samples`` seeds, set k holding seeds
 ``first_seed + k * num_samples + i`` (its shards follow those of set k - 1 in the same folder), and reported per set
 with their minimum, mean and sample standard deviation: EDM's FID is the minimum over three sets of 50,000.
+
+With ``guidance_scales`` [w1, w2, ...] the sample metrics are computed once per guidance scale w, the model's guidance
+(a copy of ``model.guidance`` with ``scale = w``) drawing the same seeds; scale w's shards go to
+``<out_dir>/guidance_<w>/``, fingerprinted with the guidance's method, scale and interval. ``results.json`` lists each
+scale's metrics under ``guidance_sweep``; the top-level ones are those of the model's own scale if it is swept, else
+of the first (``guidance.top_level_scale`` says which); ``fid_vs_guidance.png`` plots FID against w.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -26,6 +33,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from lit_score.runtime.checkpoint_io import sha256, state_mismatch
@@ -34,6 +42,7 @@ from lit_score.distributed import barrier, broadcast, rank_and_world
 from lit_score.metrics.inception_score import InceptionScore, InceptionV3Logits
 from lit_score.metrics.reference_file import FORMATS, ReferenceFormat, load_reference, save_reference
 from lit_score.evaluate.shards import ShardStore
+from lit_score.diffusion.guidance import Guidance
 from lit_score.diffusion.likelihood import Likelihood
 from lit_score.data_space import DataSpace
 from lit_score.metrics.features import FeatureExtractor, InceptionV3, tensor_bytes
@@ -66,6 +75,53 @@ def seed_sets_summary(results: dict[str, Any]) -> str | None:
     each = ", ".join(f"{s['fid']:.4g} (seeds {s['seeds'][0]}..{s['seeds'][1]})" for s in sets)
     return (f"FID@{sample_count(results['n'])} over {len(sets)} seed sets: {each}; min {fid['min']:.4g} "
             f"(set {fid['argmin']}), mean {fid['mean']:.4g} +- {fid['sample_std']:.2g} (sample std)")
+
+
+def guidance_sweep_summary(results: dict[str, Any]) -> list[str]:
+    """One line per guidance scale of a sweep (FID, with each seed set's; IS, KID, NFE); empty without a sweep."""
+    if "guidance_sweep" not in results:
+        return []
+    n, method = sample_count(results["n"]), results["guidance"]["method"]
+    top = results["guidance"]["top_level_scale"]
+    lines = []
+    for entry in results["guidance_sweep"]:
+        line = f"guidance scale {entry['scale']:g} ({method}): FID@{n} {entry['fid']:.4g}"
+        if "seed_sets" in entry:
+            each = ", ".join(f"{s['fid']:.4g}" for s in entry["seed_sets"])
+            line += f" (min over {len(entry['seed_sets'])} seed sets: {each})"
+        if entry.get("inception_score") is not None:
+            line += f", IS {entry['inception_score']:.4g}"
+        if entry.get("kid_mean") is not None:
+            line += f", KID {entry['kid_mean']:.4g}"
+        line += f", NFE {entry['nfe']:g}" + (" (the top-level metrics)" if entry["scale"] == top else "")
+        lines.append(line)
+    return lines
+
+
+def guidance_record(guidance: Guidance) -> dict[str, Any]:
+    """The guidance's method, scale and interval, with its guide's or classifier's source (a path, or the class and
+    a hash of the weights of an object given in Python)."""
+    record = guidance.describe()
+    for name in ("guide", "classifier"):
+        source = getattr(guidance, name, None)
+        if source is None:
+            continue
+        if isinstance(source, (str, Path)):
+            record[name] = str(source)
+        elif isinstance(source, nn.Module):
+            digest = hashlib.sha256()
+            for k, v in source.state_dict().items():
+                digest.update(k.encode() + tensor_bytes(v))
+            record[name] = f"{type(source).__qualname__}-{digest.hexdigest()[:16]}"
+        else:
+            record[name] = type(source).__qualname__
+    return record
+
+
+def scale_folder(scale: float) -> str:
+    """The folder of a guidance scale's shards: ``guidance_2``, ``guidance_1.5`` (a name that gives the scale back)."""
+    short = f"{scale:g}"
+    return f"guidance_{short if float(short) == scale else repr(float(scale))}"
 
 
 def load_weights(model: ScoreModel, ckpt_path: str | Path, weights: Weights) -> dict[str, Any]:
@@ -139,6 +195,14 @@ class Evaluator:
         deterministic: cuDNN in deterministic mode without autotuning, so that a shard's numbers do not depend on
             the process that computed it.
         tensorboard: write the results as TensorBoard scalars and the protocol as text.
+        guidance_scales: evaluate the sample metrics (not bits/dim) once per guidance scale w of this list, with a
+            copy of the model's guidance at scale w (``--evaluation.guidance_scales [1,2,3,5]``); needs a model with
+            guidance (``--model.guidance ClassifierFreeGuidance``, ``AutoGuidance`` or ``ClassifierGuidance``).
+            Each scale's shards go to ``<out_dir>/guidance_<w>/`` (resumable; a sweep with more scales in the same
+            out_dir reuses the scales done), ``results.json`` gains ``guidance_sweep`` (each scale's metrics) and
+            ``guidance`` (method, interval, which scale the top-level metrics are: the model's own if swept, else the
+            first), TensorBoard ``eval/fid_vs_guidance@N`` (step = round(100 w)) and the out_dir
+            ``fid_vs_guidance.png``. With seed_sets K each scale's FID is its minimum over the K sets.
     """
 
     def __init__(self, out_dir: str | None = None, num_samples: int = 50000, first_seed: int = 0, seed_sets: int = 1,
@@ -150,7 +214,8 @@ class Evaluator:
                  reference_format: ReferenceFormat = "edm", cache_dir: str | None = None,
                  keep_samples: bool = True, bpd: bool = True, likelihood: Likelihood | None = None,
                  bpd_num_images: int | None = None, bpd_batch_size: int = 100, bpd_first_seed: int = 0,
-                 max_shards: int | None = None, deterministic: bool = True, tensorboard: bool = True) -> None:
+                 max_shards: int | None = None, deterministic: bool = True, tensorboard: bool = True,
+                 guidance_scales: list[float] | None = None) -> None:
         if num_samples < 2 or batch_size < 1 or shard_size < 1 or is_splits < 1 or bpd_batch_size < 1:
             raise ConfigurationError("Evaluator needs num_samples >= 2 and batch_size, shard_size, is_splits, bpd_batch_size "
                              f">= 1; got {num_samples}, {batch_size}, {shard_size}, {is_splits}, {bpd_batch_size}")
@@ -166,6 +231,11 @@ class Evaluator:
         if seed_sets > 1 and export_reference is not None:
             raise ConfigurationError(f"export_reference writes one sample set's statistics, but seed_sets={seed_sets}; "
                                      "export with seed_sets 1 and first_seed at that set's first seed")
+        if guidance_scales is not None:
+            guidance_scales = self._checked_scales(guidance_scales)
+            if export_reference is not None:
+                raise ConfigurationError(f"export_reference writes one sample set's statistics, but guidance_scales "
+                                         f"sweeps {len(guidance_scales)}; export without the sweep, at one scale")
         if reference_format not in FORMATS:
             raise ConfigurationError(f"reference_format must be one of {FORMATS}, got {reference_format!r}")
         if export_reference is not None and not str(export_reference).endswith(".npz"):
@@ -198,6 +268,36 @@ class Evaluator:
         self.likelihood = likelihood if likelihood is not None else Likelihood()
         self.bpd_num_images, self.bpd_batch_size, self.bpd_first_seed = bpd_num_images, bpd_batch_size, bpd_first_seed
         self.max_shards, self.deterministic, self.tensorboard = max_shards, deterministic, tensorboard
+        self.guidance_scales = guidance_scales
+
+    @staticmethod
+    def _checked_scales(scales: Any) -> list[float]:
+        if isinstance(scales, (str, bytes)) or not hasattr(scales, "__iter__"):
+            raise ConfigurationError(f"guidance_scales must be a list of numbers (e.g. [1, 2, 3, 5]), got {scales!r}")
+        scales = list(scales)
+        if not scales or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)
+                             for w in scales):
+            raise ConfigurationError(f"guidance_scales must be a non-empty list of finite numbers (e.g. [1, 2, 3, 5]), "
+                                     f"got {scales!r}")
+        scales = [float(w) for w in scales]
+        if len(set(scales)) != len(scales):
+            raise ConfigurationError(f"guidance_scales lists a scale twice: {scales}")
+        return scales
+
+    def _check_sweep(self, model: ScoreModel) -> None:
+        """One line when ``model`` has no guidance for ``guidance_scales`` to sweep."""
+        if self.guidance_scales is None:
+            return
+        fix = ("--model.guidance ClassifierFreeGuidance (a class-conditional network trained with label_dropout), "
+               "AutoGuidance or ClassifierGuidance")
+        if model.guidance is None:
+            raise ConfigurationError(f"evaluation.guidance_scales sweeps the model's guidance scale, but the model "
+                                     f"has no guidance: add {fix}")
+        if not model.labelled:
+            raise ConfigurationError(f"evaluation.guidance_scales sweeps the guidance of class-conditional sampling, "
+                                     f"but this model is unconditional and its {type(model.guidance).__name__} "
+                                     "is not applied: use a class-conditional network (model.net.init_args."
+                                     "num_classes) or --model.guidance ClassifierGuidance")
 
     # -- protocol -------------------------------------------------------------------------------------------------
     @property
@@ -233,6 +333,10 @@ class Evaluator:
             "classifier": self.classifier.identity if self.classifier is not None else None,
             "keep_samples": self.keep_samples,
         }
+        if model.guidance is not None:  # absent without guidance, as before guidance existed
+            samples["guidance"] = guidance_record(model.guidance)
+            if self.guidance_scales is not None:  # each scale's shards are fingerprinted with it (scale_samples)
+                samples["guidance"]["scale"] = "swept"
         metrics = {"n": self.num_samples, "feature_network": self.network_record(self.features),
                    "classifier": self.network_record(self.classifier) if self.classifier is not None else None,
                    "is_splits": self.is_splits if self.classifier is not None else None,
@@ -240,9 +344,19 @@ class Evaluator:
                            "features": self.kid_features, "seed": 2020} if self.kid else None}
         if self.seed_sets > 1:
             metrics["seed_sets"] = [self.set_seeds(k) for k in range(self.seed_sets)]
-        return {"samples": samples, "metrics": metrics, "checkpoint": checkpoint, "config": config,
-                "bpd": {**describe(self.likelihood)["init_args"], "num_images": self.bpd_num_images,
-                        "batch_size": self.bpd_batch_size, "first_seed": self.bpd_first_seed} if self.bpd else None}
+        if self.guidance_scales is not None:
+            metrics["guidance_scales"] = list(self.guidance_scales)
+        bpd = {**describe(self.likelihood)["init_args"], "num_images": self.bpd_num_images,
+               "batch_size": self.bpd_batch_size, "first_seed": self.bpd_first_seed} if self.bpd else None
+        if bpd is not None and model.guidance is not None:  # the model's own guidance
+            bpd["guidance"] = guidance_record(model.guidance)
+        return {"samples": samples, "metrics": metrics, "checkpoint": checkpoint, "config": config, "bpd": bpd}
+
+    @staticmethod
+    def scale_samples(samples: dict[str, Any], scale: float) -> dict[str, Any]:
+        """The ``samples`` part of the protocol of a sweep's scale ``scale``: what its shards are fingerprinted with
+        (that of an evaluation without a sweep, the model's guidance at that scale)."""
+        return {**samples, "guidance": {**samples["guidance"], "scale": scale}}
 
     @staticmethod
     def network_record(network: FeatureExtractor) -> dict[str, Any]:
@@ -298,6 +412,7 @@ class Evaluator:
         Without an ``out_dir``, the outputs go to a folder ``eval_<N>`` of ``out_root`` (see the class).
         """
         rank, world = rank_and_world()
+        self._check_sweep(model)
         if self.likelihood_arg is None:
             self.likelihood = getattr(model, "likelihood", None) or Likelihood()
         if self.deterministic:
@@ -326,31 +441,74 @@ class Evaluator:
         reference = self._reference(datamodule, model.data_space, device)
         protocol["reference"] = self._reference_record(reference)
         started = time.time()
-        store = ShardStore(self.out_dir / "samples", self.fingerprint(protocol["samples"]))
-        pending = broadcast(store.pending(self.num_shards) if rank == 0 else None)
+        stores = self._stores(protocol["samples"])
+        pending = broadcast([store.pending(self.num_shards) for _, store in stores] if rank == 0 else None)
         barrier()
         sampler = model.sampler_in_use(self.sampler)
-        mine = pending[rank::world][:self.max_shards]
+        work = [(j, index) for j, indices in enumerate(pending) for index in indices]  # every scale's, in order
+        mine = work[rank::world][:self.max_shards]
         label = f"samples for FID@{self.num_samples}" + (f" x {self.seed_sets} sets" if self.seed_sets > 1 else "")
-        with Progress(label, sum(len(self.shard_seeds(i)) for i in mine),
-                      planned_nfe(sampler, model.sde)) as progress:
-            for index in mine:
-                store.save(index, self._sample_shard(model, sampler, index, progress))
+        own = model.guidance
+        try:
+            for j, (scale, store) in enumerate(stores):
+                indices = [index for k, index in mine if k == j]
+                if scale is not None:
+                    if not indices:
+                        continue
+                    model.guidance = copy.copy(own)  # shallow: the guide or classifier is shared, loaded once
+                    model.guidance.scale = scale
+                with Progress(label + ("" if scale is None else f" at guidance scale {scale:g}"),
+                              sum(len(self.shard_seeds(i)) for i in indices),
+                              planned_nfe(sampler, model.sde)) as progress:
+                    for index in indices:
+                        store.save(index, self._sample_shard(model, sampler, index, progress))
+        finally:
+            model.guidance = own
         barrier()
-        left = broadcast(len(store.pending(self.num_shards)) if rank == 0 else None)
+        left = broadcast(sum(len(store.pending(self.num_shards)) for _, store in stores) if rank == 0 else None)
         if left:
-            return {"complete": False, "shards_left": left, "num_shards": self.num_shards}
-        results = self._sample_metrics(store, reference) if rank == 0 else None
+            return {"complete": False, "shards_left": left, "num_shards": self.num_shards * len(stores)}
+        if rank == 0:
+            results = self._sample_metrics(stores[0][1], reference) if self.guidance_scales is None else \
+                self._sweep_metrics(stores, reference, own)
+        else:
+            results = None
 
         if self.bpd:
             bpd = self._bits_per_dim(model, datamodule, device, rank, world, checkpoint["sha256"])
             if rank == 0:
                 results["bpd"] = bpd
         if rank == 0:
-            results["protocol"] = {**protocol, "world_size": world, "resumed_shards": self.num_shards - len(pending),
+            resumed = self.num_shards * len(stores) - sum(len(p) for p in pending)
+            results["protocol"] = {**protocol, "world_size": world, "resumed_shards": resumed,
                                    "seconds": round(time.time() - started, 1)}
             self._write(results, checkpoint["global_step"])
         return broadcast(results)
+
+    def _stores(self, samples: dict[str, Any]) -> list[tuple[float | None, ShardStore]]:
+        """Where the shards go: ``[(None, <out_dir>/samples)]``, or for a sweep each scale's folder."""
+        if self.guidance_scales is None:
+            return [(None, ShardStore(self.out_dir / "samples", self.fingerprint(samples)))]
+        return [(w, ShardStore(self.out_dir / scale_folder(w), self.fingerprint(self.scale_samples(samples, w))))
+                for w in self.guidance_scales]
+
+    def _sweep_metrics(self, stores: list[tuple[float | None, ShardStore]], reference: ReferenceStatistics,
+                       guidance: Guidance) -> dict[str, Any]:
+        """Each scale's sample metrics; at the top level those of the model's own scale if swept, else the first's."""
+        sweep = []
+        for scale, store in stores:
+            metrics = self._sample_metrics(store, reference)
+            sweep.append({"scale": scale, **{k: v for k, v in metrics.items() if k not in ("complete", "n")}})
+        scales = [entry["scale"] for entry in sweep]
+        own = guidance.scale in scales
+        top = sweep[scales.index(guidance.scale) if own else 0]
+        record = guidance_record(guidance)
+        summary = {"method": record.pop("method"), "interval": record.pop("interval"), **{
+            k: v for k, v in record.items() if k != "scale"}, "model_scale": guidance.scale, "scales": scales,
+            "top_level_scale": top["scale"], "top_level_is": "the model's guidance scale" if own else
+            "the first swept scale (the model's is not swept)"}
+        return {"complete": True, "n": self.num_samples, **{k: v for k, v in top.items() if k != "scale"},
+                "guidance": summary, "guidance_sweep": sweep}
 
     def _reference(self, datamodule: L.LightningDataModule, space: DataSpace,
                    device: torch.device | str) -> ReferenceStatistics:
@@ -377,7 +535,8 @@ class Evaluator:
         images, features, logits, nfe = [], [], [], []
         for start in range(0, len(seeds), self.batch_size):
             chunk = seeds[start:start + self.batch_size]
-            result = model.sample(chunk, sampler, progress)
+            labels = torch.tensor([s % model.label_space.num_classes for s in chunk]) if model.labelled else None
+            result = model.sample(chunk, sampler, progress, labels)  # class-balanced: seed mod num_classes
             x = model.data_space.to_uint8(result.samples)
             images.append(x.cpu())
             features.append(self.features(x).double().cpu())
@@ -462,7 +621,8 @@ class Evaluator:
         if total == 0:
             raise ValueError(f"{type(datamodule).__name__} has no test images for bits/dim")
         num_shards = math.ceil(total / self.bpd_batch_size)
-        store = ShardStore(self.out_dir / "bpd", self.fingerprint(self.protocol_bpd_part(total, checkpoint_sha256)))
+        store = ShardStore(self.out_dir / "bpd", self.fingerprint(self.protocol_bpd_part(total, checkpoint_sha256,
+                                                                                         model.guidance)))
         pending = broadcast(store.pending(num_shards) if rank == 0 else None)
         barrier()
         mine = pending[rank::world]
@@ -472,8 +632,12 @@ class Evaluator:
                 rows = list(range(index * self.bpd_batch_size, min((index + 1) * self.bpd_batch_size, total)))
                 batch = next(iter(DataLoader(Subset(dataset, rows), batch_size=len(rows))))
                 x = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device)
+                labels = batch[1].to(device) if model.num_classes and isinstance(batch, (list, tuple)) else None
+                if model.num_classes and labels is None:
+                    raise ValueError("a class-conditional model's bits/dim need labelled test images")
                 seeds = [self.bpd_first_seed + i for i in rows]
-                bpd, nfe = self.likelihood.bits_per_dim(model.score_fn, model.sde, x, seeds, model.data_space, progress)
+                score_fn = model.guided_denoiser(labels).score  # of p(x | y) for a conditional model
+                bpd, nfe = self.likelihood.bits_per_dim(score_fn, model.sde, x, seeds, model.data_space, progress)
                 store.save(index, {"rows": [rows[0], rows[-1]], "bpd": bpd.double().cpu(), "nfe": int(nfe)})
         barrier()
         if rank != 0:
@@ -483,15 +647,21 @@ class Evaluator:
         return {"mean": float(values.mean()), "sem": float(values.std() / math.sqrt(len(values)))
                 if len(values) > 1 else 0.0, "num_images": len(values), "max_nfe": nfe}
 
-    def protocol_bpd_part(self, total: int, checkpoint_sha256: str | None) -> dict[str, Any]:
-        return {"checkpoint_sha256": checkpoint_sha256, **describe(self.likelihood)["init_args"], "num_images": total,
+    def protocol_bpd_part(self, total: int, checkpoint_sha256: str | None,
+                          guidance: Guidance | None = None) -> dict[str, Any]:
+        part = {"checkpoint_sha256": checkpoint_sha256, **describe(self.likelihood)["init_args"], "num_images": total,
                 "batch_size": self.bpd_batch_size, "first_seed": self.bpd_first_seed, "weights": self.weights}
+        if guidance is not None:  # absent without guidance, so that earlier shards still fit
+            part["guidance"] = guidance_record(guidance)
+        return part
 
     def _write(self, results: dict[str, Any], step: int) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.out_dir / "results.json.tmp"
         tmp.write_text(json.dumps(results, indent=2))
         tmp.replace(self.out_dir / "results.json")
+        if "guidance_sweep" in results:
+            self._plot_sweep(results)
         if not self.tensorboard:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -515,6 +685,42 @@ class Evaluator:
                     writer.add_scalar(f"{tag}/set_{s['set']}", s[key], step)
                 for stat in ("min", "mean", "sample_std"):
                     writer.add_scalar(f"{tag}/{stat}", summary[stat], step)
+            for entry in results.get("guidance_sweep", []):  # TensorBoard's steps are whole numbers: 100 w
+                for key, metric in (("fid", "fid"), ("inception_score", "is"), ("kid_mean", "kid"), ("nfe", "nfe")):
+                    if entry.get(key) is not None:
+                        writer.add_scalar(f"eval/{metric}_vs_guidance@{sample_count(n)}", entry[key],
+                                          round(100 * entry["scale"]))
+            if "guidance_sweep" in results:
+                rows = "\n".join(f"| {e['scale']:g} | {e['fid']:.6g} | {e['nfe']:g} |"
+                                 for e in results["guidance_sweep"])
+                writer.add_text("eval/guidance_sweep", f"{results['guidance']['method']}, interval "
+                                f"{results['guidance']['interval']}; TensorBoard step = round(100 x scale)\n\n"
+                                f"| scale | FID@{sample_count(n)} | NFE |\n|---|---|---|\n{rows}", step)
             writer.add_text("eval/protocol", "```\n" + json.dumps(results["protocol"], indent=2) + "\n```", step)
         finally:
             writer.close()
+
+    def _plot_sweep(self, results: dict[str, Any]) -> None:
+        """``fid_vs_guidance.png``: FID against the guidance scale (each seed set's FID as dots), the model's own scale
+        marked."""
+        from matplotlib.figure import Figure  # Agg, without pyplot's global state
+
+        sweep, guidance = results["guidance_sweep"], results["guidance"]
+        order = sorted(range(len(sweep)), key=lambda i: sweep[i]["scale"])
+        scales = [sweep[i]["scale"] for i in order]
+        fig = Figure(figsize=(5, 3.5), dpi=100)
+        ax = fig.add_subplot()
+        label = f"FID@{sample_count(self.num_samples)}"
+        ax.plot(scales, [sweep[i]["fid"] for i in order], "o-",
+                label=label + (f" (min over {self.seed_sets} seed sets)" if self.seed_sets > 1 else ""))
+        if self.seed_sets > 1:
+            points = [(sweep[i]["scale"], s["fid"]) for i in order for s in sweep[i]["seed_sets"]]
+            ax.plot(*zip(*points), ".", color="gray", alpha=0.6, label="each seed set")
+        ax.axvline(guidance["model_scale"], color="gray", linestyle=":", label="the model's scale")
+        interval = "" if guidance["interval"] is None else f", interval {guidance['interval']}"
+        ax.set(xlabel="guidance scale w", ylabel=label, title=f"{guidance['method']}{interval}")
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        tmp = self.out_dir / "fid_vs_guidance.tmp.png"
+        fig.savefig(tmp)
+        tmp.replace(self.out_dir / "fid_vs_guidance.png")

@@ -63,6 +63,10 @@ def diffusers_problems(args: dict[str, Any]) -> list[str]:
     if args.get("augment_dim"):
         problems.append(f"augment_dim={args['augment_dim']}: UNet2DModel has no input for augmentation labels "
                         "(EDM's map_augment)")
+    if args.get("num_classes"):
+        problems.append(f"num_classes={args['num_classes']}: UNet2DModel adds its class embedding after the noise "
+                        "embedding's MLP, where EDM's map_label (ours) joins before it: no weights of UNet2DModel "
+                        "compute the same network")
     return problems
 
 

@@ -164,6 +164,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, weights: str =
         "net": net, "sde": hparams["sde"], "loss": hparams["loss"], "precond": hparams.get("precond"),
         "data": {k: init_args.get(k) for k in ("num_channels", "image_size", "centered")},
         "data_space": hparams.get("data_space"),  # shape, range, quantisation (None: an older checkpoint)
+        "guidance": hparams.get("guidance"),  # a class-conditional model's default guidance (None: unguided)
         "weights": weights, "ema": _ema_settings(checkpoint) if weights == "ema" else None,
         "global_step": int(checkpoint.get("global_step", 0)), "epoch": int(checkpoint.get("epoch", 0)),
         "experiment": _experiment(ckpt_path, run_config),
@@ -227,6 +228,10 @@ def model_card(config: dict[str, Any], name: str) -> str:
         ranges = "`x` is the sampler's output as it is, not clamped to any range."
         cli_out = "`samples.npz` (`samples`: float32, as `x`; `seeds`; `nfe`) and `samples.png`, a scatter plot"
     convert_line = f"\n{convert}" if convert else ""
+    space = config.get("data_space") or {}
+    if (net.get("init_args") or {}).get("num_classes") and _is_classifier(net):
+        return _classifier_card(config, name, net, sde, weights, ema_line, source, data_line, space)
+    classes = _classes_text(space, name, config.get("guidance"))
     return f"""---
 library_name: lit-score
 tags: [score-based, diffusion, sde]
@@ -238,7 +243,7 @@ A score-based generative model (Song et al. 2021) trained with lit-score {config
 {data_line}.
 `{WEIGHTS_NAME}` holds the {weights}{ema_line} at training step {config.get('global_step')}{source};
 `{CONFIG_NAME}` holds the network's, the SDE's and the loss's arguments and the data space (shape, range, levels).
-
+{classes}
 ## Sample
 
 From the folder that holds `{name}/`:
@@ -268,6 +273,45 @@ It writes {cli_out}. `--model.sampler EDMSampler --model.sampler.steps 18` picks
 ```python
 from huggingface_hub import upload_folder
 upload_folder(repo_id="USER/{name}", folder_path="{name}", repo_type="model")
+```
+"""
+
+
+def _is_classifier(net: dict[str, Any]) -> bool:
+    return str(net.get("class_path", "")).endswith("NoiseClassifierNet")
+
+
+def _classes_text(space: dict[str, Any], name: str, guidance: dict[str, Any] | None) -> str:
+    """The model card's paragraph on a class-conditional model's classes; empty for an unconditional one."""
+    if not space.get("num_classes"):
+        return ""
+    names = space.get("class_names") or [str(i) for i in range(space["num_classes"])]
+    listed = ", ".join(f"{i} `{n}`" for i, n in enumerate(names[:20])) + (", ..." if len(names) > 20 else "")
+    guided = (f" Its default guidance is `{guidance.get('class_path', '').rsplit('.', 1)[-1]}` "
+              f"{json.dumps(guidance.get('init_args') or {})}." if isinstance(guidance, dict) else "")
+    return f"""
+It is class-conditional, with {space['num_classes']} classes: {listed}. Image i is drawn with the label its seed
+draws from the training set's class frequencies, or with the class you give: `model.sample(seeds, class_label=3)`,
+`--data.init_args.class_label 3` on the command line; `samples.npz` then also holds `labels`.{guided}
+"""
+
+
+def _classifier_card(config: dict[str, Any], name: str, net: dict[str, Any], sde: dict[str, Any], weights: str,
+                     ema_line: str, source: str, data_line: str, space: dict[str, Any]) -> str:
+    return f"""---
+library_name: lit-score
+tags: [score-based, diffusion, classifier-guidance]
+---
+# {name}
+
+A noise-conditional classifier p_sigma(y | x) (Song et al. 2021, appendix I) trained with lit-score
+{config.get('lit_score_version')}: `{net['class_path']}` under `{sde['class_path']}`, {space.get('num_classes')} classes,
+{data_line}. `{WEIGHTS_NAME}` holds the {weights}{ema_line} at training step {config.get('global_step')}{source}.
+It draws no samples: it guides a model of the same data,
+
+```bash
+lit-score predict --ckpt_path MODEL --model.guidance ClassifierGuidance --model.guidance.classifier {name} \\
+  --model.guidance.scale 1 --data.init_args.class_label 3
 ```
 """
 

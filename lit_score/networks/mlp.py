@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .cond import Cond, augment_labels
+from .cond import ClassEmbedding, Cond, augment_labels, check_class_options, class_labels
 from .layers import GaussianFourierProjection, timestep_embedding
 
 
@@ -16,6 +16,8 @@ class ScoreMLP(nn.Module):
     layer's pre-activation.
     ``image_size`` and ``centered`` are ignored: vector data is used as given (they are accepted so every
     network takes the DataModule's ``num_channels``, ``image_size`` and ``centered``).
+    ``num_classes`` > 0 adds a class embedding (``cond["class_labels"]``) to the noise embedding, dropped to the
+    null class with probability ``label_dropout`` in training.
     """
 
     def __init__(
@@ -27,8 +29,11 @@ class ScoreMLP(nn.Module):
         fourier_scale: float = 16.0,
         embedding_type: str = "fourier",
         centered: bool = True,
+        num_classes: int = 0,
+        label_dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        check_class_options(num_classes, label_dropout)
         embedding_type = embedding_type.lower()
         if embedding_type not in ("fourier", "positional"):
             raise ValueError(f"embedding_type must be 'fourier' or 'positional', got {embedding_type!r}")
@@ -44,6 +49,8 @@ class ScoreMLP(nn.Module):
         self.temb_proj = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
         self.out = nn.Linear(hidden, num_channels)
         self.act = nn.SiLU()
+        self.num_classes = int(num_classes)
+        self.map_label = ClassEmbedding(num_classes, emb_dim, label_dropout) if num_classes else None
 
     @property
     def data_shape(self) -> tuple[int, ...]:
@@ -51,8 +58,10 @@ class ScoreMLP(nn.Module):
         return (self.num_channels,)
 
     def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None) -> Tensor:
-        """x (B, D), c_noise (B,) -> (B, D); takes no augmentation labels (``cond`` None or without them)."""
+        """x (B, D), c_noise (B,) -> (B, D); takes no augmentation labels; ``cond["class_labels"]`` (B,) when
+        class-conditional (-1: the null class)."""
         augment_labels(self, cond, x.shape[0])
+        labels = class_labels(self, cond, x.shape[0])
         if x.ndim != 2 or x.shape[1] != self.num_channels:
             raise ValueError(f"ScoreMLP expects input of shape (B, {self.num_channels}), got {tuple(x.shape)}")
         c_noise = torch.as_tensor(c_noise, device=x.device)
@@ -64,6 +73,8 @@ class ScoreMLP(nn.Module):
             emb = self.fourier(c_noise)
         else:
             emb = timestep_embedding(c_noise, self.emb_dim)
+        if labels is not None:
+            emb = emb + self.map_label(labels).to(emb.dtype)
         temb = self.act(self.temb(emb.to(self.inp.weight.dtype)))
         h = self.inp(x)
         for layer, proj in zip(self.layers, self.temb_proj, strict=True):

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .cond import Cond, augment_labels
+from .cond import ClassEmbedding, Cond, augment_labels, check_class_options, class_labels
 from .fir import Downsample, Upsample
 from .layers import (
     AttnBlockpp,
@@ -51,6 +51,32 @@ def _choice(name: str, value: str, allowed: Sequence[str]) -> str:
     return value
 
 
+def unet_resolutions(num_channels: int, image_size: int, nf: int, ch_mult: tuple[int, ...], num_res_blocks: int,
+                     attn_resolutions: tuple[int, ...]) -> list[int]:
+    """The resolutions of the U-Net's levels (image_size, image_size / 2, ...), or a one-line error naming the
+    option that does not fit."""
+    if num_channels < 1 or nf < 1 or num_res_blocks < 0 or not ch_mult or min(ch_mult) < 1:
+        raise ValueError(
+            f"need num_channels >= 1, nf >= 1, num_res_blocks >= 0 and a non-empty positive ch_mult; got "
+            f"num_channels={num_channels}, nf={nf}, num_res_blocks={num_res_blocks}, ch_mult={ch_mult}"
+        )
+    num_resolutions = len(ch_mult)
+    factor = 2 ** (num_resolutions - 1)
+    if image_size < factor or image_size % factor != 0:
+        raise ValueError(
+            f"image_size {image_size} must be divisible by 2**(len(ch_mult) - 1) = {factor} "
+            f"(ch_mult={ch_mult} halves the resolution {num_resolutions - 1} times)"
+        )
+    resolutions = [image_size // 2**i for i in range(num_resolutions)]
+    unknown = [r for r in attn_resolutions if r not in resolutions]
+    if unknown:
+        raise ValueError(
+            f"attn_resolutions {attn_resolutions} names resolution(s) {unknown} that never occur; "
+            f"the resolutions of this network are {resolutions}"
+        )
+    return resolutions
+
+
 class NCSNpp(nn.Module):
     """NCSN++ U-Net score network; defaults are the official NCSN++ cont. (VE) CIFAR-10 architecture.
 
@@ -61,6 +87,8 @@ class NCSNpp(nn.Module):
     official VE config (data.centered=False) it defaults to True: set it explicitly. ``augment_dim`` > 0 adds EDM's
     ``map_augment`` (a bias-free linear map of the augmentation labels ``cond["augment"]`` into the noise embedding;
     Karras et al. 2022, appendix B.4); without labels it computes what the network without it computes.
+    ``num_classes`` > 0 makes it class-conditional: EDM's ``map_label`` adds the labels ``cond["class_labels"]``
+    to the noise embedding, each dropped to the null class with probability ``label_dropout`` in training.
     """
 
     def __init__(
@@ -87,8 +115,13 @@ class NCSNpp(nn.Module):
         nonlinearity: str = "swish",
         centered: bool = True,
         augment_dim: int = 0,
+        num_classes: int = 0,
+        label_dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        check_class_options(num_classes, label_dropout)
+        if num_classes and not conditional:
+            raise ValueError("num_classes needs conditional=True (class labels join the noise embedding)")
         resblock_type = _choice("resblock_type", resblock_type, _RESBLOCKS)
         progressive = _choice("progressive", progressive, _PROGRESSIVE)
         progressive_input = _choice("progressive_input", progressive_input, _PROGRESSIVE_INPUT)
@@ -98,25 +131,8 @@ class NCSNpp(nn.Module):
         if augment_dim < 0 or (augment_dim and not conditional):
             raise ValueError(f"augment_dim must be >= 0 and needs conditional=True (augmentation labels join the noise "
                              f"embedding), got augment_dim={augment_dim}, conditional={conditional}")
-        if num_channels < 1 or nf < 1 or num_res_blocks < 0 or not ch_mult or min(ch_mult) < 1:
-            raise ValueError(
-                f"need num_channels >= 1, nf >= 1, num_res_blocks >= 0 and a non-empty positive ch_mult; got "
-                f"num_channels={num_channels}, nf={nf}, num_res_blocks={num_res_blocks}, ch_mult={ch_mult}"
-            )
-        num_resolutions = len(ch_mult)
-        factor = 2 ** (num_resolutions - 1)
-        if image_size < factor or image_size % factor != 0:
-            raise ValueError(
-                f"image_size {image_size} must be divisible by 2**(len(ch_mult) - 1) = {factor} "
-                f"(ch_mult={ch_mult} halves the resolution {num_resolutions - 1} times)"
-            )
-        resolutions = [image_size // 2**i for i in range(num_resolutions)]
-        unknown = [r for r in attn_resolutions if r not in resolutions]
-        if unknown:
-            raise ValueError(
-                f"attn_resolutions {attn_resolutions} names resolution(s) {unknown} that never occur; "
-                f"the resolutions of this network are {resolutions}"
-            )
+        resolutions = unet_resolutions(num_channels, image_size, nf, ch_mult, num_res_blocks, attn_resolutions)
+        num_resolutions = len(resolutions)
 
         self.num_channels, self.image_size, self.nf = num_channels, image_size, nf
         self.num_resolutions, self.num_res_blocks = num_resolutions, num_res_blocks
@@ -219,6 +235,8 @@ class NCSNpp(nn.Module):
         self.map_augment = nn.Linear(augment_dim, embed_dim, bias=False) if augment_dim else None
         if self.map_augment is not None:
             nn.init.xavier_uniform_(self.map_augment.weight)
+        self.num_classes = int(num_classes)
+        self.map_label = ClassEmbedding(num_classes, embed_dim, label_dropout) if num_classes else None
 
     # ------------------------------------------------------------------ forward
     def _check_inputs(self, x: Tensor, c_noise: Tensor) -> Tensor:
@@ -244,9 +262,11 @@ class NCSNpp(nn.Module):
 
     def forward(self, x: Tensor, c_noise: Tensor, cond: Cond | None = None) -> Tensor:
         """x (B, C, H, W), c_noise (B,) -> (B, C, H, W); ``cond``: {"augment": (B, augment_dim)} labels of a network
-        with ``augment_dim`` (absent or None: zero labels, the un-augmented images sampling draws)."""
+        with ``augment_dim`` (absent or None: zero labels, the un-augmented images sampling draws), and
+        {"class_labels": (B,)} of a class-conditional one (required; -1 is the null class)."""
         c_noise = self._check_inputs(x, c_noise)
         augment = augment_labels(self, cond, x.shape[0])
+        labels = class_labels(self, cond, x.shape[0])
         it = iter(self.all_modules)
         act = self.act
 
@@ -254,6 +274,8 @@ class NCSNpp(nn.Module):
             temb = next(it)(c_noise)
         else:
             temb = timestep_embedding(c_noise, self.nf)
+        if labels is not None:
+            temb = temb + self.map_label(labels).to(temb.dtype)
         if augment is not None:
             temb = temb + self.map_augment(augment.to(self.map_augment.weight.dtype))
         if self.conditional:
@@ -352,6 +374,8 @@ class DDPMpp(NCSNpp):
         nonlinearity: str = "swish",
         centered: bool = True,
         augment_dim: int = 0,
+        num_classes: int = 0,
+        label_dropout: float = 0.0,
     ) -> None:
         super().__init__(
             num_channels=num_channels, image_size=image_size, nf=nf, ch_mult=ch_mult,
@@ -361,5 +385,6 @@ class DDPMpp(NCSNpp):
             progressive_input=progressive_input, progressive_combine=progressive_combine,
             embedding_type=embedding_type, fourier_scale=fourier_scale, init_scale=init_scale,
             nonlinearity=nonlinearity, centered=centered, augment_dim=augment_dim,
+            num_classes=num_classes, label_dropout=label_dropout,
         )
 

@@ -32,12 +32,13 @@ class BitsPerDimRun:
         self.values: list[tuple[int, float, int]] = []  # (test-set index, bits/dim, NFE) of this process's images
         self.progress: Progress | None = None
 
-    def step(self, model: "ScoreModel", x: Tensor, batch_idx: int) -> None:
-        """The bits/dim of this process's test batch ``batch_idx``, images x."""
+    def step(self, model: "ScoreModel", x: Tensor, batch_idx: int, labels: Tensor | None = None) -> None:
+        """The bits/dim of this process's test batch ``batch_idx``, images x (of p(x | labels) when given)."""
         indices = self.indices(model.trainer, batch_idx, x.shape[0])
         if self.progress is None:
             self.progress = self.new_progress(model.trainer, x.shape[0])
-        bpd, nfe = model.likelihood.bits_per_dim(model.score_fn, model.sde, x, indices, model.data_space,
+        score_fn = model.guided_denoiser(labels).score
+        bpd, nfe = model.likelihood.bits_per_dim(score_fn, model.sde, x, indices, model.data_space,
                                                  self.progress)
         self.values += [(i, float(b), int(nfe)) for i, b in zip(indices, bpd.double().tolist())]
 

@@ -13,10 +13,13 @@ import torch
 from torch import Tensor, nn
 
 from lit_score.data_space import DataSpace
+from lit_score.errors import CheckpointError, ConfigurationError
 from lit_score.diffusion.augment import AugmentPipe
-from lit_score.diffusion.denoiser import Counted, NetworkDenoiser, Preconditioning
+from lit_score.diffusion.denoiser import Counted, Denoiser, NetworkDenoiser, Preconditioning
+from lit_score.diffusion.guidance import (AutoGuidance, ClassifierFreeGuidance, ClassifierGuidance, Conditioned, Guidance,
+                                         with_labels)
 from lit_score.diffusion.likelihood import Likelihood
-from lit_score.diffusion.losses import DSMLoss, Loss
+from lit_score.diffusion.losses import DSMLoss, Loss, classifier_logits
 from lit_score.progress import Progress, planned_nfe
 from lit_score.sampling.base import SampleResult, Sampler
 from lit_score.diffusion.sdes import SDE, ScoreFn
@@ -52,6 +55,11 @@ class ScoreModel(L.LightningModule):
             inferred from the network (its ``data_shape`` and ``centered``; 8-bit levels for images).
         augment: EDM's non-leaky augmentation of training batches (``lit_score.diffusion.augment.AugmentPipe``);
             its labels condition the network, which needs ``augment_dim`` equal to the pipeline's ``dim``.
+        guidance: how a class-conditional model is guided when sampling (``lit_score.diffusion.guidance``:
+            ``ClassifierFreeGuidance``, ``AutoGuidance``, ``ClassifierGuidance``); None: the conditional model as is.
+
+    A network with ``num_classes`` > 0 is class-conditional: it trains on the data's labels (the data space must
+    have as many classes) and samples image i with the label its seed draws (``DataSpace.labels_for``) unless given.
     """
 
     def __init__(self, net: nn.Module, sde: SDE, loss: Loss | None = None, precond: Preconditioning | None = None,
@@ -60,7 +68,7 @@ class ScoreModel(L.LightningModule):
                  warmup: int = 5000, channels_last: bool = False, compile: bool = False,
                  sampler: Sampler | None = None, likelihood: Likelihood | None = None,
                  data_space: DataSpace | dict | None = None, augment: AugmentPipe | None = None,
-                 optimizer: str = "adam") -> None:
+                 optimizer: str = "adam", guidance: Guidance | None = None) -> None:
         super().__init__()
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
@@ -87,10 +95,11 @@ class ScoreModel(L.LightningModule):
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
             self.save_hyperparameters(ignore=["data_space"])
         self.net, self.sde, self.sampler, self.loss, self.precond = net, sde, sampler, loss, precond
-        self.augment = augment
+        self.augment, self.guidance = augment, guidance
+        self._guides: dict[str, Any] = {}
         self.ema: nn.Module | None = None  # the EMA network, beside net (EDM); see sampling_net
         self.likelihood = likelihood or Likelihood()
-        self._data_space = data_space_from(data_space, net)
+        self._data_space = _classes_checked(data_space_from(data_space, net), net, loss, guidance)
         self.hparams["data_space"] = self._data_space and self._data_space.to_dict()  # plain: weights_only loads
         self._compiled = False
         self._test_bpd = BitsPerDimRun()
@@ -153,6 +162,25 @@ class ScoreModel(L.LightningModule):
             rank_zero_warn("the checkpoint holds no EMA weights; the EMA network starts from its trained weights")
             state.update({EMA + k[len(NET):]: v for k, v in list(state.items()) if k.startswith(NET)})
 
+    def setup(self, stage: str) -> None:
+        """Read the guide or classifier of ``guidance``; in fit, take the classes of the data, now read (their
+        counts, or a hub dataset's labels), into the data space the model carries, or stop in one line when a
+        conditional model's data have none."""
+        if stage == "predict" and getattr(self.net, "output", None) == "logits":
+            self.sample([])  # refused in one line before anything runs
+        for source in (getattr(self.guidance, "guide", None), getattr(self.guidance, "classifier", None)):
+            if isinstance(source, (str, Path)):  # read now: a missing or wrong file is named before sampling starts
+                self._check_guide(self._guide(source), source)
+        space = getattr(getattr(self.trainer, "datamodule", None), "data_space", None)
+        if stage != "fit" or not isinstance(space, DataSpace) or self._data_space is None:
+            return
+        if space.shape != self._data_space.shape:
+            return
+        checked = _classes_checked(space, self.net, self.loss, self.guidance, strict=True)
+        if checked != self._data_space:
+            self._data_space = checked
+            self.hparams["data_space"] = checked.to_dict()
+
     def on_fit_start(self) -> None:
         from lit_score.callbacks.ema import EMA as EMACallback
 
@@ -201,15 +229,105 @@ class ScoreModel(L.LightningModule):
 
         return sampler or self.sampler or default_sampler(self.sde)
 
+    @property
+    def num_classes(self) -> int:
+        """Classes the network is conditioned on (0: unconditional)."""
+        return int(getattr(self.net, "num_classes", 0) or 0)
+
+    @property
+    def labelled(self) -> bool:
+        """Whether sampling draws class labels: a conditional network, or classifier guidance."""
+        return bool(self.num_classes) or isinstance(self.guidance, ClassifierGuidance)
+
+    def sample_labels(self, seeds: Tensor | list[int], labels: Tensor | None = None,
+                      class_label: int | None = None) -> Tensor | None:
+        """The class labels of the images of ``seeds``: ``labels`` if given, else all ``class_label``, else each
+        seed's draw with the training set's class frequencies; None for an unconditional, unguided model."""
+        if not self.labelled:
+            return None
+        if labels is not None:
+            labels = torch.as_tensor(labels, device=self.device).long().reshape(-1)
+            if len(labels) != len(seeds):
+                raise ValueError(f"need one label per seed: {len(seeds)} seeds, {len(labels)} labels")
+            return labels
+        return self.label_space.labels_for(seeds, class_label, device=self.device)
+
+    @property
+    def label_space(self) -> DataSpace:
+        """The data space whose classes sampling draws: the model's, or for an unconditional model guided by a
+        classifier, the classifier's."""
+        space = self.data_space
+        if not space.num_classes and isinstance(self.guidance, ClassifierGuidance):
+            space = self._guide(self.guidance.classifier).data_space
+        return space
+
+    def guided_denoiser(self, labels: Tensor | None, net: nn.Module | None = None) -> Denoiser:
+        """The denoiser samplers use: D with ``labels`` bound, guided by ``guidance`` (its guide loaded once)."""
+        D = self.denoiser(net)
+        if labels is None and not isinstance(self.guidance, AutoGuidance):  # autoguidance guides any model
+            return D
+        if self.guidance is None:
+            return Conditioned(D, {"class_labels": labels})
+        if isinstance(self.guidance, AutoGuidance):
+            return self.guidance.guided(D, labels, guide=self._guide(self.guidance.guide).denoiser())
+        if isinstance(self.guidance, ClassifierGuidance):
+            classifier = self._guide(self.guidance.classifier)
+            return self.guidance.guided(D, labels, classifier=classifier.classifier_logits)
+        return self.guidance.guided(D, labels)
+
+    def _guide(self, source: Any) -> "ScoreModel":
+        """The guide model (AutoGuidance) or classifier (ClassifierGuidance) of a checkpoint or export folder, on
+        this model's device, read once."""
+        if isinstance(source, ScoreModel):
+            return source.to(self.device)
+        key = str(source)
+        if key not in self._guides:
+            with torch.inference_mode(False):  # normal tensors, which a classifier's gradient needs
+                self._guides[key] = load_model(key, what=f"the {type(self.guidance).__name__} guide").eval()
+        return self._guides[key].to(self.device)
+
+    def _check_guide(self, guide: "ScoreModel", source: Any) -> None:
+        """One line when the guide or classifier at ``source`` cannot guide this model."""
+        name = type(self.guidance).__name__
+        classifier = getattr(guide.net, "output", None) == "logits"
+        if isinstance(self.guidance, ClassifierGuidance) != classifier:
+            raise ConfigurationError(
+                f"{name}'s {'classifier' if not classifier else 'guide'} {source} is "
+                f"{'not a classifier: give a model trained with ClassifierLoss' if not classifier else 'a classifier: give a diffusion model of the same data'}")
+        if guide.data_shape != self.data_shape:
+            raise ConfigurationError(f"{name}'s {source} takes data of shape {guide.data_shape}, this model "
+                                     f"{self.data_shape}: give one trained on the same data")
+        classes = guide.num_classes
+        if classes and self._data_space is not None and classes != self._data_space.num_classes:
+            raise ConfigurationError(f"{name}'s {source} has {classes} classes, this model's data "
+                                     f"{self._data_space.num_classes}: give one trained on the same data")
+
+    def classifier_logits(self, x_hat: Tensor, sigma: Tensor) -> Tensor:
+        """(B, K) logits of p_sigma(y | x_hat) of a classifier (a model trained with ClassifierLoss)."""
+        if getattr(self.net, "output", None) != "logits":
+            raise ConfigurationError(f"this model's network ({type(self.net).__name__}) is not a classifier: give "
+                                     "ClassifierGuidance a model trained with lit_score.diffusion.losses.ClassifierLoss")
+        return classifier_logits(self.sampling_net, self.precond, self.sde, x_hat, sigma)
+
     @torch.no_grad()
     def sample(self, seeds: Tensor | list[int], sampler: Sampler | None = None,
-               progress: Progress | None = None) -> SampleResult:
-        """One sample per seed with ``sampler`` (default: the model's), counted into ``progress`` if given."""
+               progress: Progress | None = None, labels: Tensor | None = None,
+               class_label: int | None = None) -> SampleResult:
+        """One sample per seed with ``sampler`` (default: the model's), counted into ``progress`` if given; a
+        conditional model draws class ``labels`` (default: ``sample_labels``), which the result carries."""
+        if getattr(self.net, "output", None) == "logits":
+            raise ConfigurationError("this model is a noise-conditional classifier: it draws no samples; use it as "
+                                     "--model.guidance ClassifierGuidance --model.guidance.classifier PATH")
         sampler = self.sampler_in_use(sampler)
-        D = self.denoiser() if progress is None else Counted(self.denoiser(), progress.counter(len(seeds)))
+        labels = self.sample_labels(seeds, labels, class_label)
+        guided = self.guided_denoiser(labels)
+        D = guided if progress is None else Counted(guided, progress.counter(len(seeds)))
         result = sampler.sample(D, self.sde, self.data_shape, seeds, self.device)
         if progress is not None:
             progress.batch_done(len(seeds), result.nfe)
+        result.labels = labels
+        if isinstance(guided, Conditioned):
+            result.network_evaluations = guided.evaluations
         return result
 
     def sampling_progress(self, desc: str, num_images: int, sampler: Sampler | None = None) -> Progress:
@@ -231,14 +349,22 @@ class ScoreModel(L.LightningModule):
             progress.close()
             self._predict_progress = None
 
-    def predict_step(self, batch: Tensor, batch_idx: int) -> dict:
-        result = self.sample(batch, progress=getattr(self, "_predict_progress", None))
-        return {"seeds": batch, "samples": result.samples, "nfe": result.nfe}
+    def predict_step(self, batch: Tensor | tuple[Tensor, Tensor], batch_idx: int) -> dict:
+        seeds, labels = batch if isinstance(batch, (list, tuple)) else (batch, None)
+        result = self.sample(seeds, progress=getattr(self, "_predict_progress", None), labels=labels)
+        out = {"seeds": seeds, "samples": result.samples, "nfe": result.nfe}
+        if result.labels is not None:
+            out["labels"] = result.labels
+        if result.network_evaluations is not None:
+            out["network_evaluations"] = result.network_evaluations
+        return out
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
         """Test-set bits/dim through the probability-flow ODE (``lit_score.runtime.bpd``): image i of the test set
-        is dequantised and probed with seed i; ``on_test_epoch_end`` logs their mean as test/bpd."""
-        self._test_bpd.step(self, self._prepare(batch), batch_idx)
+        is dequantised and probed with seed i; ``on_test_epoch_end`` logs their mean as test/bpd (a conditional
+        model: of p(x | y), the image's own label)."""
+        x, labels = self._prepare(batch)
+        self._test_bpd.step(self, x, batch_idx, self._labels_for_net(labels))
 
     def on_test_epoch_start(self) -> None:
         self._test_bpd = BitsPerDimRun()
@@ -257,11 +383,24 @@ class ScoreModel(L.LightningModule):
             self.net.compile()
             self._compiled = True
 
-    def _prepare(self, batch: Tensor) -> Tensor:
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+    def _prepare(self, batch: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """The batch's images (channels-last if asked) and labels (None for unlabelled data)."""
+        x, labels = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (list, tuple)) else \
+            (batch, None)
         if self.hparams.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return x, labels
+
+    def _labels_for_net(self, labels: Tensor | None) -> Tensor | None:
+        """The labels a training or validation batch conditions on: the data's for a conditional network or a
+        loss that needs them (a classifier), None otherwise."""
+        if not (self.num_classes or getattr(self.loss, "needs_labels", False)):
+            return None
+        if labels is None:
+            raise ValueError("this model is class-conditional but the batch has no labels: use labelled data (a "
+                             "ClassLabel column, one subfolder per class, the digits) or set "
+                             "model.net.init_args.num_classes 0")
+        return labels.long()
 
     def compute_loss(self, x: Tensor, generator: torch.Generator | None = None, net: nn.Module | None = None,
                      cond: Cond | None = None) -> Tensor:
@@ -285,15 +424,18 @@ class ScoreModel(L.LightningModule):
         return x, {"augment": labels}
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        x, cond = self.augmented(self._prepare(batch), batch_idx)
-        loss = self.compute_loss(x, cond=cond)
+        x, labels = self._prepare(batch)
+        x, cond = self.augmented(x, batch_idx)
+        loss = self.compute_loss(x, cond=with_labels(cond, self._labels_for_net(labels)))
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         # Fixed noise per batch, so validation losses of different steps are comparable.
         generator = torch.Generator().manual_seed(batch_idx)
-        loss = self.compute_loss(self._prepare(batch), generator, net=self.sampling_net)  # the weights to sample with
+        x, labels = self._prepare(batch)
+        loss = self.compute_loss(x, generator, net=self.sampling_net,  # the weights to sample with
+                                 cond=with_labels(None, self._labels_for_net(labels)))
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
@@ -315,6 +457,47 @@ class ScoreModel(L.LightningModule):
                 "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "train/lr"}}
 
 
+def load_model(source: str | Path, what: str = "the model") -> ScoreModel:
+    """The ScoreModel of a checkpoint file or a ``lit-score export`` folder (sampling with its EMA weights)."""
+    path = Path(source)
+    if path.is_dir():
+        return ScoreModel.from_pretrained(str(path))
+    if not path.is_file():
+        raise CheckpointError(f"{what} {source} does not exist: give a checkpoint (.ckpt) or an export folder")
+    return ScoreModel.load_from_checkpoint(path)
+
+
+def _classes_checked(space: DataSpace | None, net: nn.Module, loss: Loss, guidance: Guidance | None,
+                     strict: bool = False) -> DataSpace | None:
+    """The data space as the model sees it: without classes for an unconditional model (which ignores labels),
+    or an error when the network's classes and the data's disagree; unlabelled data for a conditional model are
+    an error when ``strict`` (the data read), else left to ``setup`` (a hub dataset's classes are read there)."""
+    num_classes = int(getattr(net, "num_classes", 0) or 0)
+    uses_labels = num_classes or getattr(loss, "needs_labels", False) or isinstance(guidance, ClassifierGuidance)
+    if guidance is not None and not isinstance(guidance, (ClassifierGuidance, AutoGuidance)) and not num_classes:
+        raise ValueError(f"{type(guidance).__name__} needs a class-conditional network: set "
+                         "model.net.init_args.num_classes (and label_dropout for classifier-free guidance)")
+    if isinstance(guidance, ClassifierFreeGuidance) and not getattr(getattr(net, "map_label", None), "dropout", 1):
+        rank_zero_warn("classifier-free guidance of a network trained without label_dropout: its null class (the "
+                       "unconditional model the guidance needs) was never trained")
+    if space is None:
+        return None
+    if not uses_labels:
+        return space.unlabelled() if space.num_classes else space
+    if not space.num_classes:
+        if not strict:
+            return space
+        fix = ("" if getattr(loss, "needs_labels", False) or not num_classes else
+               " or set model.net.init_args.num_classes 0")
+        raise ValueError(f"a {'classifier' if getattr(loss, 'needs_labels', False) else 'class-conditional model'} "
+                         "needs labelled data, but the data have no classes: use data with labels (a ClassLabel "
+                         f"column, one subfolder per class, the digits){fix}")
+    if num_classes and num_classes != space.num_classes:
+        raise ValueError(f"the network takes {num_classes} classes but the data have {space.num_classes}: set "
+                         f"model.net.init_args.num_classes {space.num_classes}")
+    return space
+
+
 def data_space_from(data_space: DataSpace | dict | None, net: nn.Module) -> DataSpace | None:
     """The given data space, or for models saved before they carried one, the network's: its ``data_shape`` and
     ``centered`` for 8-bit images, continuous data for vectors; None for a network that says neither."""
@@ -324,12 +507,13 @@ def data_space_from(data_space: DataSpace | dict | None, net: nn.Module) -> Data
         space = DataSpace.from_dict(data_space)
     else:
         shape, centered = getattr(net, "data_shape", None), getattr(net, "centered", None)
+        classes = int(getattr(net, "num_classes", 0) or 0)  # a conditional network's, drawn uniformly
         if shape is not None and len(shape) != 3:  # vectors: continuous, their range is the data's own
-            space = DataSpace(tuple(shape), False, None)
+            space = DataSpace(tuple(shape), False, None, num_classes=classes)
         elif shape is None or not isinstance(centered, bool):
             return None
         else:
-            space = DataSpace(tuple(shape), centered)
+            space = DataSpace(tuple(shape), centered, num_classes=classes)
     if tuple(getattr(net, "data_shape", space.shape)) != space.shape:
         raise ValueError(f"the network takes samples of shape {tuple(net.data_shape)} but the data space is "
                          f"{space.shape}; set the data options (image_size, num_channels) to the network's")

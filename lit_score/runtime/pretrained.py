@@ -132,9 +132,10 @@ def model_options(folder: str | Path, config: dict[str, Any] | None = None) -> d
 
 def export_hyperparameters(folder: str | Path, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """What an export says of its model, as a checkpoint's hyper-parameters say it: the options it fixes
-    (:func:`model_options`), its ``data_space`` and, when recorded, its ``sampler`` and ``likelihood``."""
+    (:func:`model_options`), its ``data_space`` and, when recorded, its ``sampler``, ``likelihood`` and ``guidance``."""
     config = read_config(folder) if config is None else config
-    return {**model_options(folder, config), **{k: config.get(k) for k in ("data_space", "sampler", "likelihood")}}
+    return {**model_options(folder, config),
+            **{k: config.get(k) for k in ("data_space", "sampler", "likelihood", "guidance")}}
 
 
 # -- command line ---------------------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ class SampleResult:
     samples: Tensor  # (B, *shape)
     nfe: int  # network evaluations per image (the largest, where images differ)
     nfe_mean: float | None = None  # the mean over images, where images differ (adaptive solvers)
+    labels: Tensor | None = None  # (B,) class labels of a conditional model's images
+    network_evaluations: int | None = None  # network passes per image, guides included (guidance: up to 2 nfe)
 
 
 class Sampler(abc.ABC):

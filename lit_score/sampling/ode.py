@@ -71,13 +71,20 @@ def _step_factor(err_norm: Tensor, rejected: Tensor) -> Tensor:
     return torch.where(err_norm < 1.0, grow, factor.clamp(min=0.2))
 
 
+def _take(cond: Tensor | tuple[Tensor, ...], rows: Tensor) -> Tensor | tuple[Tensor, ...]:
+    return tuple(c[rows] for c in cond) if isinstance(cond, tuple) else cond[rows]
+
+
 def dopri5(f: VectorField, y0: Tensor, t0: float, t1: float, rtol: float = 1e-5, atol: float = 1e-5,
-           max_steps: int = 10_000, cond: Tensor | None = None, step_control: str = "image") -> ODESolution:
+           max_steps: int = 10_000, cond: Tensor | tuple[Tensor, ...] | None = None,
+           step_control: str = "image") -> ODESolution:
     """Integrate dy/dt = f(t, y) from t0 to t1 (either direction), a step size per row of y (B, n), or one for
     the whole batch with ``step_control="batch"``.
 
     The local error of each row (of the whole batch), measured as RMS(err / (atol + rtol max(|y|, |y_new|))), is
-    kept < 1, and the step updated, as scipy's RK45, so a row follows scipy's trajectory for that row alone. With ``cond`` (B, ...), f is called as f(t, y, cond[rows]) with the rows of the states it is given.
+    kept < 1, and the step updated, as scipy's RK45, so a row follows scipy's trajectory for that row alone. With
+    ``cond`` (B, ...) or a tuple of such, f is called as f(t, y, cond[rows]) (each one's rows) with the rows of the
+    states it is given.
     """
     if y0.dim() != 2:
         raise ValueError(f"dopri5 integrates a batch of flat states (B, n), got shape {tuple(y0.shape)}")
@@ -102,7 +109,7 @@ def dopri5(f: VectorField, y0: Tensor, t0: float, t1: float, rtol: float = 1e-5,
 
     if cond is not None:
         g, rows = f, torch.arange(B, device=y.device)
-        f = lambda t, y_: g(t, y_, cond[rows])  # noqa: E731
+        f = lambda t, y_: g(t, y_, _take(cond, rows))  # noqa: E731
     k1 = f(t_of(s), y)
     h = _initial_step(f, t_of(s), y, k1, direction, span, rtol, atol).clamp(max=span)
     nfe += 2
@@ -212,8 +219,12 @@ class ODESampler(Sampler):
                device: torch.device | str = "cpu", start_noise: Tensor | None = None) -> SampleResult:
         """From x_T = prior std * z, z the seeds' starting noise (or ``start_noise``), to eps."""
         x = sde.prior_from_noise(initial_noise(seeds, shape, device, start_noise))
-        sol = dopri5(probability_flow(D.score, sde, shape), x.flatten(1), sde.T, self.eps, self.rtol, self.atol,
-                     self.max_steps, step_control=self.step_control)
+
+        def field(t: Tensor, y: Tensor, rows: Tensor) -> Tensor:  # the images dopri5 steps
+            return probability_flow(D.rows(rows).score, sde, shape)(t, y)
+
+        sol = dopri5(field, x.flatten(1), sde.T, self.eps, self.rtol, self.atol, self.max_steps,
+                     cond=torch.arange(x.shape[0], device=x.device), step_control=self.step_control)
         x = sol.y.reshape(x.shape)
         nfe, nfe_mean = int(sol.nfe.max()), float(sol.nfe.double().mean())
         if self.denoise:
