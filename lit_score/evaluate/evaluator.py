@@ -42,6 +42,7 @@ from lit_score.distributed import barrier, broadcast, rank_and_world
 from lit_score.metrics.inception_score import InceptionScore, InceptionV3Logits
 from lit_score.metrics.reference_file import FORMATS, ReferenceFormat, load_reference, save_reference
 from lit_score.evaluate.shards import ShardStore
+from lit_score.callbacks.sampling import balanced_labels
 from lit_score.diffusion.guidance import Guidance
 from lit_score.diffusion.likelihood import Likelihood
 from lit_score.data_space import DataSpace
@@ -535,8 +536,8 @@ class Evaluator:
         images, features, logits, nfe = [], [], [], []
         for start in range(0, len(seeds), self.batch_size):
             chunk = seeds[start:start + self.batch_size]
-            labels = torch.tensor([s % model.label_space.num_classes for s in chunk]) if model.labelled else None
-            result = model.sample(chunk, sampler, progress, labels)  # class-balanced: seed mod num_classes
+            labels = torch.tensor(balanced_labels(chunk, model.label_space.num_classes)) if model.labelled else None
+            result = model.sample(chunk, sampler, progress, labels)
             x = model.data_space.to_uint8(result.samples)
             images.append(x.cpu())
             features.append(self.features(x).double().cpu())

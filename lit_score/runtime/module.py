@@ -166,8 +166,8 @@ class ScoreModel(L.LightningModule):
         """Read the guide or classifier of ``guidance``; in fit, take the classes of the data, now read (their
         counts, or a hub dataset's labels), into the data space the model carries, or stop in one line when a
         conditional model's data have none."""
-        if stage == "predict" and getattr(self.net, "output", None) == "logits":
-            self.sample([])  # refused in one line before anything runs
+        if stage == "predict":
+            self._refuse_if_classifier()  # before anything runs
         for source in (getattr(self.guidance, "guide", None), getattr(self.guidance, "classifier", None)):
             if isinstance(source, (str, Path)):  # read now: a missing or wrong file is named before sampling starts
                 self._check_guide(self._guide(source), source)
@@ -309,15 +309,18 @@ class ScoreModel(L.LightningModule):
                                      "ClassifierGuidance a model trained with lit_score.diffusion.losses.ClassifierLoss")
         return classifier_logits(self.sampling_net, self.precond, self.sde, x_hat, sigma)
 
+    def _refuse_if_classifier(self) -> None:
+        if getattr(self.net, "output", None) == "logits":
+            raise ConfigurationError("this model is a noise-conditional classifier: it draws no samples; use it as "
+                                     "--model.guidance ClassifierGuidance --model.guidance.classifier PATH")
+
     @torch.no_grad()
     def sample(self, seeds: Tensor | list[int], sampler: Sampler | None = None,
                progress: Progress | None = None, labels: Tensor | None = None,
                class_label: int | None = None) -> SampleResult:
         """One sample per seed with ``sampler`` (default: the model's), counted into ``progress`` if given; a
         conditional model draws class ``labels`` (default: ``sample_labels``), which the result carries."""
-        if getattr(self.net, "output", None) == "logits":
-            raise ConfigurationError("this model is a noise-conditional classifier: it draws no samples; use it as "
-                                     "--model.guidance ClassifierGuidance --model.guidance.classifier PATH")
+        self._refuse_if_classifier()
         sampler = self.sampler_in_use(sampler)
         labels = self.sample_labels(seeds, labels, class_label)
         guided = self.guided_denoiser(labels)
