@@ -14,7 +14,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-from lit_score.callbacks.preemption import tensorboard_purge_step
+from lit_score.callbacks.preemption import stop_check, tensorboard_purge_step
+from lit_score.progress import Interrupted
 from lit_score.callbacks.sampling import batched, continues_run, draw, due, fast_dev_run
 from lit_score.metrics.features import FeatureExtractor
 from lit_score.metrics.frechet import frechet_distance, metric_tag, ordered_statistics
@@ -82,7 +83,7 @@ class FID(L.Callback):
         self.features.to(pl_module.device)
         keep = self.kid_features if self.kid_subset_size is not None else 0
         self.reference = reference_statistics(trainer.datamodule, self.features, self.cache_dir, self.batch_size,
-                                              pl_module.device, keep, pl_module.data_space)
+                                              pl_module.device, keep, pl_module.data_space, stop_check(trainer))
         if trainer.is_global_zero:
             note = (f"{self.num_samples} samples, seeds {self.first_seed}..{self.first_seed + self.num_samples - 1}, "
                     f"EMA weights, against {self.reference.count} training images; key {self.reference.key}")
@@ -109,16 +110,25 @@ class FID(L.Callback):
         step = trainer.global_step
         if not continues_run(trainer):
             if self.at_start:
-                self.evaluate(trainer, pl_module)
+                self._evaluate_unless_stopped(trainer, pl_module)
         elif self._last_step == step and self.last_value is not None:  # evaluated before the checkpoint
             self._publish(trainer, self._metrics(), step, again=True)
         elif due(step, self.every_n_steps, -1):
-            self.evaluate(trainer, pl_module)
+            self._evaluate_unless_stopped(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if due(trainer.global_step, self.every_n_steps, self._last_step) and not fast_dev_run(trainer):
+            self._evaluate_unless_stopped(trainer, pl_module)
+
+    def _evaluate_unless_stopped(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """``evaluate``; a stop request leaves this step's FID to be evaluated after the resume (the Preemption
+        callback saves and stops the run)."""
+        previous = self._last_step
+        try:
             self.evaluate(trainer, pl_module)
+        except Interrupted:
+            self._last_step = previous
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
@@ -132,8 +142,10 @@ class FID(L.Callback):
         world, rank = trainer.world_size, trainer.global_rank
         mine = sum(len(c) for c in chunks[rank::world])  # chunk k is drawn by rank k % world
         progress = pl_module.sampling_progress(f"{self.tag} at step {step}", mine, self.sampler)
+        progress.interrupt = stop_check(trainer)  # a stop request ends the sampling after the step in progress
 
         def features_of(k: int) -> Tensor:
+            progress.check()
             return self.features(pl_module.data_space.to_uint8(
                 draw(pl_module, chunks[k], self.sampler, self.batch_size, progress)))
 

@@ -10,7 +10,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
@@ -23,9 +23,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
+from lit_score.errors import DataReadError, user_error
+from lit_score.progress import STOP_EXIT_CODES, Interrupted, exit_code
 from lit_score.runtime.checkpoint_io import AtomicCheckpointIO
-from lit_score.runtime.lightning_private import (open_event_writer, reopen_with_purge_step, replace_last_in_place,
-                                                 save_last_checkpoint, saved_at_this_step)
+from lit_score.runtime.lightning_private import (mark_validation_cut_short, open_event_writer,
+                                                 reopen_with_purge_step, replace_last_in_place, save_last_checkpoint,
+                                                 saved_at_this_step, validation_follows)
 
 
 def _signal(name: str) -> signal.Signals:
@@ -41,26 +44,6 @@ def slurm_job_id() -> str | None:
     if array_job and array_task:
         return f"{array_job}_{array_task}"
     return os.environ.get("SLURM_JOB_ID")
-
-
-def exit_code(signum: int) -> int:
-    """The shell's status of a process ended by ``signum`` (130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1)."""
-    return 128 + int(signum)
-
-
-STOP_EXIT_CODES = tuple(exit_code(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1))
-
-
-class Interrupted(SystemExit):
-    """Raised after a signal once the current unit of work (a batch, a shard) is finished; exits the program with
-    :func:`exit_code` of the signal."""
-
-    def __init__(self, signum: int, message: str) -> None:
-        super().__init__(exit_code(signum))
-        self.signum, self.message = signal.Signals(signum), message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 _requested: list[signal.Signals] = []
@@ -112,6 +95,13 @@ def tensorboard_purge_step(trainer: L.Trainer) -> int | None:
     return next((cb.purge_step for cb in trainer.callbacks if isinstance(cb, Preemption)), None)
 
 
+def stop_check(trainer: L.Trainer) -> Callable[[], None] | None:
+    """For long computations inside a fit (sampling, feature passes): a function to call between steps that raises
+    :class:`Interrupted` once this process has a stop request (the :class:`Preemption` callback's), or None
+    without that callback."""
+    return next((cb.check for cb in trainer.callbacks if isinstance(cb, Preemption)), None)
+
+
 def _continue_checkpoint_state(trainer: L.Trainer, callback: ModelCheckpoint, checkpoint: dict[str, Any]) -> None:
     """Give ``callback``'s saved state the directory it saves to now, so that Lightning restores it without its
     "dirpath has changed" warning: a run resumed in its own checkpoint folder, spelt another way (relative, then
@@ -151,6 +141,11 @@ class Preemption(L.Callback):
     ``requeue_signal``, inside a SLURM job, rank 0 requeues the job with ``scontrol requeue``. The handler only
     records the signal; every rank learns at each step boundary whether any rank received one, so all stop at
     the same step. A second Ctrl-C aborts at once (the previous checkpoint stays).
+
+    A stop request is also acted on inside the long parts of a fit: the FID and sample-grid callbacks' sampling
+    (after the sampler step in progress, through :func:`stop_check`) and the FID reference statistics (after the
+    batch in progress) end early and leave their evaluation to the resumed run; a validation stops before its
+    next batch, saving ``last.ckpt`` at the step it follows, and runs again, whole, after the resume.
 
     Also: checkpoints are written atomically (:class:`lit_score.runtime.checkpoint_io.AtomicCheckpointIO`), ``last.ckpt``
     is replaced in place (the ModelCheckpoint's version counter is off, so no ``last-v1.ckpt``), a resumed run's
@@ -212,6 +207,11 @@ class Preemption(L.Callback):
                 self._previous.setdefault(sig, signal.getsignal(sig))
                 signal.signal(sig, self._handler)
 
+    def check(self) -> None:
+        """Raises :class:`Interrupted` if this process has received one of the signals (see :func:`stop_check`)."""
+        if self.received is not None and os.getpid() == self._pid:
+            raise Interrupted(self.received, f"stopped by {self.received.name}")
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.received, self.stopped_by, self.checkpoint_path, self._requeue_pending = None, None, None, False
         self.purge_step = None
@@ -235,6 +235,8 @@ class Preemption(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start_step = trainer.global_step
         self._install()
+        # A signal during the start (reference statistics, a resumed run's FID): nothing new to save.
+        self._stop_before_step(trainer, pl_module, "the start of training")
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._install()
@@ -244,6 +246,45 @@ class Preemption(L.Callback):
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._install()
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        if trainer.state.fn != "fit":
+            return
+        if trainer.sanity_checking:
+            self._stop_before_step(trainer, pl_module, "the sanity check")
+            return
+        code = self._stop_code(trainer, pl_module)
+        if code == 0:
+            return
+        # Saved as from inside the validation step: Lightning's state of a validation cut short, which the resumed
+        # run repeats, whole, before its next training step.
+        self._stopping(code)
+        mark_validation_cut_short(trainer)
+        checkpoint = self._checkpoint_callback(trainer)
+        if checkpoint is not None and checkpoint.save_last:
+            save_last_checkpoint(checkpoint, trainer)
+            self.checkpoint_path = checkpoint.last_model_path
+        raise Interrupted(self.stopped_by, self._stopped_message(trainer, f"the validation after step "
+                                                                          f"{trainer.global_step}"))
+
+    def _stop_before_step(self, trainer: L.Trainer, pl_module: L.LightningModule, where: str) -> None:
+        code = self._stop_code(trainer, pl_module)
+        if code:
+            self._stopping(code)
+            raise Interrupted(self.stopped_by, self._stopped_message(trainer, where))
+
+    def _stopping(self, code: int) -> None:
+        self.stopped_by = signal.Signals(code % 64)
+        self._requeue_pending = code >= 64 and self.requeue
+
+    def _stopped_message(self, trainer: L.Trainer, where: str) -> str:
+        """``stopped by SIG during WHERE; CKPT is at step K: resume with ...``, what the command line prints."""
+        assert self.stopped_by is not None
+        path = self.checkpoint_path or trainer.ckpt_path
+        at = f"; {path} is at step {trainer.global_step}" if path else "; no checkpoint was written yet"
+        resume = f": resume with `lit-score fit --resume {trainer.log_dir}`" if path and trainer.log_dir else ""
+        return f"stopped by {self.stopped_by.name} during {where}{at}{resume}"
 
     @staticmethod
     def _checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint | None:
@@ -317,8 +358,9 @@ class Preemption(L.Callback):
             if self._last_step(trainer):
                 self._save_last(trainer, pl_module, outputs, batch, batch_idx)
             return
-        self.stopped_by = signal.Signals(code % 64)
-        self._requeue_pending = code >= 64 and self.requeue
+        if validation_follows(trainer):
+            return  # stopped at its first batch, saved as a validation cut short: the resumed run validates
+        self._stopping(code)
         if self.stopped_by == signal.SIGINT:
             rank_zero_info(f"Interrupted (Ctrl-C): saving a checkpoint at step {trainer.global_step} and stopping.")
         else:
@@ -360,6 +402,29 @@ class Preemption(L.Callback):
         if trainer.state.fn == "validate":
             self._stop_evaluation(trainer, pl_module, "validation", batch_idx)
 
+    def _save_after_data_error(self, trainer: L.Trainer, error: DataReadError) -> None:
+        """Data that cannot be read between two steps (a training or validation batch): ``last.ckpt`` at the last
+        completed step, named at the end of ``error``'s message. One process only: under DDP the other ranks are
+        inside the next step, and its checkpoint would wait for them (they stop as for a dead rank)."""
+        progress = trainer.fit_loop.epoch_loop.batch_progress.total
+        checkpoint = self._checkpoint_callback(trainer)
+        if (trainer.world_size > 1 or checkpoint is None or not checkpoint.save_last
+                or progress.ready != progress.completed):
+            return
+        if trainer.sanity_checking:
+            pass  # nothing new since the checkpoint this run started from
+        elif trainer.validating:
+            mark_validation_cut_short(trainer)  # the resumed run validates again
+            save_last_checkpoint(checkpoint, trainer)
+        elif trainer.global_step > self._start_step and not saved_at_this_step(checkpoint, trainer):
+            save_last_checkpoint(checkpoint, trainer)
+        path = checkpoint.last_model_path or trainer.ckpt_path
+        if path:
+            resume = f"`lit-score fit --resume {trainer.log_dir}`" if trainer.log_dir else f"--ckpt_path {path}"
+            note = (f"; {path} is at step {trainer.global_step}, the last completed step: repair or remove the file, "
+                    f"then resume with {resume}")
+            error.args = (f"{error.args[0] if error.args else error}{note}", *error.args[1:])
+
     def _restore_handlers(self) -> None:
         if threading.current_thread() is threading.main_thread():
             for sig, previous in self._previous.items():
@@ -368,6 +433,19 @@ class Preemption(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()  # Lightning skips the teardown hooks after an exception
+        unreadable = user_error(exception)
+        if isinstance(unreadable, DataReadError) and trainer.state.fn == "fit" and (trainer.training
+                                                                                   or trainer.validating):
+            self._save_after_data_error(trainer, unreadable)
+        if isinstance(exception, Interrupted) and trainer.state.fn == "fit":
+            if self.stopped_by is None:  # raised by a check (stop_check) before training started: the reference pass
+                self._stopping(_encode(exception.signum, exception.signum in self.requeue_signals))
+                exception.message = self._stopped_message(trainer, "the start of the fit")
+            if exception.signum != signal.SIGINT:
+                rank_zero_info(f"Pre-emption signal: {exception}")
+            if self._requeue_pending and trainer.is_global_zero:
+                self._requeue()
+            self._requeue_pending = False
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore_handlers()

@@ -10,8 +10,8 @@ import torch
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger
 from torch import Tensor
 
-from lit_score.callbacks.preemption import tensorboard_purge_step
-from lit_score.progress import Progress
+from lit_score.callbacks.preemption import stop_check, tensorboard_purge_step
+from lit_score.progress import Interrupted, Progress, gather_stops
 from lit_score.sampling.base import Sampler
 
 
@@ -48,15 +48,24 @@ def balanced_labels(seeds: Sequence[int], num_classes: int) -> list[int]:
 
 def draw_all(trainer: L.Trainer, pl_module: L.LightningModule, seeds: Sequence[int], sampler: Sampler | None,
              batch_size: int, desc: str = "samples", labels: Sequence[int] | None = None) -> Tensor:
-    """Samples for every seed, in order, on every rank: each rank draws a contiguous share, then all gather."""
+    """Samples for every seed, in order, on every rank: each rank draws a contiguous share, then all gather. A stop
+    request (the Preemption callback's) ends the drawing after the sampler step in progress, with
+    ``Interrupted`` on every rank."""
     world, rank = trainer.world_size, trainer.global_rank
     share = math.ceil(len(seeds) / world)
     padded = list(seeds) + [seeds[-1] + 1 + i for i in range(share * world - len(seeds))]
     if labels is not None:
         labels = list(labels) + [labels[-1]] * (len(padded) - len(seeds))
         labels = labels[rank * share:(rank + 1) * share]
+    local, stopped = None, None
     with pl_module.sampling_progress(desc, share, sampler) as progress:
-        local = draw(pl_module, padded[rank * share:(rank + 1) * share], sampler, batch_size, progress, labels)
+        progress.interrupt = stop_check(trainer)
+        try:
+            progress.check()
+            local = draw(pl_module, padded[rank * share:(rank + 1) * share], sampler, batch_size, progress, labels)
+        except Interrupted as stop:
+            stopped = stop
+    gather_stops(None, stopped)
     if world == 1:
         return local
     gathered = trainer.strategy.all_gather(local)  # (world, share, ...)
@@ -124,7 +133,7 @@ class SampleGrid(L.Callback):
         step = trainer.global_step
         if not continues_run(trainer):
             if self.at_start:
-                self.log_grid(trainer, pl_module)
+                self._log_grid_unless_stopped(trainer, pl_module)
             return
         if not due(step, self.every_n_steps, -1):
             return
@@ -133,12 +142,21 @@ class SampleGrid(L.Callback):
             self._last_step = step
             self._log_again(trainer, path, step)
         else:
-            self.log_grid(trainer, pl_module)
+            self._log_grid_unless_stopped(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if due(trainer.global_step, self.every_n_steps, self._last_step) and not fast_dev_run(trainer):
+            self._log_grid_unless_stopped(trainer, pl_module)
+
+    def _log_grid_unless_stopped(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """``log_grid``; a stop request leaves the grid to be drawn after the resume (the Preemption callback
+        saves and stops the run)."""
+        previous = self._last_step
+        try:
             self.log_grid(trainer, pl_module)
+        except Interrupted:
+            self._last_step = previous
 
     def log_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Tensor:
         """Draw the grid (every rank), log and save it (rank 0); returns the uint8 grid (C, H, W)."""

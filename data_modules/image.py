@@ -62,7 +62,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from lit_score.errors import DataError
+from lit_score.errors import DataError, DataReadError
 from lit_score.data.base import Classes, ScoreDataModule, collate
 from lit_score.data.plugins import DatasetPlugin, Images, SourceOptions, get_plugin, load_huggingface, with_overrides
 from lit_score.data.transforms import ImageTransform, channels_of
@@ -70,7 +70,7 @@ from lit_score.distributed import rank_and_world
 from lit_score.callbacks.resume import ResumableDataLoader
 
 
-class ImageReadError(DataError):
+class ImageReadError(DataReadError):
     """An image that cannot be decoded or preprocessed."""
 
 

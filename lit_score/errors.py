@@ -25,6 +25,10 @@ class DataError(UserError, ValueError):
     """A data set, folder or image that cannot be served."""
 
 
+class DataReadError(DataError):
+    """A data file (an image) that cannot be read or decoded; the message names it."""
+
+
 class MissingDataError(DataError, FileNotFoundError):
     """A data folder or file that does not exist or holds no images."""
 

@@ -1,17 +1,21 @@
-"""Progress of long computations on stderr: images done / total, NFE per image and an ETA, drawn by rank 0 only.
+"""Progress of long computations on stderr: images done / total, NFE per image and an ETA, drawn by rank 0 only;
+and their interruption: a stop request (Ctrl-C, SIGTERM, SLURM's SIGUSR1) acted on inside one, which
+:class:`Interrupted` unwinds and every process of a distributed run learns of at the same collective
+(:func:`gather_stops`).
 
 Sampling progress is counted per score-network evaluation by wrapping the score function, so samplers need no
 hook and no host synchronisation is added (the count is a Python integer). ``TQDM_DISABLE=1`` silences it.
 """
 from __future__ import annotations
 
+import signal
 import sys
-from typing import IO, Callable
+from typing import IO, Any, Callable
 
 from torch import Tensor
 from tqdm import tqdm
 
-from lit_score.distributed import rank_and_world
+from lit_score.distributed import gather_to_all, rank_and_world
 
 BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar:20}| {status} [{elapsed}, ETA {remaining}]"
 
@@ -36,10 +40,14 @@ class Progress:
             ``planned_nfe``); progress then advances within a batch, one evaluation at a time.
         enabled: draw the bar (default: on rank 0 only).
         file: where (default: stderr).
+        interrupt: called after every network evaluation and every ``advance``; a stop request makes it raise
+            (``lit_score.interrupt.Interrupted``), which ends the computation there.
     """
 
     def __init__(self, desc: str, total: int, nfe_per_image: int | None = None, unit: str = "images",
-                 enabled: bool | None = None, file: IO[str] | None = None) -> None:
+                 enabled: bool | None = None, file: IO[str] | None = None,
+                 interrupt: Callable[[], None] | None = None) -> None:
+        self.interrupt = interrupt
         world = rank_and_world()[1]
         if enabled is None:
             enabled = rank_and_world()[0] == 0
@@ -72,11 +80,17 @@ class Progress:
             text += f", NFE {self.last_nfe} per image"
         self.bar.status = text
 
+    def check(self) -> None:
+        """Calls ``interrupt`` (before work that should not start after a stop request)."""
+        if self.interrupt is not None:
+            self.interrupt()
+
     def advance(self, n: int) -> None:
         """``n`` more items are done (for work that is not sampling)."""
         self.done += n
         self._show()
         self.bar.update(n)
+        self.check()
 
     def counter(self, batch: int) -> Callable[[], None]:
         """A function to call after each network evaluation of a batch of ``batch`` images, counting it into the
@@ -91,6 +105,7 @@ class Progress:
             self._in_batch += step
             self._show()
             self.bar.update(step)  # redraws at most every mininterval
+            self.check()
 
         return count
 
@@ -118,3 +133,36 @@ def planned_nfe(sampler: object, sde: object) -> int | None:
     """Score evaluations per image ``sampler`` will take under ``sde`` (None: adaptive, or not known in advance)."""
     planned = getattr(sampler, "planned_nfe", None)
     return planned(sde) if callable(planned) else None
+
+
+def exit_code(signum: int) -> int:
+    """The shell's status of a process ended by ``signum`` (130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1)."""
+    return 128 + int(signum)
+
+
+STOP_EXIT_CODES = tuple(exit_code(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1))
+
+
+class Interrupted(SystemExit):
+    """Raised after a signal once the current unit of work (a batch, a shard, a sampler step) is finished; exits
+    the program with :func:`exit_code` of the signal."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(exit_code(signum))
+        self.signum, self.message = signal.Signals(signum), message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def gather_stops(local: Any, stopped: Interrupted | None) -> list[Any]:
+    """Every rank's ``local``, in rank order (as ``gather_to_all``), unless some rank's work was ``stopped``:
+    then every rank raises that rank's :class:`Interrupted` (this rank's own first)."""
+    stop = None if stopped is None else (int(stopped.signum), stopped.message)
+    parts = gather_to_all((local, stop))
+    if stopped is not None:
+        raise stopped
+    for _, other in parts:
+        if other is not None:
+            raise Interrupted(*other)
+    return [part for part, _ in parts]

@@ -57,6 +57,7 @@ def test_bits_per_dim_are_the_same_for_one_and_two_processes_and_any_batch_size(
     np.testing.assert_allclose(runs["2 processes, rank 0"]["per_image"], reference, rtol=0, atol=5e-3)
 
 
+@pytest.mark.slow  # ~25 s with the fixture's 2 processes (make test-slow, in CI)
 def test_prediction_writer_gathers_uint8_images_to_rank_zero_only(two_processes, one_thread, tmp_path):
     """Each rank keeps uint8 images (a quarter of float32's bytes); rank 0 receives both ranks' shares, rank 1
     nothing; samples.npz holds every seed once, sorted, with the images of one process, which are those of the
@@ -80,6 +81,7 @@ def test_prediction_writer_gathers_uint8_images_to_rank_zero_only(two_processes,
             assert np.array_equal(e["samples"], b["samples"]) and not np.array_equal(n["samples"], b["samples"])
 
 
+@pytest.mark.slow  # shares the fixture's 2 processes (make test-slow, in CI)
 def test_image_folder_is_read_in_setup_not_at_construction(two_processes):
     """Construction (every rank, as the CLI builds the DataModule) streams only the first image for the shape;
     the folder's table is read once per rank in setup, and once more in prepare_data on rank 0 alone."""

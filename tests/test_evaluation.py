@@ -106,6 +106,7 @@ def run_cli(tmp: Path, out: str, *extra: str, devices: int = 1, wait: bool = Tru
     return proc
 
 
+@pytest.mark.slow  # ~25 s: 2 DDP processes (make test-slow, in CI)
 def test_two_ddp_processes_give_the_same_samples_and_numbers_as_one(setup):
     """`python -m lit_score.evaluate --trainer.devices 2` (two gloo processes) writes bit-identical shards and gives
     exactly the FID, KID and IS of one process; the work was split over both. Its reference statistics, computed

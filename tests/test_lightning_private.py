@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 
+import lightning as L
+from lightning.pytorch.loops.fit_loop import _FitLoop
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -15,7 +17,9 @@ from lit_score.runtime.lightning_private import CLI_CHECKPOINT_HPARAMS, without_
 def test_every_private_use_is_listed_with_an_existing_attribute(tmp_path):
     """Property: each name in ``private_uses()`` is an attribute of its Lightning class (or of a fresh instance),
     used by the function that lists it."""
-    instances = {ModelCheckpoint: ModelCheckpoint(dirpath=tmp_path), TensorBoardLogger: TensorBoardLogger(tmp_path)}
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    instances = {ModelCheckpoint: ModelCheckpoint(dirpath=tmp_path), TensorBoardLogger: TensorBoardLogger(tmp_path),
+                 _FitLoop: trainer.fit_loop}
     uses = lightning_private.private_uses()
     assert len(uses) >= 7, "lightning_private lists its private uses"
     for function, (owner, name) in uses.items():

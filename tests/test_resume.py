@@ -118,11 +118,11 @@ def last_checkpoint(tmp_path: Path, version: str) -> dict:
     return torch.load(tmp_path / "runs/tiny" / version / "checkpoints/last.ckpt", weights_only=True)
 
 
-def loss_curve(run_dir: Path) -> list[tuple[int, float]]:
-    """train/loss as TensorBoard shows it: every event file of the run, points after a restart purged."""
+def loss_curve(run_dir: Path, tag: str = "train/loss") -> list[tuple[int, float]]:
+    """``tag`` as TensorBoard shows it: every event file of the run, points after a restart purged."""
     events = EventAccumulator(str(run_dir))
     events.Reload()
-    return [(e.step, e.value) for e in events.Scalars("train/loss")]
+    return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
 def assert_equal_tree(actual, expected, where: str) -> None:
@@ -160,11 +160,11 @@ def assert_same_state(resumed: dict, reference: dict) -> None:
                       reference["loops"]["fit_loop"]["epoch_loop.state_dict"], "epoch_loop.state_dict")
 
 
-def assert_same_curve(run_dir: Path, reference_dir: Path) -> None:
-    curve, expected = loss_curve(run_dir), loss_curve(reference_dir)
+def assert_same_curve(run_dir: Path, reference_dir: Path, tag: str = "train/loss") -> None:
+    curve, expected = loss_curve(run_dir, tag), loss_curve(reference_dir, tag)
     steps = [s for s, _ in curve]
     assert all(a < b for a, b in zip(steps, steps[1:])), f"TensorBoard steps not strictly increasing: {steps}"
-    assert curve == expected
+    assert curve == expected, tag
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +193,7 @@ POSITIONS = {
     "before_first_checkpoint": ({"step": 2}, 3),
     "mid_epoch": ({"step": 6}, 7),
     "epoch_boundary": ({"step": 9}, 10),
-    "during_validation": ({"step": 8, "during": "validation"}, 9),
+    "during_validation": ({"step": 8, "during": "validation"}, 8),  # cut short, saved at its step, rerun on resume
 }
 KILLS = {  # kill -9 after step k: the restart resumes from the periodic checkpoint before it (or from scratch)
     "before_first_checkpoint": ({"step": 3}, None),
@@ -219,6 +219,7 @@ def signal_case(tmp_path: Path, reference: tuple[dict, Path], signum: str, posit
     assert resumed.global_step == MAX_STEPS
     assert_same_state(last_checkpoint(tmp_path, "run"), reference[0])
     assert_same_curve(tmp_path / "runs/tiny/run", reference[1])
+    assert_same_curve(tmp_path / "runs/tiny/run", reference[1], "val/loss")  # a validation cut short ran again
     assert sorted(p.name for p in (tmp_path / "runs/tiny/run/checkpoints").glob("last*")) == ["last.ckpt"]
 
 

@@ -7,7 +7,9 @@ refused before it is submitted.
 Without SLURM installed these tests are skipped, except under CI=true, where they fail."""
 from __future__ import annotations
 
+import json
 import os
+import random
 import re
 import signal
 import socket
@@ -24,6 +26,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lit_score.cli.allocation import allocation_errors
 from lit_score.cli.submit import PreflightError, build_submission, submit_main
+from lit_score.diffusion.denoiser import Counted
 from slurm_cluster import SlurmCluster, missing_binaries
 from test_resume import assert_equal_tree
 
@@ -380,3 +383,140 @@ def test_submit_dry_run_derives_the_allocation_from_the_config(tmp_path, capsys)
         assert part in command
     assert submit_main(["--dry-run", "--", "--config", str(config)]) == 2
     assert "trainer.devices is 'auto'" in capsys.readouterr().err
+
+
+# The soak: one job pre-empted at five moments drawn at random (seeded; the draw is printed), one per start.
+SOAK_STEPS = 20  # validation every 5 steps, FID every 4, checkpoints every 2
+
+
+def soak_plan(seed: int) -> list[tuple[str, int, int]]:
+    """(moment, optimizer step, network evaluation) for each start, at increasing steps: SIGUSR1 in a training
+    step, in the validation after a step, inside the FID's sampling, inside a checkpoint save, and at the start
+    of the following resume."""
+    rng = random.Random(seed)
+    train = rng.choice([1, 2, 3])  # the signal lands in step train + 1
+    validation = rng.choice([5, 10])
+    fid = rng.choice([s for s in (8, 12, 16) if s > validation])
+    save = rng.choice([s for s in range(2, SOAK_STEPS, 2) if s > fid])
+    return [("training", train, 0), ("validation", validation, 0), ("fid", fid, rng.randint(1, 150)),
+            ("save", save, 0), ("resume", 0, 0)]
+
+
+class PreemptMoments(L.Callback):
+    """Rank 0 has SLURM send SIGUSR1 to every task of the job (``scancel --signal=USR1``) at the next moment of
+    ``plan`` (a JSON list of ``soak_plan``'s triples), one moment per start (``<done>/<k>`` marks the k-th as
+    done), and waits until the signal has arrived, so that it lands in that moment whatever the load."""
+
+    def __init__(self, plan: str, done: str) -> None:
+        self.plan = [tuple(m) for m in json.loads(Path(plan).read_text())]
+        self.done = Path(done)
+
+    def _next(self, trainer) -> tuple[str, int, int] | None:
+        if not trainer.is_global_zero:
+            return None
+        k = len(list(self.done.glob("*")))
+        return self.plan[k] if k < len(self.plan) else None
+
+    def _preempt(self, trainer) -> None:
+        self.done.joinpath(str(len(list(self.done.glob("*"))))).write_text(f"step {trainer.global_step}")
+        subprocess.run(["scancel", "--signal=USR1", os.environ["SLURM_JOB_ID"]], check=True)
+        preemption = next(cb for cb in trainer.callbacks if type(cb).__name__ == "Preemption")
+        deadline = time.monotonic() + 60
+        while preemption.received is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._next(trainer) == ("resume", 0, 0) and trainer.global_step > 0:
+            self._preempt(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        moment = self._next(trainer)
+        if moment is not None and moment[0] == "training" and trainer.global_step == moment[1]:
+            self._preempt(trainer)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        moment = self._next(trainer)
+        if (moment is not None and moment[0] == "validation" and trainer.global_step == moment[1]
+                and not trainer.sanity_checking):
+            self._preempt(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        moment = self._next(trainer)
+        if moment is None or moment[0] != "fid" or trainer.global_step != moment[1]:
+            return
+        original, calls = pl_module.guided_denoiser, [0]
+
+        def count() -> None:
+            calls[0] += 1
+            if calls[0] == moment[2]:
+                self._preempt(trainer)
+
+        pl_module.guided_denoiser = lambda *args, **kwargs: Counted(original(*args, **kwargs), count)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        moment = self._next(trainer)
+        if moment is not None and moment[0] == "save" and trainer.global_step == moment[1]:
+            self._preempt(trainer)
+
+
+def soak_fid(tmp_path: Path) -> dict:
+    return {"class_path": "lit_score.callbacks.FID",
+            "init_args": {"features": {"class_path": "lit_score.metrics.RandomConvFeatures",
+                                       "init_args": {"num_features": 8}},
+                          "num_samples": 16, "every_n_steps": 4, "batch_size": 8, "cache_dir": str(tmp_path / "fid"),
+                          "sampler": {"class_path": "lit_score.sampling.EDMSampler", "init_args": {"steps": 100}}}}
+
+
+def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in ("train/loss", "val/loss", "val/fid@16")}
+
+
+@needs_slurm
+@pytest.mark.slow  # ~3 min: a 2-node job started six times, beside its uninterrupted twin
+def test_a_job_preempted_at_five_random_moments_ends_as_its_uninterrupted_twin(cluster, tmp_path):
+    """2 nodes x 1 task, with validation, FID (a slow sampler) and checkpoints: SLURM's SIGUSR1 in a training
+    step, in a validation, inside the FID's sampling, during a checkpoint save and right after a resume; every
+    start saves, requeues and resumes, and the sixth finishes bitwise equal to the uninterrupted twin (weights,
+    EMA, optimizer, every rank's random state, and the train/loss, val/loss and FID curves)."""
+    seed = int(os.environ.get("LIT_SCORE_SOAK_SEED", time.time_ns() % 10_000))
+    plan = soak_plan(seed)
+    print(f"soak seed {seed} (LIT_SCORE_SOAK_SEED={seed} repeats it): {plan}")
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    (tmp_path / "done").mkdir()
+    twin_dir, soak_dir = tmp_path / "twin", tmp_path / "soak"
+    twin_dir.mkdir(), soak_dir.mkdir()
+    fid = soak_fid(tmp_path)
+    twin_sub, twin = submit(twin_dir, write_config(twin_dir, SOAK_STEPS, [fid], every=2), 2, 1)
+    moments = {"class_path": "test_slurm_cluster.PreemptMoments",
+               "init_args": {"plan": str(tmp_path / "plan.json"), "done": str(tmp_path / "done")}}
+    soak_sub, soak = submit(soak_dir, write_config(soak_dir, SOAK_STEPS, [moments, fid], every=2), 2, 1,
+                            max_restarts=0)
+    assert cluster.wait_job(twin, ENDED, 900) == "COMPLETED", (twin_sub.run_dir(twin) / "slurm.out").read_text()[-4000:]
+    state = cluster.wait_job(soak, ENDED, 1500)
+    run_dir = soak_sub.run_dir(soak)
+    log = (run_dir / "slurm.out").read_text()
+    assert state == "COMPLETED", log[-6000:]
+    assert sorted(p.name for p in (tmp_path / "done").iterdir()) == ["0", "1", "2", "3", "4"], log[-6000:]
+    assert re.findall(r"job \d+ start (\d+)", log) == ["1", "2", "3", "4", "5", "6"], log[-6000:]
+    assert "crash restart" not in log, "every stop was a pre-emption, none a crash"
+    assert log.count("Pre-emption: requeued SLURM job") == 5, log[-6000:]
+    # where the starts stopped: after the step in progress, before the validation's first batch, after the step
+    # whose FID was cut short, at the boundary after the save, and before the first step
+    (_, train, _), (_, validation, _), (_, fid_step, _), (_, save, _), _ = plan
+    assert f"saving a checkpoint at step {train + 1} and stopping" in log, log[-6000:]
+    assert f"during the validation after step {validation}" in log, log[-6000:]
+    assert f"during the validation after step {fid_step}" in log or \
+        f"saving a checkpoint at step {fid_step} and stopping" in log, log[-6000:]
+    assert f"at step {save + 1} and stopping" in log or f"during the validation after step {save}" in log
+    assert "during the start of training" in log, log[-6000:]
+    twin_run = twin_sub.run_dir(twin)
+    final = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)
+    expected = torch.load(twin_run / "checkpoints/last.ckpt", weights_only=True)
+    assert final["global_step"] == expected["global_step"] == SOAK_STEPS
+    for name in ("state_dict", "optimizer_states", "lr_schedulers", "random_state"):
+        assert_equal_tree(final[name], expected[name], name)
+    for key in (k for k in expected["callbacks"] if k.startswith(("EMA", "FID"))):
+        assert_equal_tree(final["callbacks"][key], expected["callbacks"][key], key)
+    assert curves(run_dir) == curves(twin_run)

@@ -36,7 +36,7 @@ from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvir
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from omegaconf.errors import OmegaConfBaseException
 
 from lit_score.callbacks.dashboard import Dashboard
@@ -51,6 +51,8 @@ from lit_score.runtime.module import ScoreModel
 from lit_score.runtime.upgrade import sampling_state, upgrade_checkpoint, upgrade_model_config
 from lit_score.callbacks.prediction_writer import PredictionWriter
 from lit_score.callbacks.preemption import Preemption
+from lit_score.callbacks.dead_rank import DEFAULT_TIMEOUT, DeadRank, process_group_timeout
+from lit_score.progress import Interrupted
 from lit_score.callbacks.resume import RandomState, resume_args
 from lit_score.cli.threads import affinity_cpus
 
@@ -129,6 +131,8 @@ class ScoreCLI(LightningCLI):
         # Every fit can be pre-empted and resumed exactly: see lit_score.callbacks.preemption and lit_score.callbacks.resume.
         parser.add_lightning_class_args(RandomState, "random_state")
         parser.add_lightning_class_args(Preemption, "preemption")
+        # A dead rank ends every rank, within the process-group timeout it sets: see lit_score.callbacks.dead_rank.
+        parser.add_lightning_class_args(DeadRank, "dead_rank")
         # TensorBoard's custom-scalars layout and HParams tab: see lit_score.callbacks.dashboard.
         parser.add_lightning_class_args(Dashboard, "dashboard")
 
@@ -270,13 +274,16 @@ class ScoreCLI(LightningCLI):
             load_network_weights(self.model, self._initial, "--init_weights")
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        """LightningCLI's, with lit-score's plugins (SLURM requeueing by the Preemption callback only) and, for
+        """LightningCLI's, with lit-score's plugins (SLURM requeueing by the Preemption callback only), the
+        process-group timeout of ``--dead_rank.timeout`` for a strategy given by name and, for
         predict, test and validate, the output folder (see the module's docstring) instead of the run folder."""
         config = self._section(self.config_init).get("trainer") or {}
         kwargs.setdefault("plugins", without_slurm_auto_requeue(config.get("plugins")))
         if self.subcommand in RUN_OUTPUTS:
             kwargs = {**self._output_options(config), **kwargs}
-        trainer = super().instantiate_trainer(**kwargs)
+        watch = self._section(self.config_init).get("dead_rank")
+        with process_group_timeout(watch.timeout if isinstance(watch, DeadRank) else DEFAULT_TIMEOUT):
+            trainer = super().instantiate_trainer(**kwargs)
         warn_cpu_oversubscription(trainer)
         return trainer
 
@@ -726,7 +733,12 @@ def run_cli(argv: list[str] | None = None) -> ScoreCLI:
 def fit_main() -> int:
     """``lit-score fit|validate|test|predict``: the exit status is 128 + the signal number after a signal stopped
     the run, else 0."""
-    cli = run_cli()
+    try:
+        cli = run_cli()
+    except Interrupted as stop:  # a signal inside validation or a callback's sampling, after its checkpoint
+        if rank_zero_only.rank == 0:
+            print(f"lit-score: {stop}", file=sys.stderr)
+        return stop.code
     preemption = next((cb for cb in cli.trainer.callbacks if isinstance(cb, Preemption)), None)
     if preemption is not None and preemption.exit_code:
         if cli.trainer.is_global_zero:

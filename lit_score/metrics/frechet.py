@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from lit_score.distributed import gather_to_all, rank_and_world
+from lit_score.distributed import rank_and_world
+from lit_score.progress import Interrupted, gather_stops
 
 
 def sample_count(num_samples: int) -> str:
@@ -93,14 +94,19 @@ def ordered_statistics(num_chunks: int, features_of: Callable[[int], Tensor], nu
 
     Chunk k is embedded by rank k % world (``features_of(k)``, the same computation whatever the world size); each
     round's features are gathered and every rank adds them in chunk order, so the sums see one order everywhere.
-    Memory: one round of features. ``on_chunk(k, features)`` sees every chunk, in order, on every rank.
+    Memory: one round of features. ``on_chunk(k, features)`` sees every chunk, in order, on every rank. A
+    ``features_of`` interrupted by a stop request (``Interrupted``) stops every rank at the end of that round.
     """
     rank, world = rank_and_world()
     stats = FeatureStatistics(num_features, sync_on_compute=False).to(device)
     for first in range(0, num_chunks, world):
         k = first + rank
-        local = features_of(k).detach().float().cpu() if k < num_chunks else None
-        for j, part in enumerate(gather_to_all(local)):
+        local, stopped = None, None
+        try:
+            local = features_of(k).detach().float().cpu() if k < num_chunks else None
+        except Interrupted as stop:
+            stopped = stop
+        for j, part in enumerate(gather_stops(local, stopped)):
             if part is not None:
                 stats.update(part.to(device))
                 if on_chunk is not None:

@@ -9,11 +9,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import default_collate
 
 from lit_score.distributed import barrier, broadcast, rank_and_world
 from lit_score.data_space import DataSpace, data_space_of
@@ -56,7 +56,8 @@ def cache_path(key: str, cache_dir: str | Path | None = None) -> Path:
 def reference_statistics(datamodule: L.LightningDataModule, features: FeatureExtractor,
                          cache_dir: str | Path | None = None, batch_size: int = 250,
                          device: torch.device | str = "cpu", keep_features: int = 0,
-                         space: DataSpace | None = None) -> ReferenceStatistics:
+                         space: DataSpace | None = None,
+                         interrupt: Callable[[], None] | None = None) -> ReferenceStatistics:
     """Statistics of every training image, un-augmented (``datamodule.full_dataset()`` where the DataModule has it,
     else ``train_dataloader().dataset``), quantised to uint8 from ``space`` (default: the DataModule's
     ``data_space``; the model's, when a model is there), with the features of the first ``keep_features`` images
@@ -64,6 +65,7 @@ def reference_statistics(datamodule: L.LightningDataModule, features: FeatureExt
 
     Loaded from the cache when there (and holding enough features); otherwise computed (sharded over the processes
     of a distributed run, every rank must call this; the count is the global one) and written by rank 0.
+    ``interrupt`` (see ``Progress``) may end the computation after any batch.
     """
     if keep_features < 0:
         raise ValueError(f"keep_features must be >= 0, got {keep_features}")
@@ -86,11 +88,11 @@ def reference_statistics(datamodule: L.LightningDataModule, features: FeatureExt
     num_chunks = -(-len(dataset) // batch_size)
     rank, world = rank_and_world()
     mine = sum(min(batch_size, len(dataset) - k * batch_size) for k in range(rank, num_chunks, world))
-    progress = Progress(f"FID reference statistics of {len(dataset)} training images", mine)
+    progress = Progress(f"FID reference statistics of {len(dataset)} training images", mine, interrupt=interrupt)
 
     def features_of(k: int) -> Tensor:
         rows = range(k * batch_size, min((k + 1) * batch_size, len(dataset)))
-        images = next(iter(DataLoader(Subset(dataset, rows), batch_size=len(rows))))
+        images = default_collate([dataset[i] for i in rows])  # no DataLoader: its iterator draws a global seed
         images = images[0] if isinstance(images, (list, tuple)) else images
         out = features(space.to_uint8(images.to(device)))
         progress.advance(len(rows))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
+import shutil
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +38,10 @@ class CorruptCheckpointError(CheckpointError):
     """A checkpoint file that is truncated or not a checkpoint at all."""
 
 
+class CheckpointSaveError(CheckpointError):
+    """A checkpoint that could not be written (disk full, quota, permission, read-only or failing file system)."""
+
+
 def checkpoint_problem(path: str | Path) -> str | None:
     """Why ``path`` is not a complete ``torch.save`` archive (its zip directory and CRCs), or None if it is."""
     try:
@@ -64,25 +70,78 @@ def corrupt_message(path: str | Path, problem: str) -> str:
     return f"checkpoint {path} is truncated or corrupt ({problem}); {fix}"
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
+def human_size(size: float) -> str:
+    """``size`` bytes as ``512 B``, ``1.2 MiB``, ``3.4 GiB``."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+    i = 0
+    while size >= 1024 and i < len(units) - 1:
+        size, i = size / 1024, i + 1
+    return f"{size:.0f} {units[i]}" if i == 0 else f"{size:.1f} {units[i]}"
+
+
+def os_error(err: BaseException) -> OSError | None:
+    """The OSError that ``err`` is or arose from (``torch.save`` turns a failed write into a RuntimeError)."""
+    seen: list[BaseException] = []
+    while err is not None and all(err is not e for e in seen):
+        if isinstance(err, OSError):
+            return err
+        seen.append(err)
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def save_failed_message(path: str | Path, err: OSError, exclude: str | Path | None = None,
+                        replaced: bool = False) -> str:
+    """One line naming the file that could not be written, why, the free space there and the newest intact
+    checkpoint beside it (other than ``exclude``) to resume from; ``replaced``: ``path`` is the new file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    folder = path.parent
+    while not os.path.isdir(folder) and folder != folder.parent:
+        folder = folder.parent
     try:
+        free = f"{human_size(shutil.disk_usage(folder).free)} free in {folder}"
+    except OSError:
+        free = f"free space in {folder} unknown"
+    try:
+        good = newest_good_checkpoint(path.parent, exclude=exclude)
+    except OSError:
+        good = None
+    same = " (the previous one, unchanged)" if good is not None and good.name == path.name and not replaced else ""
+    fix = (f"the newest intact checkpoint is {good}{same}: once the folder is writable and has room, resume with "
+           f"--ckpt_path {shlex.quote(str(good))}" if good is not None
+           else f"no intact checkpoint is in {path.parent} to resume from")
+    return f"could not write checkpoint {path}: {err.strerror or err} ({free}); {fix}"
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``. A failed write
+    (an OSError: disk full, quota, permission) removes the temporary file, leaves ``path`` as it was and raises
+    :class:`CheckpointSaveError`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    replaced = False
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+        replaced = True
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except BaseException as err:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # e.g. EROFS: then there is no temporary file either
+        cause = os_error(err) if isinstance(err, Exception) else None
+        if cause is None:
+            raise
+        raise CheckpointSaveError(save_failed_message(path, cause, tmp, replaced)) from err
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

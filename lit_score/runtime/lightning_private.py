@@ -14,6 +14,9 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loops.fit_loop import _FitLoop
+from lightning.pytorch.loops.progress import _BatchProgress
+from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 
 # LightningCLI.__init__ calls this between parsing and instantiation; it puts every hyper-parameter of
 # ``--ckpt_path`` over the parsed config.
@@ -51,6 +54,24 @@ def replace_last_in_place(checkpoint: ModelCheckpoint) -> None:
     checkpoint._enable_version_counter = False
 
 
+def mark_validation_cut_short(trainer: L.Trainer) -> None:
+    """Count the validation batch in progress (or about to be fetched) as started and not finished, so that a
+    checkpoint saved now reads as saved inside a validation step: a validation cut short, which Lightning runs
+    again, whole, on resume (reason: the loops' progress has no public API; a checkpoint saved without this
+    between validation batches makes the resumed run skip that validation)."""
+    progress = trainer.fit_loop.epoch_loop.val_loop.batch_progress
+    if progress.total.ready == progress.total.processed:
+        progress.increment_ready()
+    if progress.total.started == progress.total.processed:
+        progress.increment_started()
+
+
+def validation_follows(trainer: L.Trainer) -> bool:
+    """In ``on_train_batch_end``: whether Lightning validates before the next training batch (reason: no public
+    API says; the fit loop decides it with this method, on the state this hook sees)."""
+    return bool(trainer.fit_loop.epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+
+
 def open_event_writer(logger: TensorBoardLogger) -> tuple[Any, str | None]:
     """The SummaryWriter Lightning's setup opened (None if none yet) and its event file (reason: reading
     ``logger.experiment`` would open one, and the writer's file name has no public accessor)."""
@@ -75,5 +96,8 @@ def private_uses() -> dict[str, Any]:
             "save_last_checkpoint (file-name metrics)": (ModelCheckpoint, "_monitor_candidates"),
             "saved_at_this_step": (ModelCheckpoint, "_last_global_step_saved"),
             "replace_last_in_place": (ModelCheckpoint, "_enable_version_counter"),
+            "mark_validation_cut_short": (_BatchProgress, "increment_started"),
+            "validation_follows": (_TrainingEpochLoop, "_should_check_val_fx"),
+            "validation_follows (data fetcher)": (_FitLoop, "_data_fetcher"),
             "open_event_writer": (TensorBoardLogger, "_experiment"),
             "reopen_with_purge_step": (TensorBoardLogger, "_kwargs")}
