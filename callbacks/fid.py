@@ -15,12 +15,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from lit_score.callbacks.preemption import stop_check, tensorboard_purge_step
-from lit_score.progress import Interrupted
 from lit_score.callbacks.sampling import batched, continues_run, draw, due, fast_dev_run
 from lit_score.metrics.features import FeatureExtractor
 from lit_score.metrics.frechet import frechet_distance, metric_tag, ordered_statistics
 from lit_score.metrics.kid import kernel_inception_distance
 from lit_score.metrics.reference import ReferenceStatistics, reference_statistics
+from lit_score.progress import Interrupted
 from lit_score.sampling.base import Sampler
 
 

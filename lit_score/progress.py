@@ -41,7 +41,7 @@ class Progress:
         enabled: draw the bar (default: on rank 0 only).
         file: where (default: stderr).
         interrupt: called after every network evaluation and every ``advance``; a stop request makes it raise
-            (``lit_score.interrupt.Interrupted``), which ends the computation there.
+            (:class:`Interrupted`), which ends the computation there.
     """
 
     def __init__(self, desc: str, total: int, nfe_per_image: int | None = None, unit: str = "images",

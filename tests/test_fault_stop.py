@@ -1,7 +1,8 @@
 """A stop request inside the long parts of a fit: SIGUSR1 during the FID callback's sampling stops it at the
-sampler step in progress (no further network evaluation), the run saves ``last.ckpt`` at its last optimizer step
-and exits 138, and the resumed run evaluates that FID and the validation it cut short, ending bitwise equal to an
-uninterrupted run (weights, EMA, optimizer, random state, and the train/loss, val/loss and FID curves). The same
+sampler step in progress (no further network evaluation; the sample grid due at the same step does not start),
+the run saves ``last.ckpt`` at its last optimizer step and exits 138, and the resumed run evaluates that FID, draws
+that grid and runs the validation it cut short, ending bitwise equal to an uninterrupted run (weights, EMA,
+optimizer, random state, the train/loss, val/loss and FID curves, the grid images). The same
 request ends the FID reference statistics after the batch in progress, and every rank of a distributed
 feature pass at the same round."""
 from __future__ import annotations
@@ -80,7 +81,8 @@ class SignalDuringSampling(L.Callback):
 
 @pytest.fixture(scope="module")
 def fid_reference(tmp_path_factory) -> tuple[dict, Path, Path]:
-    """An uninterrupted run with the FID callback: its final checkpoint, run directory and FID cache."""
+    """An uninterrupted run with the FID and sample-grid callbacks: its final checkpoint, run directory and FID
+    cache."""
     tmp_path = tmp_path_factory.mktemp("fid_reference")
     cache = tmp_path / "cache"
     fit(write_config(tmp_path, "plain", [fid_callback(cache), grid_callback()]), "plain")

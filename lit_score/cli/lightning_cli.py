@@ -52,8 +52,8 @@ from lit_score.runtime.upgrade import sampling_state, upgrade_checkpoint, upgrad
 from lit_score.callbacks.prediction_writer import PredictionWriter
 from lit_score.callbacks.preemption import Preemption
 from lit_score.callbacks.dead_rank import DEFAULT_TIMEOUT, DeadRank, process_group_timeout
-from lit_score.progress import Interrupted
 from lit_score.callbacks.resume import RandomState, resume_args
+from lit_score.progress import Interrupted
 from lit_score.cli.threads import affinity_cpus
 
 
