@@ -51,7 +51,7 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lit_score.distributed import gather_to_all, rank_and_world
-from lit_score.errors import traceback_wanted
+from lit_score.errors import exception_chain, traceback_wanted
 
 DEFAULT_TIMEOUT = 600  # seconds
 CHECK_EVERY = 0.25  # seconds between two looks at the watched ranks (Lightning's own launcher looks every 5 s)
@@ -84,13 +84,8 @@ def process_group_timeout(seconds: float) -> Iterator[None]:
 def peer_failure(err: BaseException | None) -> BaseException | None:
     """The collective's error in ``err`` or the errors it was raised from, when one failed because another rank is
     gone or did not answer in time; else None."""
-    seen: list[BaseException] = []
-    while err is not None and all(err is not e for e in seen):
-        if isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and GLOO_FAILURE.search(str(err))):
-            return err
-        seen.append(err)
-        err = err.__cause__ or err.__context__
-    return None
+    return next((e for e in exception_chain(err) if isinstance(e, dist.DistError)
+                 or (isinstance(e, RuntimeError) and GLOO_FAILURE.search(str(e)))), None)
 
 
 def _stat(pid: int) -> list[str] | None:

@@ -46,7 +46,8 @@ class NonFiniteError(UserError, FloatingPointError):
     ``lit_score.callbacks.NonFinite``); its message names the steps and the settings to change."""
 
 
-def _chain(err: BaseException | None) -> list[BaseException]:
+def exception_chain(err: BaseException | None) -> list[BaseException]:
+    """``err`` and the errors it was raised from (``__cause__``, else ``__context__``), outermost first."""
     chain: list[BaseException] = []
     while err is not None and all(err is not e for e in chain):
         chain.append(err)
@@ -58,7 +59,7 @@ def rejected_argument(err: BaseException) -> tuple[type, BaseException] | None:
     """The class whose ``__init__`` raised a ValueError or TypeError while jsonargparse instantiated the config
     (an argument of that class that the YAML or the command line got wrong), and that error, found in ``err``
     or the errors it was raised from; else None."""
-    for e in reversed(_chain(err)):
+    for e in reversed(exception_chain(err)):
         owner = _init_owner(e)
         if owner is not None:
             return owner, e
@@ -83,7 +84,7 @@ def _init_owner(err: BaseException) -> type | None:
 def user_error(err: BaseException) -> UserError | None:
     """The :class:`UserError` that ``err`` is or was raised from (jsonargparse and Lightning wrap them), or the
     argument a configured class rejected."""
-    found = next((e for e in _chain(err) if isinstance(e, UserError)), None)
+    found = next((e for e in exception_chain(err) if isinstance(e, UserError)), None)
     rejected = rejected_argument(err) if found is None else None
     if rejected is not None:
         owner, cause = rejected

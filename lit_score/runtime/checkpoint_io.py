@@ -15,7 +15,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from fsspec.utils import get_protocol
 
-from lit_score.errors import CheckpointError
+from lit_score.errors import CheckpointError, exception_chain
 
 TMP_MARK = ".tmp-"
 
@@ -81,13 +81,7 @@ def human_size(size: float) -> str:
 
 def os_error(err: BaseException) -> OSError | None:
     """The OSError that ``err`` is or arose from (``torch.save`` turns a failed write into a RuntimeError)."""
-    seen: list[BaseException] = []
-    while err is not None and all(err is not e for e in seen):
-        if isinstance(err, OSError):
-            return err
-        seen.append(err)
-        err = err.__cause__ or err.__context__
-    return None
+    return next((e for e in exception_chain(err) if isinstance(e, OSError)), None)
 
 
 def save_failed_message(path: str | Path, err: OSError, exclude: str | Path | None = None,
