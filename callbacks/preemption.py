@@ -24,7 +24,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from lit_score.errors import DataReadError, user_error
-from lit_score.progress import STOP_EXIT_CODES, Interrupted, exit_code
+from lit_score.progress import Interrupted, exit_code
 from lit_score.runtime.checkpoint_io import AtomicCheckpointIO
 from lit_score.runtime.lightning_private import (mark_validation_cut_short, open_event_writer,
                                                  reopen_with_purge_step, replace_last_in_place, save_last_checkpoint,

@@ -140,8 +140,6 @@ def exit_code(signum: int) -> int:
     return 128 + int(signum)
 
 
-STOP_EXIT_CODES = tuple(exit_code(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1))
-
 
 class Interrupted(SystemExit):
     """Raised after a signal once the current unit of work (a batch, a shard, a sampler step) is finished; exits

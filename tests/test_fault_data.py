@@ -3,7 +3,6 @@
 once the file is back, the resumed run ends bitwise equal to an uninterrupted one."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from test_resume import (ENV, MAX_STEPS, TINY, assert_same_curve, assert_same_state, fit, last_checkpoint)
+from test_resume import ENV, TINY, assert_same_curve, assert_same_state, fit, last_checkpoint
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning"),
               pytest.mark.usefixtures("one_thread")]
