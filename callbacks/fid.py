@@ -15,12 +15,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from lit_score.callbacks.preemption import stop_check, tensorboard_purge_step
-from lit_score.callbacks.sampling import batched, continues_run, draw, due, fast_dev_run
+from lit_score.callbacks.sampling import (batched, continues_run, draw, due, fast_dev_run,
+                                         redone_after_resume_if_stopped)
 from lit_score.metrics.features import FeatureExtractor
 from lit_score.metrics.frechet import frechet_distance, metric_tag, ordered_statistics
 from lit_score.metrics.kid import kernel_inception_distance
 from lit_score.metrics.reference import ReferenceStatistics, reference_statistics
-from lit_score.progress import Interrupted
 from lit_score.sampling.base import Sampler
 
 
@@ -122,13 +122,8 @@ class FID(L.Callback):
             self._evaluate_unless_stopped(trainer, pl_module)
 
     def _evaluate_unless_stopped(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """``evaluate``; a stop request leaves this step's FID to be evaluated after the resume (the Preemption
-        callback saves and stops the run)."""
-        previous = self._last_step
-        try:
+        with redone_after_resume_if_stopped(self):
             self.evaluate(trainer, pl_module)
-        except Interrupted:
-            self._last_step = previous
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:

@@ -257,16 +257,19 @@ class Preemption(L.Callback):
         code = self._stop_code(trainer, pl_module)
         if code == 0:
             return
-        # Saved as from inside the validation step: Lightning's state of a validation cut short, which the resumed
-        # run repeats, whole, before its next training step.
         self._stopping(code)
-        mark_validation_cut_short(trainer)
         checkpoint = self._checkpoint_callback(trainer)
         if checkpoint is not None and checkpoint.save_last:
-            save_last_checkpoint(checkpoint, trainer)
-            self.checkpoint_path = checkpoint.last_model_path
+            self._save_validation_cut_short(trainer, checkpoint)
         raise Interrupted(self.stopped_by, self._stopped_message(trainer, f"the validation after step "
                                                                           f"{trainer.global_step}"))
+
+    def _save_validation_cut_short(self, trainer: L.Trainer, checkpoint: ModelCheckpoint) -> None:
+        """``last.ckpt`` as from inside the validation in progress: Lightning's state of a validation cut short,
+        which the resumed run repeats, whole, before its next training step."""
+        mark_validation_cut_short(trainer)
+        save_last_checkpoint(checkpoint, trainer)
+        self.checkpoint_path = checkpoint.last_model_path
 
     def _stop_before_step(self, trainer: L.Trainer, pl_module: L.LightningModule, where: str) -> None:
         code = self._stop_code(trainer, pl_module)
@@ -414,8 +417,7 @@ class Preemption(L.Callback):
         if trainer.sanity_checking:
             pass  # nothing new since the checkpoint this run started from
         elif trainer.validating:
-            mark_validation_cut_short(trainer)  # the resumed run validates again
-            save_last_checkpoint(checkpoint, trainer)
+            self._save_validation_cut_short(trainer, checkpoint)
         elif trainer.global_step > self._start_step and not saved_at_this_step(checkpoint, trainer):
             save_last_checkpoint(checkpoint, trainer)
         path = checkpoint.last_model_path or trainer.ckpt_path

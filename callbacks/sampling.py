@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -70,6 +71,18 @@ def draw_all(trainer: L.Trainer, pl_module: L.LightningModule, seeds: Sequence[i
         return local
     gathered = trainer.strategy.all_gather(local)  # (world, share, ...)
     return gathered.reshape(world * share, *local.shape[1:])[:len(seeds)]
+
+
+@contextmanager
+def redone_after_resume_if_stopped(callback: L.Callback) -> Iterator[None]:
+    """Within the block, a stop request (``Interrupted``) ends the callback's evaluation without a result: its
+    ``_last_step`` stays as it was, so the resumed run evaluates that step (the Preemption callback saves and
+    stops the run)."""
+    previous = callback._last_step
+    try:
+        yield
+    except Interrupted:
+        callback._last_step = previous
 
 
 def due(step: int, every_n_steps: int, last_step: int) -> bool:
@@ -150,13 +163,8 @@ class SampleGrid(L.Callback):
             self._log_grid_unless_stopped(trainer, pl_module)
 
     def _log_grid_unless_stopped(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """``log_grid``; a stop request leaves the grid to be drawn after the resume (the Preemption callback
-        saves and stops the run)."""
-        previous = self._last_step
-        try:
+        with redone_after_resume_if_stopped(self):
             self.log_grid(trainer, pl_module)
-        except Interrupted:
-            self._last_step = previous
 
     def log_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Tensor:
         """Draw the grid (every rank), log and save it (rank 0); returns the uint8 grid (C, H, W)."""
