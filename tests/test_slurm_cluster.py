@@ -387,6 +387,7 @@ def test_submit_dry_run_derives_the_allocation_from_the_config(tmp_path, capsys)
 
 # The soak: one job pre-empted at five moments drawn at random (seeded; the draw is printed), one per start.
 SOAK_STEPS = 20  # validation every 5 steps, FID every 4, checkpoints every 2
+SOAK_VALIDATION_EVERY = TINY["trainer"]["val_check_interval"]
 
 
 def soak_plan(seed: int) -> list[tuple[str, int, int]]:
@@ -502,15 +503,19 @@ def test_a_job_preempted_at_five_random_moments_ends_as_its_uninterrupted_twin(c
     assert re.findall(r"job \d+ start (\d+)", log) == ["1", "2", "3", "4", "5", "6"], log[-6000:]
     assert "crash restart" not in log, "every stop was a pre-emption, none a crash"
     assert log.count("Pre-emption: requeued SLURM job") == 5, log[-6000:]
-    # where the starts stopped: after the step in progress, before the validation's first batch, after the step
-    # whose FID was cut short, at the boundary after the save, and before the first step
+    # where the starts stopped: after the step in progress, in the validation's first batch, after the step whose
+    # FID was cut short, at the first boundary after the save (the save's own validation, if any, or the next step's
+    # end, where a validation that follows that step takes the stop), and before the first step
     (_, train, _), (_, validation, _), (_, fid_step, _), (_, save, _), _ = plan
-    assert f"saving a checkpoint at step {train + 1} and stopping" in log, log[-6000:]
-    assert f"during the validation after step {validation}" in log, log[-6000:]
-    assert f"during the validation after step {fid_step}" in log or \
-        f"saving a checkpoint at step {fid_step} and stopping" in log, log[-6000:]
-    assert f"at step {save + 1} and stopping" in log or f"during the validation after step {save}" in log
-    assert "during the start of training" in log, log[-6000:]
+    after_save = (f"during the validation after step {save}" if save % SOAK_VALIDATION_EVERY == 0 else
+                  f"during the validation after step {save + 1}" if (save + 1) % SOAK_VALIDATION_EVERY == 0 else
+                  f"saving a checkpoint at step {save + 1} and stopping")
+    for line in (f"saving a checkpoint at step {train + 1} and stopping",
+                 f"during the validation after step {validation}",
+                 f"saving a checkpoint at step {fid_step} and stopping",
+                 after_save,
+                 "during the start of training"):
+        assert line in log, (line, log[-6000:])
     twin_run = twin_sub.run_dir(twin)
     final = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)
     expected = torch.load(twin_run / "checkpoints/last.ckpt", weights_only=True)
