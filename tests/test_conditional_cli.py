@@ -27,18 +27,21 @@ def run(args: list[str], cwd: Path, ok: bool = True) -> subprocess.CompletedProc
     return proc
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    """4-step tiny fits of the conditional quickstart and of the digits classifier."""
-    tmp = tmp_path_factory.mktemp("cond")
-    out = {}
-    for name in ("quickstart_cond", "quickstart_classifier"):
+class Runs(dict):
+    """4-step tiny fits of the experiments asked for (the conditional quickstart, the digits classifier), each run
+    on first use, under ``self["tmp"]``."""
+
+    def __missing__(self, name: str) -> Path:
         run(["fit", "--config", str(ROOT / f"experiments/{name}.yaml"), *TINY, "--trainer.max_steps", "4",
-             "--trainer.num_sanity_val_steps", "0", "--fid_every", "1000", "--sample_every", "4"], tmp)
-        out[name] = tmp / "runs" / name / "version_0" / "checkpoints" / "last.ckpt"
-        assert out[name].is_file()
-    out["tmp"] = tmp
-    return out
+             "--trainer.num_sanity_val_steps", "0", "--fid_every", "1000", "--sample_every", "4"], self["tmp"])
+        self[name] = self["tmp"] / "runs" / name / "version_0" / "checkpoints" / "last.ckpt"
+        assert self[name].is_file()
+        return self[name]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Runs:
+    return Runs(tmp=tmp_path_factory.mktemp("cond"))
 
 
 def predict(runs: dict, name: str, *args: str, num: int = 6) -> dict:
@@ -65,7 +68,7 @@ def test_predict_with_guidance_and_a_class_label(runs, name):
     """`--data.init_args.class_label 3` with each guidance method: samples.npz holds labels all 3, the sampler's NFE
     (9) and the network evaluations guidance implies (two per NFE: the guided passes; fewer with an interval)."""
     options, evaluations = GUIDANCE[name]
-    options = [o.format(**{k: str(v) for k, v in runs.items()}) for o in options]
+    options = [o.format_map(runs) for o in options]
     out = predict(runs, name, *options, "--data.init_args.class_label", "3")
     assert out["labels"].tolist() == [3] * 6 and int(out["nfe"]) == 9
     if evaluations is None:  # the interval leaves the first levels (sigma 80, ...) and the last unguided

@@ -62,7 +62,7 @@ SAMPLERS = {
 }
 
 
-FAST = {"edm_heun", "dpm_solver_pp"}  # the others take ~10-15 s each (a CLI start): run them with -m slow
+FAST = {"edm_heun"}  # the others take ~8-15 s each (a CLI start): run them with -m slow
 
 
 @pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in SAMPLERS])

@@ -290,6 +290,7 @@ def test_crash_restarts_are_bounded(cluster, tmp_path):
 
 
 @needs_slurm
+@pytest.mark.slow  # the local cluster's start and stop (~6 s)
 def test_submit_refuses_a_job_no_node_can_hold(cluster, tmp_path, capsys):
     """The templates' --cpus-per-task=8 on nodes of 2 CPUs: `lit-score submit` stops before sbatch, with the
     fix, instead of a job pending forever; so do too many GPUs, nodes or memory."""
@@ -337,6 +338,7 @@ def test_time_limit_warning_preempts_and_the_job_finishes_in_segments(cluster, t
 
 
 @needs_slurm
+@pytest.mark.slow  # ~12 s: a job on the local cluster
 def test_allocation_mismatch_fails_at_once_with_the_fix(cluster, tmp_path):
     """2 tasks per node but --trainer.devices 1: the job fails before training, naming both ways to fix it."""
     out = tmp_path / "mismatch.out"
