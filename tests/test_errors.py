@@ -84,6 +84,7 @@ def test_missing_checkpoint_and_the_traceback_flag(tiny):
     assert full.returncode not in (0, 2) and "Traceback" in full.stderr and "CheckpointError" in full.stderr
 
 
+@pytest.mark.slow  # a CLI start (~7 s); test_resume's truncated --ckpt_path test runs in the default suite
 def test_truncated_checkpoint(tiny):
     data = (tiny / "tiny.ckpt").read_bytes()
     (tiny / "cut.ckpt").write_bytes(data[: len(data) // 2])

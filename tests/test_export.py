@@ -190,6 +190,7 @@ def test_broken_folders_are_refused_naming_the_file_and_the_fix(exported, tmp_pa
         load_pretrained(diffusers)
 
 
+@pytest.mark.slow  # a CLI start (~7 s)
 def test_predict_refuses_a_folder_without_config_in_one_line(tmp_path):
     """Property: the CLI reports a bad export folder in one line, without a traceback, before sampling."""
     (tmp_path / "empty").mkdir()

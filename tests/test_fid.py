@@ -286,6 +286,7 @@ def ddp_references(tmp_path_factory, inception_weights):
     return tmp
 
 
+@pytest.mark.slow  # 2 spawned processes (~12 s); FID under DDP is also in test_callbacks_ddp.py
 def test_reference_statistics_under_ddp_count_every_image_once(ddp_references, feature_network, one_thread):
     """Property: 2 gloo processes sharing 11 images (6 + 5) both return, and cache, the global count 11, the mean and
     covariance of all 11 images' features and the features of images 0..4 in dataset order (the direct features on

@@ -40,6 +40,7 @@ def assert_one_line(status: int, lines: list[str], *expected: str, prog: str = "
         assert text in lines[-2], (text, lines[-2])
 
 
+@pytest.mark.slow  # a CLI start (~8 s); a misspelt key on the command line is in test_cli.py
 def test_a_misspelt_key_in_an_experiment_yaml_names_the_file_the_line_and_the_closest_key(tmp_path):
     """The console script: the YAMLs reach jsonargparse composed, as inline documents; the message still names
     the file the user gave, and the line of the key."""

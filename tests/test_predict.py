@@ -107,6 +107,7 @@ def test_a_yaml_network_that_differs_from_the_checkpoint_is_refused(checkpoint, 
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow  # a CLI start (~8 s); the network's refusal above runs in the default suite
 def test_data_that_do_not_fit_the_checkpoint_are_refused(checkpoint, tmp_path):
     """Property: data options whose image size differs from the checkpoint network's stop before sampling, naming
     the key, both values and the option to set (predict itself samples from seeds in the checkpoint's data space)."""
