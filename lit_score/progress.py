@@ -140,7 +140,6 @@ def exit_code(signum: int) -> int:
     return 128 + int(signum)
 
 
-
 class Interrupted(SystemExit):
     """Raised after a signal once the current unit of work (a batch, a shard, a sampler step) is finished; exits
     the program with :func:`exit_code` of the signal."""
